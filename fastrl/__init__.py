@@ -1,0 +1,1 @@
+"""fastrl: a fast, lean GRPO trainer."""

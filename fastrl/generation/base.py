@@ -1,0 +1,47 @@
+"""The interface every generation backend implements (transformers, vLLM).
+
+A backend turns P prompts into P × G completions, grouped: completions [i*G, (i+1)*G) belong to prompt i.
+It also owns its copy of the policy's weights (push_weights) and its device memory (sleep / wake_up).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling parameters, named as in GRPOConfig (TRL's names)."""
+
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled (TRL: None or 0)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Rollout:
+    """What a backend returns for P prompts × G completions (rows grouped by prompt)."""
+
+    completion_ids: list[list[int]]  # P*G lists of token ids, eos included when sampled, no padding
+    logprobs: list[list[float]] | None  # P*G lists, the sampler's logprob of each completion token (None if unknown)
+    truncated: list[bool] = field(default_factory=list)  # P*G: hit max_completion_length without eos
+
+
+class Generator(Protocol):
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, sampling: SamplingConfig) -> Rollout:
+        """Sample num_generations completions for each prompt (token ids without padding)."""
+
+    def push_weights(self, model: torch.nn.Module) -> None:
+        """Make the generator sample from `model`'s current weights."""
+
+    def sleep(self) -> None:
+        """Release device memory held for generation (weights and/or KV cache, per backend)."""
+
+    def wake_up(self) -> None:
+        """Re-take the memory released by sleep()."""

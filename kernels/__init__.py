@@ -1,0 +1,1 @@
+"""Fused linear GRPO kernels."""
