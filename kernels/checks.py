@@ -1,0 +1,148 @@
+"""Input validation: every bad input gets a ValueError naming the argument and what was expected."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .params import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, GRPOLossParams
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(name, f"a tensor of shape {what}", type(t).__name__)
+    if tuple(t.shape) != tuple(shape):
+        _fail(name, f"shape {what} = {tuple(shape)}", tuple(t.shape))
+
+
+def check_finite(name: str, t: torch.Tensor | None) -> None:
+    if t is not None and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        _fail(name, "finite values (no NaN or inf)", f"{bad} non-finite entries")
+
+
+def check_linear_inputs(hidden, weight, targets, bias) -> None:
+    """hidden [..., H], weight [V, H], targets [...] integer ids in [0, V), bias [V]."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        _fail("hidden", "a tensor [N, H] or [B, T, H]", getattr(hidden, "shape", type(hidden).__name__))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        _fail("weight", "a 2-D lm_head weight [V, H]", getattr(weight, "shape", type(weight).__name__))
+    if hidden.dtype not in FLOAT_DTYPES:
+        _fail("hidden", "a floating dtype (float32, bfloat16, float16)", hidden.dtype)
+    if weight.dtype != hidden.dtype:
+        _fail("weight", f"the same dtype as hidden ({hidden.dtype})", weight.dtype)
+    if weight.device != hidden.device:
+        _fail("weight", f"the same device as hidden ({hidden.device})", weight.device)
+    if weight.shape[1] != hidden.shape[-1]:
+        _fail("weight", f"[V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}", tuple(weight.shape))
+    check_shape("targets", targets, hidden.shape[:-1], "hidden.shape[:-1]")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        _fail("targets", "integer token ids", targets.dtype)
+    if targets.device != hidden.device:
+        _fail("targets", f"the same device as hidden ({hidden.device})", targets.device)
+    vocab = weight.shape[0]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        _fail("targets", f"ids in [0, V) = [0, {vocab})", f"min {int(targets.min())}, max {int(targets.max())}")
+    if bias is not None:
+        check_shape("bias", bias, (vocab,), "[V]")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            _fail("bias", f"dtype {hidden.dtype} on {hidden.device}", f"{bias.dtype} on {bias.device}")
+
+
+def check_temperature(temperature) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        _fail("temperature", "a positive number", temperature)
+
+
+@dataclass
+class GRPOInputs:
+    """Validated loss inputs: tensors in their original dtypes plus the scalar settings."""
+
+    params: GRPOLossParams
+    advantages: torch.Tensor | None  # [B]
+    rewards: torch.Tensor | None  # [B]
+    num_generations: int | None
+    scale_rewards: str
+    bias: torch.Tensor | None
+    old_logprobs: torch.Tensor | None  # [B, T]
+    ref_logprobs: torch.Tensor | None  # [B, T]
+    is_ratio: torch.Tensor | None  # [B, T] or [B, 1]
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        _fail(name, f"one of {list(choices)}", repr(value))
+
+
+def _check_advantage_source(advantages, rewards, num_generations, scale_rewards, batch):
+    if (advantages is None) == (rewards is None):
+        _fail("advantages/rewards", "exactly one of advantages [B] or rewards [B] (+ num_generations)",
+              "both" if advantages is not None else "neither")
+    if advantages is not None:
+        check_shape("advantages", advantages, (batch,), "[B]")
+        check_finite("advantages", advantages)
+        return
+    check_shape("rewards", rewards, (batch,), "[B]")
+    check_finite("rewards", rewards)
+    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    if not isinstance(num_generations, int) or num_generations < 1 or batch % num_generations:
+        _fail("num_generations", f"a positive integer dividing the batch size B = {batch}", num_generations)
+
+
+def _check_loss_settings(p: GRPOLossParams, ref_logprobs) -> None:
+    _check_choice("loss_type", p.loss_type, LOSS_TYPES)
+    _check_choice("importance_sampling_level", p.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    check_temperature(p.temperature)
+    if p.loss_type == "dr_grpo" and not (isinstance(p.max_completion_length, int) and p.max_completion_length > 0):
+        _fail("max_completion_length", "a positive integer when loss_type='dr_grpo'", p.max_completion_length)
+    if p.beta < 0:
+        _fail("beta", "a non-negative KL coefficient", p.beta)
+    if p.beta > 0 and ref_logprobs is None:
+        _fail("ref_logprobs", "reference logprobs [B, T] when beta > 0", None)
+    if p.epsilon_low < 0 or p.epsilon_high < 0:
+        _fail("epsilon/epsilon_high", "non-negative clip ranges", (p.epsilon_low, p.epsilon_high))
+    if p.delta is not None and p.delta <= 1.0:
+        _fail("delta", "a ratio cap > 1 (or None)", p.delta)
+    if not 0.0 < p.top_entropy_quantile <= 1.0:
+        _fail("top_entropy_quantile", "a value in (0, 1]", p.top_entropy_quantile)
+    if p.num_items_in_batch is not None and not float(p.num_items_in_batch) > 0:
+        _fail("num_items_in_batch", "a positive token count", p.num_items_in_batch)
+
+
+def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewards=None, num_generations=None,
+                         scale_rewards="group", old_logprobs=None, ref_logprobs=None, bias=None, beta=0.0,
+                         epsilon=0.2, epsilon_high=None, delta=None, temperature=1.0, loss_type="dapo",
+                         importance_sampling_level="token", use_bias_correction_kl=False,
+                         max_completion_length=None, num_items_in_batch=None, is_ratio=None,
+                         top_entropy_quantile=1.0) -> GRPOInputs:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        _fail("hidden", "a tensor [B, T, H]", getattr(hidden, "shape", type(hidden).__name__))
+    check_linear_inputs(hidden, weight, targets, bias)
+    batch, length = hidden.shape[:2]
+    check_shape("mask", mask, (batch, length), "[B, T]")
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None:
+            check_shape(name, t, (batch, length), "[B, T]")
+            check_finite(name, t)
+    if is_ratio is not None:
+        if tuple(is_ratio.shape) not in ((batch, length), (batch, 1)):
+            _fail("is_ratio", f"shape [B, T] = {(batch, length)} or [B, 1]", tuple(is_ratio.shape))
+        check_finite("is_ratio", is_ratio)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = float(num_items_in_batch)
+    params = GRPOLossParams(
+        loss_type=loss_type, beta=float(beta), epsilon_low=float(epsilon),
+        epsilon_high=float(epsilon if epsilon_high is None else epsilon_high), delta=delta,
+        temperature=temperature, importance_sampling_level=importance_sampling_level,
+        use_bias_correction_kl=bool(use_bias_correction_kl), max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, top_entropy_quantile=float(top_entropy_quantile))
+    _check_loss_settings(params, ref_logprobs)
+    _check_advantage_source(advantages, rewards, num_generations, scale_rewards, batch)
+    return GRPOInputs(params, advantages, rewards, num_generations, scale_rewards, bias,
+                      old_logprobs, ref_logprobs if params.beta != 0.0 else None, is_ratio)

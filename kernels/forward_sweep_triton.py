@@ -1,0 +1,133 @@
+"""Phase 1 in Triton: one sweep over the vocabulary giving lse, the target logprob and (optionally) the entropy.
+
+Each program owns BLOCK_N rows of `hidden`. It walks the vocabulary in tiles of BLOCK_V; for each tile it forms
+z = (h Wᵀ + b) / τ as a [BLOCK_N, BLOCK_V] fp32 tile by looping over H in chunks of BLOCK_H (`tl.dot`, tensor
+cores, fp32 accumulator), then folds the tile into a running max / sum-exp (online log-sum-exp), picks the
+target logit if it falls in the tile, and, when asked, keeps a running Σ exp(z − max)·z for the entropy
+(entropy = lse − Σ p·z). Nothing of size N×V is ever written.
+
+Numerics: operands enter `tl.dot` in the input dtype (bf16/fp16 products are exact in fp32) and accumulate in
+fp32; every other quantity is fp32. fp32 inputs use IEEE fp32 dots unless torch allows TF32
+(`torch.get_float32_matmul_precision() != "highest"`), as cut-cross-entropy does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Tile sizes and launch settings of one sweep kernel (shared with `report.py`, which compiles them)."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+
+
+# BLOCK_N 64, BLOCK_V 128: the fp32 z tile is 64·128 = 8192 values, 32 registers per thread over 8 warps (256
+# threads), leaving room for the online state (4 row vectors) without spilling. BLOCK_H 64: one pipeline stage
+# holds (64 + 128)·64 bf16 = 24 KiB of operands, so 3 stages = 72 KiB fit the shared memory of sm_80 (164 KiB) and
+# sm_90 (227 KiB). 64 rows per W tile re-read: W (V·H·2 bytes) is streamed N/64 times from L2/HBM.
+FORWARD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, whose tl.dot reads bf16 operands as raw bit patterns (wrong results)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(DOT_FP32, DOT_PRECISION): upcast dot operands only where the interpreter needs it; TF32 only if allowed."""
+    dot_fp32 = interpreting() and dtype == torch.bfloat16
+    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return dot_fp32, precision
+
+
+@triton.jit
+def logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_temp,
+               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """z = (h Wᵀ + b) / τ for rows o_n and vocab columns o_v: [BLOCK_N, BLOCK_V] fp32, −inf in columns ≥ V."""
+    b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+        m_h = o_h < H
+        # [BN, BH]
+        b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :], mask=m_n[:, None] & m_h[None, :], other=0.0)
+        # [BV, BH]
+        b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :], mask=m_v[:, None] & m_h[None, :], other=0.0)
+        if DOT_FP32:
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        # [BN, BH] @ [BH, BV] -> [BN, BV]
+        b_acc = tl.dot(b_h, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        # [BV]
+        b_bias = tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_acc += b_bias[None, :]
+    b_z = b_acc * inv_temp
+    return tl.where(m_v[None, :], b_z, float("-inf"))
+
+
+@triton.jit
+def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, stride_hn, stride_wv, inv_temp,
+                          HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    # [BN]
+    b_y = tl.load(p_y + o_n, mask=m_n, other=-1)
+    b_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ exp(z − max)
+    b_pz = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ exp(z − max)·z, for the entropy
+    b_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        m_v = o_v < V
+        # [BN, BV]
+        b_z = logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_temp,
+                         HAS_BIAS, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        b_new = tl.maximum(b_max, tl.max(b_z, axis=1))  # finite: every tile has at least one column < V
+        b_scale = tl.exp(b_max - b_new)
+        b_e = tl.exp(b_z - b_new[:, None])  # 0 in columns ≥ V
+        b_sum = b_sum * b_scale + tl.sum(b_e, axis=1)
+        if WITH_ENTROPY:
+            b_pz = b_pz * b_scale + tl.sum(b_e * tl.where(m_v[None, :], b_z, 0.0), axis=1)
+        b_target += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
+        b_max = b_new
+    b_lse = b_max + tl.log(b_sum)
+    tl.store(p_lse + o_n, b_lse, mask=m_n)
+    tl.store(p_logp + o_n, b_target - b_lse, mask=m_n)
+    if WITH_ENTROPY:
+        tl.store(p_ent + o_n, b_lse - b_pz / b_sum, mask=m_n)
+
+
+def forward_sweep(hidden, weight, targets, bias, temperature, with_entropy):
+    """lse [N], logp [N] (and entropy [N] or None), all fp32, from hidden [N, H], weight [V, H], targets [N]."""
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    n, h = hidden.shape
+    v = weight.shape[0]
+    cfg = FORWARD_CONFIG
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
+    if n == 0:
+        return lse, logp, entropy
+    dot_fp32, precision = dot_settings(hidden.dtype)
+    grid = (triton.cdiv(n, cfg.block_n),)
+    _forward_sweep_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse, logp,
+        entropy if with_entropy else lse, n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return lse, logp, entropy

@@ -1,0 +1,121 @@
+"""Phase 2 in PyTorch: the GRPO loss from token logprobs, its gradient dL/dlogp, and TRL's metrics.
+
+Everything here is O(B·T). The loss is written once, as `objective_terms`, on tensors of any shape, so the same
+code serves the whole batch (this module's `grpo_epilogue`) and row tiles (`grpo_single_pass`); autograd on a
+detached copy of logp gives g = dL/dlogp. Semantics are TRL's `GRPOTrainer._compute_loss` (trl 1.16):
+    L = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)      (r capped at delta in the first term when set)
+    cispo: L = −sg(min(r, ε_high))·A·logp;  sapo: L = −σ(t(r−1))·4/t·A, t = t_pos if A > 0 else t_neg
+    L *= entropy mask (top_entropy_quantile), L *= is_ratio, L += β·k3(ref, logp) (·r if use_bias_correction_kl)
+and the reduction per loss_type is a per-token weight w, so that loss = Σ w·L (see `token_weights`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .params import GRPOLossParams
+
+
+def token_weights(mask: torch.Tensor, p: GRPOLossParams) -> torch.Tensor:
+    """mask [B, T] -> w [B, T] with loss = Σ w·L, encoding the loss_type's normalization."""
+    mask = mask.float()
+    if p.loss_type in ("grpo", "sapo"):  # mean over sequences of the per-sequence masked mean
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / mask.shape[0]
+    return mask / p.normalizer(float(mask.sum()), mask.shape[0])
+
+
+def policy_loss(logp, ratio, adv, p: GRPOLossParams) -> torch.Tensor:
+    """Per-token policy loss before masks and KL. ratio and adv broadcast against logp."""
+    if p.loss_type == "cispo":
+        return -torch.clamp(ratio, max=p.epsilon_high).detach() * adv * logp
+    if p.loss_type == "sapo":
+        t = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
+        return -torch.sigmoid(t * (ratio - 1)) * (4.0 / t) * adv
+    clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.epsilon_high)
+    capped = ratio if p.delta is None else torch.clamp(ratio, max=p.delta)
+    return -torch.minimum(capped * adv, clipped * adv)
+
+
+def clip_flags(ratio, adv, p: GRPOLossParams) -> dict[str, torch.Tensor]:
+    """TRL's clip indicators (on the uncapped ratio), as float tensors shaped like ratio·adv."""
+    if p.loss_type == "cispo":
+        return {"cispo_clip_ratio": ((ratio > p.epsilon_high) & (adv > 0)).float()}
+    if p.loss_type == "sapo":
+        return {}
+    low = (ratio < 1 - p.epsilon_low) & (adv < 0)
+    high = (ratio > 1 + p.epsilon_high) & (adv > 0)
+    return {"clip_ratio/low_mean": low.float(), "clip_ratio/high_mean": high.float(),
+            "clip_ratio/region_mean": (low | high).float()}
+
+
+def objective_terms(logp, log_ratio, adv, ref, is_ratio, keep, w, mask, p: GRPOLossParams):
+    """Σ w·L (differentiable in logp) and sums of masked metrics (detached).
+
+    logp, ref, keep, w, mask: same shape (a tile of tokens); log_ratio, adv, is_ratio broadcast to it.
+    Returns (loss_sum, sums) with sums[name] = Σ over tokens (or over sequences for sequence-level flags).
+    """
+    ratio = torch.exp(log_ratio)
+    per_token = policy_loss(logp, ratio, adv, p)
+    if keep is not None:
+        per_token = per_token * keep
+    if is_ratio is not None:
+        per_token = per_token * is_ratio
+    sums = {}
+    if p.beta != 0.0:
+        d = ref - logp
+        kl = torch.exp(d) - d - 1
+        if p.use_bias_correction_kl:
+            kl = kl * ratio
+        per_token = per_token + p.beta * kl
+        sums["kl"] = (kl.detach() * mask).sum()
+    flags = clip_flags(ratio.detach(), adv, p)
+    for name, f in flags.items():
+        sums[name] = f.sum() if per_sequence(ratio) else (f * mask).sum()
+    return (w * per_token).sum(), sums
+
+
+def per_sequence(ratio) -> bool:
+    """TRL's rule: a [B, 1] ratio (sequence-level sampling) gives metrics averaged over sequences."""
+    return ratio.dim() == 2 and ratio.shape[1] == 1
+
+
+def entropy_keep_mask(entropy, mask, quantile: float):
+    """TRL's get_high_entropy_mask: 1 for tokens at or above the (1 − quantile) entropy quantile."""
+    if quantile >= 1.0 or entropy is None:
+        return None
+    values = entropy[mask.bool()].float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.float32)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return ((entropy * mask >= threshold) & mask.bool()).float()
+
+
+def finish_metrics(sums: dict, mask_sum: float, n_seq: int, sequence_level: bool, entropy_sum=None) -> dict:
+    """Masked sums -> TRL's masked means (per token; per sequence for sequence-level clip flags)."""
+    token_count = max(mask_sum, 1.0)
+    out = {}
+    for name, total in sums.items():
+        per_seq = sequence_level and name != "kl"
+        out[name] = (total / (n_seq if per_seq else token_count)).detach()
+    if entropy_sum is not None:
+        out["entropy"] = (entropy_sum / token_count).detach()
+    return out
+
+
+def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy, p: GRPOLossParams):
+    """logp [B, T] fp32 -> (loss 0-d fp32, g_logp [B, T] fp32, metrics). See kernels/README.md."""
+    mask = mask.float()
+    adv = advantages.float().unsqueeze(-1)  # [B, 1]
+    keep = entropy_keep_mask(entropy, mask, p.top_entropy_quantile)
+    ref = None if ref_logp is None else ref_logp.float()
+    isr = None if is_ratio is None else is_ratio.float()
+    with torch.enable_grad():  # also inside autograd.Function.forward, where grad mode is off
+        leaf = logp.detach().float().requires_grad_(True)
+        old = leaf.detach() if old_logp is None else old_logp.float()
+        log_ratio = leaf - old  # [B, T]
+        if p.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [B, 1]
+        loss, sums = objective_terms(leaf, log_ratio, adv, ref, isr, keep, token_weights(mask, p), mask, p)
+        (g,) = torch.autograd.grad(loss, leaf)
+    entropy_sum = None if entropy is None else (entropy.float() * mask).sum()
+    metrics = finish_metrics(sums, float(mask.sum()), mask.shape[0], per_sequence(log_ratio), entropy_sum)
+    return loss.detach(), g, metrics

@@ -1,0 +1,84 @@
+"""`fused_linear_grpo_loss`: the GRPO loss straight from hidden states and the lm_head, forward and backward.
+
+The loss is the last op in training, so its gradient is computed inside `forward` (phase 3 runs right after the
+epilogue) and `backward` only scales the stored gradients by the incoming scalar.
+"""
+from __future__ import annotations
+
+import torch
+
+from .advantages import group_advantages
+from .backend import phases, resolve_backend
+from .checks import validate_grpo_inputs
+from .grpo_single_pass import grpo_single_pass
+
+
+def _three_phase(impl, hidden, weight, targets, bias, inputs, advantages, mask, needs):
+    """Phase 1 over all rows, phase 2 over [B, T], phase 3 over all rows. hidden [N, H], targets [N]."""
+    p = inputs.params
+    batch, length = mask.shape
+    lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, p.temperature, True)
+    loss, g, metrics = impl.grpo_epilogue(logp.view(batch, length), mask, advantages, inputs.old_logprobs,
+                                          inputs.ref_logprobs, inputs.is_ratio, entropy.view(batch, length), p)
+    grads = (None, None, None)
+    if any(needs):
+        grads = impl.grad_sweep(hidden, weight, targets, bias, p.temperature, lse, g.reshape(-1), None, logp,
+                                entropy, *needs)
+    return loss, metrics, grads
+
+
+class FusedLinearGRPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, mask, advantages, inputs, backend, metrics_out):
+        # hidden [B, T, H] -> rows [N, H]; targets, mask [B, T]; advantages [B] fp32
+        rows, ids = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        p = inputs.params
+        if backend == "torch" and p.importance_sampling_level == "token" and p.top_entropy_quantile >= 1.0:
+            loss, metrics, *grads = grpo_single_pass(rows, weight, ids, bias, mask, advantages, inputs.old_logprobs,
+                                                     inputs.ref_logprobs, inputs.is_ratio, p, *needs)
+        else:
+            loss, metrics, grads = _three_phase(phases(backend), rows, weight, ids, bias, inputs, advantages, mask,
+                                                needs)
+        metrics_out.update(metrics)
+        dh, dw, db = grads
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.has = tuple(g is not None for g in grads)
+        ctx.shapes_dtypes = ((hidden.shape, hidden.dtype), (weight.shape, weight.dtype),
+                             None if bias is None else (bias.shape, bias.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        out = []
+        for g, has, sd in zip(ctx.saved_tensors, ctx.has, ctx.shapes_dtypes):
+            out.append((g * grad_loss).view(sd[0]).to(sd[1]) if has else None)
+        return (*out, None, None, None, None, None, None)
+
+
+def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, rewards=None, num_generations=None,
+                           scale_rewards="group", old_logprobs=None, ref_logprobs=None, bias=None, beta=0.0,
+                           epsilon=0.2, epsilon_high=None, delta=None, temperature=1.0, loss_type="dapo",
+                           importance_sampling_level="token", use_bias_correction_kl=False,
+                           max_completion_length=None, num_items_in_batch=None, is_ratio=None,
+                           top_entropy_quantile=1.0, backend="auto"):
+    """GRPO loss of completions from the policy's final hidden states, never materializing [B·T, V] logits.
+
+    hidden [B, T, H] (aligned with targets [B, T]: no shift inside), weight [V, H], mask [B, T]; advantages [B],
+    or rewards [B] with num_generations (group-normalized here, TRL's rule). Semantics, argument names and metric
+    names follow TRL's GRPOTrainer._compute_loss (see kernels/grpo_epilogue.py). Returns (loss, metrics) with
+    metrics a dict of detached scalars: entropy, kl (beta != 0), clip_ratio/low_mean, /high_mean, /region_mean.
+    """
+    inputs = validate_grpo_inputs(
+        hidden, weight, targets, mask, advantages, rewards=rewards, num_generations=num_generations,
+        scale_rewards=scale_rewards, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, bias=bias, beta=beta,
+        epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, temperature=temperature, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, use_bias_correction_kl=use_bias_correction_kl,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, is_ratio=is_ratio,
+        top_entropy_quantile=top_entropy_quantile)
+    if advantages is None:
+        advantages = group_advantages(rewards, num_generations, scale_rewards=scale_rewards)
+    metrics: dict = {}
+    loss = FusedLinearGRPOLoss.apply(hidden, weight, bias, targets, mask.float(), advantages.float(), inputs,
+                                     resolve_backend(backend, hidden.device), metrics)
+    return loss, metrics

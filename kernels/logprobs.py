@@ -1,0 +1,51 @@
+"""`fused_linear_logprobs`: token logprobs (and entropy) from hidden states, differentiable, no [N, V] logits."""
+from __future__ import annotations
+
+import torch
+
+from .backend import phases, resolve_backend
+from .checks import check_linear_inputs, check_temperature
+
+
+class FusedLinearLogprobs(torch.autograd.Function):
+    """Forward: phase 1. Backward: phase 3 with the incoming dL/dlogp (and dL/dentropy)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend):
+        # hidden [N, H], weight [V, H], bias [V] | None, targets [N]
+        impl = phases(backend)
+        lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, temperature, with_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, logp, entropy)
+        ctx.temperature, ctx.with_entropy, ctx.impl = temperature, with_entropy, impl
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden, weight, bias, targets, lse, logp, entropy = ctx.saved_tensors
+        g_logp = grads[0] if grads[0] is not None else torch.zeros_like(lse)
+        g_entropy = grads[1] if ctx.with_entropy else None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh, dw, db = ctx.impl.grad_sweep(hidden, weight, targets, bias, ctx.temperature, lse, g_logp.float(),
+                                         None if g_entropy is None else g_entropy.float(), logp, entropy,
+                                         need_h, need_w, need_b and bias is not None)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return cast(dh, hidden), cast(dw, weight), cast(db, bias), None, None, None, None
+
+
+def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, with_entropy=False,
+                          backend="auto"):
+    """log softmax((h Wᵀ + b) / τ)[targets] for hidden [..., H], weight [V, H], targets [...].
+
+    Returns logp [...] in float32 (and entropy [...] when with_entropy), differentiable in hidden, weight and
+    bias. Targets are aligned with hidden (no shift inside). Memory beyond inputs and outputs is O(tile), never
+    the [N, V] logits; the backward recomputes each logits tile.
+    """
+    check_linear_inputs(hidden, weight, targets, bias)
+    check_temperature(temperature)
+    lead = hidden.shape[:-1]
+    out = FusedLinearLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
+                                    float(temperature), bool(with_entropy),
+                                    resolve_backend(backend, hidden.device))
+    if with_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)

@@ -1,0 +1,133 @@
+"""Ground truth: the materializing computation in float64, written the obvious way.
+
+It holds the full [N, V] logits and lets autograd do the calculus, so it shares no code with the fused paths it
+checks (forward_sweep/grad_sweep/grpo_epilogue and their Triton twins). Use it on small inputs only.
+"""
+from __future__ import annotations
+
+import torch
+
+from .checks import validate_grpo_inputs
+from .params import GRPOLossParams
+
+
+def _logits64(hidden, weight, bias, temperature):
+    # [N, H] @ [H, V] -> [N, V], all float64
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    return z / temperature
+
+
+def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, with_entropy=False):
+    """log softmax(h Wᵀ + b)/τ at `targets` (and the entropy), float64, differentiable."""
+    logp_all = torch.log_softmax(_logits64(hidden, weight, bias, temperature), dim=-1)  # [..., V]
+    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def _nanstd_unbiased(x: torch.Tensor, dim=None) -> torch.Tensor:
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) / (count - 1)
+    return var.sqrt().squeeze(dim) if dim is not None else var.sqrt().reshape(())
+
+
+def reference_group_advantages(rewards, num_generations, scale_rewards="group", eps=1e-4):
+    """(r − group mean) / (std + eps), NaN rewards excluded and given advantage 0; Bessel-corrected std (TRL)."""
+    r = rewards.double()
+    groups = r.view(-1, num_generations)  # [P, G]
+    centered = (groups - torch.nanmean(groups, dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "group":
+        std = _nanstd_unbiased(groups, dim=1).repeat_interleave(num_generations)
+    elif scale_rewards == "batch":
+        std = _nanstd_unbiased(r).expand_as(r)
+    else:
+        std = None
+    adv = centered if std is None else centered / (std + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def _per_token_loss(logp, old, adv, mask, p: GRPOLossParams):
+    """TRL's per-token policy loss and the ratio used for clip metrics, in the obvious form."""
+    log_ratio = logp - old
+    if p.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
+    a = adv.unsqueeze(-1)
+    if p.loss_type == "cispo":
+        return -torch.clamp(ratio, max=p.epsilon_high).detach() * a * logp, ratio
+    if p.loss_type == "sapo":
+        t = torch.where(a > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
+        return -torch.sigmoid(t * (ratio - 1)) * 4 / t * a, ratio
+    clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.epsilon_high)
+    capped = ratio if p.delta is None else torch.clamp(ratio, max=p.delta)
+    return -torch.min(capped * a, clipped * a), ratio
+
+
+def _reduce(per_token, mask, p: GRPOLossParams):
+    if p.loss_type in ("grpo", "sapo"):
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    return (per_token * mask).sum() / p.normalizer(float(mask.sum()), mask.shape[0])
+
+
+def _masked_mean(x, mask):
+    if x.shape[-1] == 1:
+        return x.mean()
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _entropy_mask(entropy, mask, quantile):
+    """TRL's get_high_entropy_mask: keep tokens at or above the (1 − quantile) quantile of masked entropies."""
+    values = entropy[mask.bool()]
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values, 1 - quantile)
+    return ((entropy * mask >= threshold) & mask.bool()).to(mask.dtype)
+
+
+def reference_grpo_loss(hidden, weight, targets, mask, advantages=None, **kwargs):
+    """Same signature and semantics as `fused_linear_grpo_loss`, materializing in float64. Returns (loss, metrics)."""
+    kwargs.pop("backend", None)
+    inputs = validate_grpo_inputs(hidden, weight, targets, mask, advantages, **kwargs)
+    p, adv = inputs.params, inputs.advantages
+    if adv is None:
+        adv = reference_group_advantages(inputs.rewards, inputs.num_generations, inputs.scale_rewards)
+    mask64 = mask.double()
+    adv = adv.double()
+    logp, entropy = reference_logprobs(hidden, weight, targets, inputs.bias, p.temperature, with_entropy=True)
+    old = logp.detach() if inputs.old_logprobs is None else inputs.old_logprobs.double()
+    per_token, ratio = _per_token_loss(logp, old, adv, mask64, p)
+    if p.top_entropy_quantile < 1.0:
+        per_token = per_token * _entropy_mask(entropy.detach(), mask64, p.top_entropy_quantile)
+    if inputs.is_ratio is not None:
+        per_token = per_token * inputs.is_ratio.double()
+    metrics = {"entropy": _masked_mean(entropy.detach(), mask64)}
+    if p.beta != 0.0:
+        d = inputs.ref_logprobs.double() - logp
+        kl = torch.exp(d) - d - 1
+        if p.use_bias_correction_kl:
+            kl = kl * ratio
+        per_token = per_token + p.beta * kl
+        metrics["kl"] = _masked_mean(kl.detach(), mask64)
+    loss = _reduce(per_token, mask64, p)
+    metrics.update(_clip_metrics(ratio.detach(), adv, mask64, p))
+    return loss, metrics
+
+
+def _clip_metrics(ratio, adv, mask, p: GRPOLossParams):
+    a = adv.unsqueeze(-1)
+    if p.loss_type == "cispo":
+        return {"cispo_clip_ratio": _masked_mean(((ratio > p.epsilon_high) & (a > 0)).double(), mask)}
+    if p.loss_type == "sapo":
+        return {}
+    low = (ratio < 1 - p.epsilon_low) & (a < 0)
+    high = (ratio > 1 + p.epsilon_high) & (a > 0)
+    return {
+        "clip_ratio/low_mean": _masked_mean(low.double(), mask),
+        "clip_ratio/high_mean": _masked_mean(high.double(), mask),
+        "clip_ratio/region_mean": _masked_mean((low | high).double(), mask),
+    }
