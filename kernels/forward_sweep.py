@@ -40,9 +40,10 @@ def softmax_stats_(z: torch.Tensor, p_out: torch.Tensor):
     return (m + log_s).squeeze(1)
 
 
-def row_entropy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """−Σ_j p_j log p_j per row, as a batched dot product (no [n, V] temporary)."""
-    return -(p.unsqueeze(1) @ log_p.unsqueeze(2)).view(-1)
+def row_entropy_(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """−Σ_j p_j log p_j per row, overwriting log_p (no [n, V] temporary). torch.sum's cascaded summation keeps
+    the fp32 error as small as PyTorch's own path; a dot-product kernel here was ~10× less accurate at V = 40k."""
+    return log_p.mul_(p).sum(dim=1).neg_()
 
 
 def forward_sweep(hidden, weight, targets, bias, temperature: float, with_entropy: bool):
@@ -60,5 +61,5 @@ def forward_sweep(hidden, weight, targets, bias, temperature: float, with_entrop
         lse[s:e] = softmax_stats_(z, p)
         logp[s:e] = z.gather(1, targets[s:e, None].long()).squeeze(1)
         if with_entropy:
-            entropy[s:e] = row_entropy(p, z)
+            entropy[s:e] = row_entropy_(p, z)  # z is not needed after the gather
     return lse, logp, entropy

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .forward_sweep import logits_tile, row_entropy, rows_per_tile, softmax_stats_
+from .forward_sweep import logits_tile, row_entropy_, rows_per_tile, softmax_stats_
 from .grad_sweep import accumulate_grads, allocate_grads, logit_grad_
 from .grpo_epilogue import finish_metrics, objective_terms, token_weights
 from .params import GRPOLossParams
@@ -58,13 +58,13 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
         prob = p_buf[: z.shape[0]]
         softmax_stats_(z, prob)
         logp = z.gather(1, targets[sl, None].long()).squeeze(1)  # [n]
-        entropy_sum = entropy_sum + (row_entropy(prob, z) * flat["mask"][sl]).sum()
+        entropy_sum = entropy_sum + (row_entropy_(prob, z) * flat["mask"][sl]).sum()  # z is spent
         tile_loss, sums, g = _tile_loss(logp, sl, flat, p, want_grad)
         loss = loss + tile_loss
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + v
         if want_grad:
-            dz = logit_grad_(z, prob, targets[sl], g / p.temperature, None, None)
+            dz = logit_grad_(None, prob, targets[sl], g / p.temperature, None, None)
             accumulate_grads(dz, hidden[sl], weight, None if dh is None else dh[sl], dw, db)
     metrics = finish_metrics(totals, float(mask.sum()), mask.shape[0], False, entropy_sum)
     return loss, metrics, dh, dw, db

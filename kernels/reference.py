@@ -2,6 +2,8 @@
 
 It holds the full [N, V] logits and lets autograd do the calculus, so it shares no code with the fused paths it
 checks (forward_sweep/grad_sweep/grpo_epilogue and their Triton twins). Use it on small inputs only.
+With `dtype=` set to the inputs' own dtype it is also "PyTorch's plain materializing path at that precision",
+the baseline low-precision tests compare the fused paths' error against.
 """
 from __future__ import annotations
 
@@ -11,17 +13,18 @@ from .checks import validate_grpo_inputs
 from .params import GRPOLossParams
 
 
-def _logits64(hidden, weight, bias, temperature):
-    # [N, H] @ [H, V] -> [N, V], all float64
-    z = hidden.double() @ weight.double().T
+def _logits(hidden, weight, bias, temperature, dtype):
+    # [N, H] @ [H, V] -> [N, V], all in `dtype`
+    z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        z = z + bias.double()
+        z = z + bias.to(dtype)
     return z / temperature
 
 
-def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, with_entropy=False):
-    """log softmax(h Wᵀ + b)/τ at `targets` (and the entropy), float64, differentiable."""
-    logp_all = torch.log_softmax(_logits64(hidden, weight, bias, temperature), dim=-1)  # [..., V]
+def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, with_entropy=False,
+                       dtype=torch.float64):
+    """log softmax((h Wᵀ + b)/τ) at `targets` (and the entropy), computed in `dtype`, differentiable."""
+    logp_all = torch.log_softmax(_logits(hidden, weight, bias, temperature, dtype), dim=-1)  # [..., V]
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp
@@ -89,8 +92,10 @@ def _entropy_mask(entropy, mask, quantile):
     return ((entropy * mask >= threshold) & mask.bool()).to(mask.dtype)
 
 
-def reference_grpo_loss(hidden, weight, targets, mask, advantages=None, **kwargs):
-    """Same signature and semantics as `fused_linear_grpo_loss`, materializing in float64. Returns (loss, metrics)."""
+def reference_grpo_loss(hidden, weight, targets, mask, advantages=None, dtype=torch.float64, **kwargs):
+    """Same signature and semantics as `fused_linear_grpo_loss`, materializing in `dtype` (float64 by default).
+
+    Returns (loss, metrics)."""
     kwargs.pop("backend", None)
     inputs = validate_grpo_inputs(hidden, weight, targets, mask, advantages, **kwargs)
     p, adv = inputs.params, inputs.advantages
@@ -98,7 +103,8 @@ def reference_grpo_loss(hidden, weight, targets, mask, advantages=None, **kwargs
         adv = reference_group_advantages(inputs.rewards, inputs.num_generations, inputs.scale_rewards)
     mask64 = mask.double()
     adv = adv.double()
-    logp, entropy = reference_logprobs(hidden, weight, targets, inputs.bias, p.temperature, with_entropy=True)
+    logp, entropy = reference_logprobs(hidden, weight, targets, inputs.bias, p.temperature, True, dtype)
+    logp, entropy = logp.double(), entropy.double()  # the loss arithmetic itself is O(B·T): float64 always
     old = logp.detach() if inputs.old_logprobs is None else inputs.old_logprobs.double()
     per_token, ratio = _per_token_loss(logp, old, adv, mask64, p)
     if p.top_entropy_quantile < 1.0:
