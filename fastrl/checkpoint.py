@@ -1,0 +1,146 @@
+"""Atomic, resumable checkpoints.
+
+OUTPUT_DIR/checkpoint-<step>/ holds:
+  config.json, model.safetensors, tokenizer files   the policy, loadable with transformers (save_pretrained)
+  trainable_state.pt                                 every trainable parameter, exactly as trained (resume reads this)
+  optimizer.pt, scheduler.pt                         torch state dicts
+  rng_state.pt                                       python, numpy, torch (and CUDA) generator states
+  rollout_buffer.pt                                  the generation batch still being trained on, if any
+  trainer_state.json                                 global step, log history, data position, micro-step counter
+
+Atomicity: everything is written into a hidden temporary folder next to the target, files fsynced, then the
+folder is renamed into place (a rename within one file system is atomic). A crash mid-save leaves only the
+temporary folder, which is ignored and cleaned up by the next save; the previous checkpoint is never touched
+until the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+
+
+def capture_rng() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints in output_dir, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(PREFIX + r"(\d+)", name))]
+    return [os.path.join(output_dir, f"{PREFIX}{s}") for s in sorted(steps)]
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+                    rollout_buffer: dict | None, save_total_limit: int | None) -> str:
+    """Write checkpoint-<step> atomically and prune old ones beyond save_total_limit. Returns its path."""
+    os.makedirs(output_dir, exist_ok=True)
+    final = os.path.join(output_dir, f"{PREFIX}{step}")
+    tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}-{os.getpid()}")
+    _remove_stale_temporaries(output_dir)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(trainable_state(model), os.path.join(tmp, "trainable_state.pt"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(capture_rng(), os.path.join(tmp, "rng_state.pt"))
+    if rollout_buffer is not None:
+        torch.save(rollout_buffer, os.path.join(tmp, "rollout_buffer.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(trainer_state, f, indent=1)
+    _fsync_tree(tmp)
+    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): keep the old one until the swap
+        old = final + f".old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _prune(output_dir, save_total_limit)
+    return final
+
+
+def _remove_stale_temporaries(output_dir: str) -> None:
+    for name in os.listdir(output_dir):
+        if name.startswith(TMP_PREFIX) or ".old-" in name:
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def _prune(output_dir: str, save_total_limit: int | None) -> None:
+    if save_total_limit is None:
+        return
+    found = list_checkpoints(output_dir)
+    for path in found[: max(0, len(found) - save_total_limit)]:
+        shutil.rmtree(path)
+
+
+def load_checkpoint(path: str, *, model, optimizer, scheduler) -> tuple[dict, dict | None]:
+    """Restore weights, optimizer, scheduler and RNG from `path`. Returns (trainer_state, rollout_buffer)."""
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise ValueError(f"resume_from_checkpoint: {path!r} is not a fastrl checkpoint (no trainer_state.json)")
+    weights = torch.load(os.path.join(path, "trainable_state.pt"), map_location="cpu")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise ValueError(f"resume_from_checkpoint: checkpoint {path!r} lacks parameters {missing[:5]} "
+                         "(was it written for another model?)")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+    restore_rng(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    buffer_path = os.path.join(path, "rollout_buffer.pt")
+    buffer = torch.load(buffer_path, map_location="cpu") if os.path.exists(buffer_path) else None
+    return state, buffer
+
+
+def resolve_resume(resume_from_checkpoint, output_dir: str) -> str | None:
+    """True -> the latest checkpoint in output_dir (None if there is none); a path -> that path; else None."""
+    if resume_from_checkpoint in (None, False):
+        return None
+    if resume_from_checkpoint is True:
+        return latest_checkpoint(output_dir)
+    if not os.path.isdir(resume_from_checkpoint):
+        raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint!r} does not exist")
+    return resume_from_checkpoint

@@ -1,0 +1,300 @@
+"""GRPOConfig: a plain dataclass with TRL's field names and defaults wherever fastrl and TRL overlap.
+
+Defaults are those of TRL 1.16's `trl.GRPOConfig` (which overrides some of transformers' `TrainingArguments`:
+learning_rate 1e-6, logging_steps 10, gradient_checkpointing True, bf16 True unless fp16). `tests/test_config.py`
+checks every shared default against an installed TRL, so a drift shows up as a failing test.
+
+Fields fall in three groups:
+- supported: they do what they do in TRL;
+- accepted and harmless: they do not change the training math (hub upload off, logging directories, ...);
+- unsupported: setting them away from their default would change the math in a way fastrl does not implement,
+  so `__post_init__` raises a ValueError naming the field rather than silently training something else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+
+# field -> (the default it must keep, why another value is refused). Checked in __post_init__.
+UNSUPPORTED = {
+    "multi_objective_aggregation": ("sum_then_normalize", "only TRL's default aggregation is implemented"),
+    "entropy_coef": (0.0, "the entropy bonus is not in the fused loss"),
+    "use_adaptive_entropy": (False, "the entropy bonus is not in the fused loss"),
+    "sync_ref_model": (False, "reference-model syncing (TR-DPO) is not implemented"),
+    "off_policy_mask_threshold": (None, "off-policy sequence masking is not implemented"),
+    "cast_lm_head_to_fp32": (False, "the fused loss accumulates in fp32 already; casting the head is not implemented"),
+    "router_aux_loss_coef": (None, "MoE router auxiliary losses are not implemented"),
+    "generation_kwargs": (None, "extra generation kwargs are not implemented; use the named sampling fields"),
+    "max_tool_calling_iterations": (None, "tool calling is not implemented"),
+    "use_transformers_continuous_batching": (False, "continuous batching is not implemented"),
+    "use_transformers_paged": (False, "continuous batching is not implemented"),
+    "auto_find_batch_size": (False, "shrinking the batch would split prompt groups (TRL refuses it too)"),
+    "torch_compile": (False, "torch.compile of the policy is not implemented"),
+    "neftune_noise_alpha": (None, "NEFTune noise is not implemented"),
+    "deepspeed": (None, "DeepSpeed is not supported"),
+    "fsdp": (None, "FSDP is not supported yet"),
+    "label_smoothing_factor": (0.0, "label smoothing does not apply to the GRPO loss"),
+    "fp16": (False, "fp16 needs loss scaling, which is not implemented; use bf16=True"),
+    "do_eval": (False, "evaluation is not implemented"),
+    "eval_strategy": ("no", "evaluation is not implemented"),
+    "num_generations_eval": (None, "evaluation is not implemented"),
+    "load_best_model_at_end": (False, "evaluation is not implemented"),
+    "push_to_hub": (False, "no network: hub upload is not supported"),
+    "sapo_temperature_pos": (1.0, "the fused loss uses TRL's default SAPO temperatures"),
+    "sapo_temperature_neg": (1.05, "the fused loss uses TRL's default SAPO temperatures"),
+}
+
+
+@dataclass
+class GRPOConfig:
+    # ---- output, logging, checkpoints (TrainingArguments) ----
+    output_dir: str | None = None  # None -> "trainer_output", as in TRL
+    overwrite_output_dir: bool = False
+    run_name: str | None = None
+    report_to: str | list[str] | None = "none"  # "tensorboard", "wandb", "all", "none"
+    logging_dir: str | None = None
+    logging_strategy: str = "steps"
+    logging_steps: float = 10
+    logging_first_step: bool = False
+    disable_tqdm: bool | None = None
+    save_strategy: str = "steps"  # "steps" or "no"
+    save_steps: float = 500
+    save_total_limit: int | None = None
+    save_only_model: bool = False
+    resume_from_checkpoint: str | bool | None = None
+    # ---- optimization (TrainingArguments; learning_rate is TRL's override) ----
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    lr_scheduler_kwargs: dict | None = None
+    warmup_steps: float = 0  # >= 1: steps; in (0, 1): a ratio of max_steps (transformers 5)
+    warmup_ratio: float | None = None  # transformers 4 name, still accepted; wins over warmup_steps when set
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optim: str = "adamw_torch_fused"
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 8  # completions (not prompts) per micro-batch, as in TRL
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 3.0
+    seed: int = 42
+    data_seed: int | None = None
+    bf16: bool | None = None  # None -> True unless fp16 (TRL)
+    fp16: bool = False
+    tf32: bool | None = None
+    gradient_checkpointing: bool = True  # TRL's default
+    gradient_checkpointing_kwargs: dict | None = None
+    use_liger_kernel: bool = False
+    use_cpu: bool = False
+    dataloader_num_workers: int = 0
+    remove_unused_columns: bool | None = False
+    average_tokens_across_devices: bool = True
+    full_determinism: bool = False
+    # accepted and unused or refused when changed (see UNSUPPORTED)
+    label_smoothing_factor: float = 0.0
+    auto_find_batch_size: bool = False
+    torch_compile: bool = False
+    neftune_noise_alpha: float | None = None
+    deepspeed: str | dict | None = None
+    fsdp: str | list | None = None
+    do_train: bool = False
+    do_eval: bool = False
+    eval_strategy: str = "no"
+    load_best_model_at_end: bool = False
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+    log_level: str = "passive"
+    # ---- model ----
+    model_init_kwargs: dict | None = None
+    trust_remote_code: bool = False
+    disable_dropout: bool = False
+    cast_lm_head_to_fp32: bool = False
+    router_aux_loss_coef: float | None = None
+    # ---- data ----
+    num_generations: int | None = 8
+    num_generations_eval: int | None = None
+    max_prompt_length: int | None = None  # not in TRL 1.16 (removed there); kept: left-truncates prompts when set
+    max_completion_length: int | None = 512
+    shuffle_dataset: bool | None = True
+    pad_to_multiple_of: int | str | None = "auto"
+    # ---- generation ----
+    generation_batch_size: int | None = None
+    steps_per_generation: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    generation_kwargs: dict | None = None
+    chat_template_kwargs: dict | None = None
+    cache_implementation: str | None = None
+    use_transformers_continuous_batching: bool = False
+    use_transformers_paged: bool = False
+    # ---- vLLM (used by fastrl.generation.vllm) ----
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_model_impl: str = "vllm"
+    vllm_enable_sleep_mode: bool = False
+    vllm_sleep_level: int = 1  # fastrl: 1 offloads weights + drops KV cache, 2 drops both (vLLM's levels)
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_max_model_length: int | None = None
+    vllm_max_model_len: int | None = None  # vLLM's own spelling; an alias of vllm_max_model_length
+    vllm_tensor_parallel_size: int = 1
+    vllm_structured_outputs_regex: str | None = None
+    vllm_server_base_url: str | None = None
+    vllm_server_host: str = "0.0.0.0"
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0
+    vllm_group_port: int = 51216
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_cap: float | None = None  # deprecated TRL name for clip_max
+    # ---- the GRPO loss ----
+    beta: float = 0.0
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    delta: float | None = None
+    epsilon_high: float | None = None
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    importance_sampling_level: str = "token"
+    reward_weights: list[float] | None = None
+    multi_objective_aggregation: str = "sum_then_normalize"
+    scale_rewards: str = "group"
+    loss_type: str = "dapo"
+    mask_truncated_completions: bool = False
+    sync_ref_model: bool = False
+    top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False
+    off_policy_mask_threshold: float | None = None
+    use_bias_correction_kl: bool = True  # TRL 1.16's default
+    max_tool_calling_iterations: int | None = None
+    # ---- completions logging ----
+    log_completions: bool = False
+    num_completions_to_print: int | None = None
+    # ---- distributed (explicit; one process for now) ----
+    world_size: int = 1
+    process_index: int = 0
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+        if self.bf16 is None:
+            self.bf16 = not self.fp16
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if self.vllm_max_model_len is not None:
+            self.vllm_max_model_length = self.vllm_max_model_len
+        self.vllm_max_model_len = self.vllm_max_model_length
+        if self.vllm_importance_sampling_cap is not None:
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
+        self.report_to = list(self.report_to or [])
+        self._refuse_unsupported()
+        self._check_values()
+        self._derive_batch_sizes()
+
+    def _refuse_unsupported(self) -> None:
+        for name, (default, why) in UNSUPPORTED.items():
+            if getattr(self, name) != default:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by fastrl ({why}); "
+                                 f"leave it at {default!r}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim={self.optim!r} is not supported; fastrl uses torch AdamW ({OPTIMIZERS})")
+        if self.world_size != 1:
+            raise ValueError(f"world_size={self.world_size}: only one process is supported so far")
+
+    def _check_values(self) -> None:
+        def need(cond: bool, name: str, expected: str) -> None:
+            if not cond:
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.num_generations, int) and self.num_generations >= 2, "num_generations",
+             "an integer >= 2 (GRPO needs a group to compare completions within)")
+        need(isinstance(self.max_completion_length, int) and self.max_completion_length > 0,
+             "max_completion_length", "a positive integer")
+        need(self.max_prompt_length is None or self.max_prompt_length > 0, "max_prompt_length",
+             "None or a positive integer")
+        need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "an integer >= 1")
+        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "an integer >= 1")
+        need(self.num_iterations >= 1, "num_iterations", "an integer >= 1")
+        need(self.learning_rate >= 0, "learning_rate", "a number >= 0")
+        need(self.temperature > 0, "temperature", "a number > 0")
+        need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        need(self.top_k is None or self.top_k >= 0, "top_k", "an integer >= 0 (0 = disabled)")
+        need(self.min_p is None or 0 <= self.min_p <= 1, "min_p", "None or a number in [0, 1]")
+        need(self.repetition_penalty > 0, "repetition_penalty", "a number > 0")
+        need(self.beta >= 0, "beta", "a number >= 0")
+        need(self.epsilon >= 0, "epsilon", "a number >= 0")
+        need(self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}")
+        need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards", "'group', 'batch' or 'none'")
+        need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level",
+             "'token' or 'sequence'")
+        need(0 < self.top_entropy_quantile <= 1, "top_entropy_quantile", "a number in (0, 1]")
+        need(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type", f"one of {SCHEDULERS}")
+        need(self.save_strategy in ("steps", "no"), "save_strategy", "'steps' or 'no'")
+        need(self.save_steps > 0, "save_steps", "a number > 0")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "None or >= 1")
+        need(self.logging_steps > 0, "logging_steps", "a number > 0")
+        need(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps", "> 0, or num_train_epochs > 0")
+        need(self.vllm_mode in ("colocate", "server"), "vllm_mode", "'colocate' or 'server'")
+        need(self.vllm_importance_sampling_mode in VLLM_IS_MODES, "vllm_importance_sampling_mode",
+             f"one of {VLLM_IS_MODES}")
+        need(self.vllm_sleep_level in (1, 2), "vllm_sleep_level", "1 or 2")
+        need(self.warmup_ratio is None or 0 <= self.warmup_ratio <= 1, "warmup_ratio", "None or in [0, 1]")
+        if self.loss_type == "dr_grpo":
+            need(self.max_completion_length is not None, "max_completion_length", "set for loss_type='dr_grpo'")
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({hi})")
+
+    def _derive_batch_sizes(self) -> None:
+        """TRL's rule: generation_batch_size = per_device_train_batch_size × world_size × steps_per_generation."""
+        global_micro = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is None and self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+            self.generation_batch_size = global_micro * self.steps_per_generation
+        elif self.generation_batch_size is not None and self.steps_per_generation is None:
+            if self.generation_batch_size % global_micro:
+                raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be divisible by the "
+                                 f"global batch size per_device_train_batch_size × world_size ({global_micro})")
+            self.steps_per_generation = self.generation_batch_size // global_micro
+        elif self.generation_batch_size is None:
+            self.generation_batch_size = global_micro * self.steps_per_generation
+        else:
+            raise ValueError("generation_batch_size and steps_per_generation can not be both set")
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be divisible by "
+                             f"num_generations ({self.num_generations})")
+
+    # ---- derived quantities the trainer uses ----
+    @property
+    def prompts_per_generation(self) -> int:
+        return self.generation_batch_size // self.num_generations
+
+    def warmup_steps_for(self, num_training_steps: int) -> int:
+        if self.warmup_ratio is not None:
+            return math.ceil(num_training_steps * self.warmup_ratio)
+        w = self.warmup_steps
+        return int(w) if w >= 1 else math.ceil(num_training_steps * w)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

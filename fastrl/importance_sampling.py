@@ -1,0 +1,26 @@
+"""Importance-sampling correction for a generator whose sampling logprobs differ from the trainer's (vLLM).
+
+TRL's rule (GRPOTrainer._generate_and_score_completions, `vllm_importance_sampling_*`): the ratio
+exp(old_logp − sampler_logp) per token, or per sequence (sum of the masked differences); *_truncate modes clamp it
+to [clip_min, clip_max], *_mask modes set it to 0 outside that range. Tokens whose sampler logprob is NaN count as
+a zero difference (ratio 1). The loss multiplies each token's loss by this ratio (`is_ratio`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sampling_ratio(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                   clip_min: float | None, clip_max: float | None) -> torch.Tensor:
+    """old_logprobs, sampler_logprobs, mask [B, T] -> ratio [B, T] (token_* modes) or [B, 1] (sequence_* modes)."""
+    diff = torch.nan_to_num((old_logprobs - sampler_logprobs) * mask, nan=0.0)  # [B, T]
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)  # [B, 1]
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)

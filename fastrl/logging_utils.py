@@ -1,0 +1,124 @@
+"""Where per-step metrics go: OUTPUT_DIR/metrics.jsonl, a progress bar, tensorboard/wandb, and curves.png.
+
+metrics.jsonl has one JSON object per optimizer step (always every step, whatever logging_steps says), each with
+"step" and "reward". The progress bar and tensorboard/wandb get the averages over each logging_steps window, the
+same dicts that go into state.log_history (TRL's behaviour).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+from tqdm.auto import tqdm
+
+CURVES = (("reward", "reward"), ("kl", "KL to reference"), ("completions/mean_length", "completion length"))
+
+
+def _finite(v):
+    return v if not (isinstance(v, float) and (math.isnan(v) or math.isinf(v))) else None
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, report_to: list[str], run_name: str | None, total_steps: int,
+                 initial_step: int, disable_tqdm: bool = False, config: dict | None = None):
+        os.makedirs(output_dir, exist_ok=True)
+        self.output_dir = output_dir
+        self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
+        _truncate_jsonl(self.jsonl_path, keep_through_step=initial_step)  # a resumed run rewrites later steps
+        self.progress = tqdm(total=total_steps, initial=initial_step, desc="GRPO", disable=disable_tqdm,
+                             dynamic_ncols=True)
+        self.backends = self._open_backends(report_to, run_name, config)
+
+    def _open_backends(self, report_to, run_name, config) -> list:
+        wanted = {"tensorboard", "wandb"} if "all" in report_to else set(report_to)
+        unknown = wanted - {"tensorboard", "wandb"}
+        if unknown:
+            raise ValueError(f"report_to: {sorted(unknown)} not supported; use 'tensorboard', 'wandb' or 'none'")
+        backends = []
+        if "tensorboard" in wanted:
+            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+                raise ValueError("report_to: 'tensorboard' is named but tensorboard is not installed")
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=os.path.join(self.output_dir, "runs", run_name or "fastrl"))
+            backends.append(("tensorboard", writer))
+        if "wandb" in wanted:
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("report_to: 'wandb' is named but wandb is not installed")
+            import wandb
+
+            backends.append(("wandb", wandb.init(name=run_name, config=config, reinit=True)))
+        return backends
+
+    def step(self, step: int, metrics: dict) -> None:
+        """Every optimizer step: one line of metrics.jsonl and a progress-bar tick."""
+        record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.progress.update(1)
+
+    def window(self, step: int, averaged: dict) -> None:
+        """Every logging_steps: the averaged metrics to the bar and the dashboards."""
+        shown = {k: averaged[k] for k in ("loss", "reward", "kl") if averaged.get(k) is not None}
+        self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        for kind, backend in self.backends:
+            numbers = {k: v for k, v in averaged.items() if isinstance(v, (int, float)) and _finite(v) is not None}
+            if kind == "tensorboard":
+                for k, v in numbers.items():
+                    backend.add_scalar(f"train/{k}", v, step)
+            else:
+                backend.log({f"train/{k}": v for k, v in numbers.items()}, step=step)
+
+    def close(self) -> None:
+        self.progress.close()
+        for kind, backend in self.backends:
+            backend.close() if kind == "tensorboard" else backend.finish()
+        plot_curves(self.jsonl_path, os.path.join(self.output_dir, "curves.png"))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_jsonl(path: str, keep_through_step: int) -> None:
+    rows = [r for r in read_jsonl(path) if r["step"] <= keep_through_step]
+    if keep_through_step == 0 or not rows:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def plot_curves(jsonl_path: str, png_path: str) -> str | None:
+    """reward, KL and completion length against step (matplotlib Agg, no display needed)."""
+    rows = read_jsonl(jsonl_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), lw=1.2)
+        else:
+            ax.text(0.5, 0.5, "not logged (beta = 0)" if key == "kl" else "not logged", ha="center",
+                    va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

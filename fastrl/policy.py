@@ -1,0 +1,139 @@
+"""The policy model: loading it, the fast kernels around it, its final hidden states and its lm_head.
+
+The trainer never asks the model for logits. It runs the decoder (the model without its head) to get the final
+hidden states (after the final norm) and hands them with the head's weight to the fused loss.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from typing import NamedTuple
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+
+def pick_attn_implementation(device_type: str) -> str:
+    """flash_attention_2 when flash-attn is installed and the run is on CUDA, else PyTorch's sdpa."""
+    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def training_device(use_cpu: bool = False) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+
+
+def load_policy(model: str | PreTrainedModel, args, device: torch.device) -> PreTrainedModel:
+    """A model id/path (loaded with args.model_init_kwargs) or an already loaded causal LM, moved to `device`."""
+    if isinstance(model, str):
+        kwargs = dict(args.model_init_kwargs or {})
+        kwargs.setdefault("attn_implementation", pick_attn_implementation(device.type))
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        except (OSError, ValueError) as e:
+            where = "a local folder" if os.path.isdir(model) else "an existing local folder"
+            raise ValueError(f"model: {model!r} could not be loaded (is it {where} or a cached model id?): {e}") \
+                from None
+    elif not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
+        raise ValueError(f"model: expected a model id/path or a causal LM (PreTrainedModel), got {type(model)}")
+    return model.to(device)
+
+
+def load_tokenizer(model_name_or_path: str):
+    try:
+        tok = AutoTokenizer.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"processing_class: no tokenizer could be loaded from {model_name_or_path!r}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def apply_liger(model: PreTrainedModel) -> None:
+    """Liger's Triton kernels for RMSNorm, SwiGLU MLP and RoPE; never its loss (the fused GRPO loss replaces it)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ValueError("use_liger_kernel=True needs the liger-kernel package (pip install liger-kernel)") from None
+    _apply_liger_kernel_to_instance(model=base_model(model), cross_entropy=False, fused_linear_cross_entropy=False,
+                                    rms_norm=True, swiglu=True, rope=True)
+
+
+def prepare_for_training(model: PreTrainedModel, args, device: torch.device, peft_config=None) -> PreTrainedModel:
+    if args.use_liger_kernel:
+        if device.type != "cuda":
+            raise ValueError("use_liger_kernel=True needs a CUDA device (Liger's kernels are Triton GPU kernels)")
+        apply_liger(model)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    if args.disable_dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    if args.gradient_checkpointing:
+        kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if peft_config is not None:
+            model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it), else the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Head(NamedTuple):
+    weight: torch.Tensor  # [V, H], the embedding matrix itself when tied
+    bias: torch.Tensor | None  # [V]
+
+
+def lm_head(model: torch.nn.Module) -> Head:
+    """The output projection's weight (and bias), rejecting heads the fused loss can not reproduce."""
+    inner = base_model(model)
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    if softcap:
+        raise ValueError(f"model: final_logit_softcapping={softcap} is not supported by the fused loss "
+                         "(it computes logits as h·Wᵀ + b, without tanh soft-capping)")
+    scale = getattr(inner.config, "logit_scale", None)  # e.g. Cohere multiplies logits by a constant
+    if scale not in (None, 1, 1.0):
+        raise ValueError(f"model: logit_scale={scale} is not supported by the fused loss")
+    head = inner.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) and not hasattr(head, "weight"):
+        raise ValueError(f"model: the output embedding {type(head).__name__} is not a linear layer")
+    weight = head.base_layer.weight if hasattr(head, "base_layer") else head.weight  # LoRA on lm_head: base only
+    if hasattr(head, "lora_A") and len(getattr(head, "lora_A", {})):
+        raise ValueError("peft_config: LoRA on lm_head is not supported by the fused loss (target other modules)")
+    return Head(weight, getattr(head, "bias", None))
+
+
+def completion_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      prompt_width: int) -> torch.Tensor:
+    """Final hidden states at the positions that predict each completion token.
+
+    input_ids [B, P + T] = left-padded prompts (width P) then right-padded completions (width T).
+    Returns [B, T, H]: positions P-1 .. P+T-2. Position ids count only real tokens, as in generation.
+    """
+    decoder = base_model(model).get_decoder()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+T]
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    t = input_ids.shape[1] - prompt_width
+    return out.last_hidden_state[:, prompt_width - 1: prompt_width - 1 + t]  # [B, T, H]
+
+
+def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the policy's initial weights (only built when beta > 0)."""
+    ref = copy.deepcopy(base_model(model))
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref

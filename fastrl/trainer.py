@@ -1,0 +1,419 @@
+"""GRPOTrainer: TRL's GRPO, with the loss computed from hidden states by fused kernels.
+
+    trainer = GRPOTrainer(model="path/or/id", reward_funcs=[f, g], args=GRPOConfig(...), train_dataset=ds)
+    trainer.train()
+
+One optimizer step, read top to bottom in `_training_step`:
+  for each of gradient_accumulation_steps micro-batches:
+      when due (every steps_per_generation × num_iterations micro-batches), build a new generation batch:
+          sample prompts -> G completions each -> rewards (weighted nansum; None = NaN, excluded)
+          -> group advantages -> old logprobs (only if the batch is reused) -> reference logprobs (beta > 0)
+          -> shuffle, split into steps_per_generation micro-batches
+      final hidden states of the policy -> fused_linear_grpo_loss -> backward
+  clip gradients -> AdamW step -> scheduler step
+then log, and checkpoint every save_steps.
+
+Batch sizes are TRL's: per_device_train_batch_size counts completions; a generation batch holds
+generation_batch_size = per_device_train_batch_size × world_size × steps_per_generation completions.
+Normalizers are global (world_size is explicit; only one process is supported so far).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import get_scheduler, set_seed
+from transformers.trainer_utils import TrainOutput
+
+from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from fastrl.config import GRPOConfig
+from fastrl.data import PromptSampler, check_dataset, completions_for_rewards, tokenize_prompts
+from fastrl.generation.base import SamplingConfig
+from fastrl.importance_sampling import sampling_ratio
+from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
+from fastrl.logging_utils import MetricsLogger
+from fastrl.policy import (completion_hidden, frozen_reference, lm_head, load_policy, load_tokenizer,
+                           prepare_for_training, training_device)
+from fastrl.rollout_batch import RolloutBatch
+from fastrl.scoring import combine, resolve_reward_funcs, score
+
+PER_TOKEN_NORMALIZED = ("grpo", "bnpo", "dr_grpo", "sapo")  # TRL divides these by gradient_accumulation_steps
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0  # optimizer steps done
+    max_steps: int = 0
+    micro_step: int = 0  # micro-batches done (drives when to generate)
+    epoch: float = 0.0
+    log_history: list[dict] = field(default_factory=list)
+
+
+class GRPOTrainer:
+    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None,
+                 processing_class=None, peft_config=None, callbacks=None):
+        self.args = args = args if args is not None else GRPOConfig()
+        set_seed(args.seed)
+        check_dataset(train_dataset)
+        self.train_dataset = train_dataset
+        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
+        self.reward_weights = self._reward_weights()
+        self.device = training_device(args.use_cpu)
+        if processing_class is None:
+            processing_class = load_tokenizer(model if isinstance(model, str) else model.config._name_or_path)
+        self.processing_class = processing_class
+        self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.model = prepare_for_training(load_policy(model, args, self.device), args, self.device, peft_config)
+        self.head = lm_head(self.model)  # rejects heads the fused loss can not reproduce, before any work
+        self.ref_model = frozen_reference(self.model) if args.beta != 0.0 else None
+        self.generator = self._build_generator()
+        self.sampler = PromptSampler(len(train_dataset), args.prompts_per_generation,
+                                     args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset)
+        self.state = TrainerState()
+        self.callbacks = list(callbacks or [])
+        self._loss_fn = fused_linear_grpo_loss  # injectable: tests swap in the float64 reference
+        self._logprob_fn = fused_linear_logprobs
+        self._buffer: list[RolloutBatch] | None = None  # the current generation batch, split into micro-batches
+        self._buffer_info: dict = {}  # its dapo normalizer and generation metrics
+        self._window: list[dict] = []  # per-step metrics since the last log_history entry
+        self._extra_metrics: dict[str, list[float]] = defaultdict(list)  # from reward functions' log_metric
+
+    # ------------------------------------------------------------------ training loop
+    def train(self, resume_from_checkpoint=None) -> TrainOutput:
+        args = self.args
+        self.state.max_steps = self._total_steps()
+        self.optimizer = self._build_optimizer()
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.warmup_steps_for(self.state.max_steps),
+            num_training_steps=self.state.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+        resume = resolve_resume(resume_from_checkpoint if resume_from_checkpoint is not None
+                                else args.resume_from_checkpoint, args.output_dir)
+        if resume:
+            self._load_checkpoint(resume)
+        logger = MetricsLogger(args.output_dir, args.report_to, args.run_name, self.state.max_steps,
+                               self.state.global_step, disable_tqdm=bool(args.disable_tqdm), config=args.to_dict())
+        started, first_step, losses = time.time(), self.state.global_step, []
+        while self.state.global_step < self.state.max_steps:
+            metrics = self._training_step()
+            self.state.global_step += 1
+            self.state.epoch = self.sampler.epoch + self.sampler.position / max(1, self.sampler.size)
+            losses.append(metrics["loss"])
+            self._log_step(metrics, logger)
+            if self._should_save():
+                self._save_checkpoint()
+        logger.close()
+        runtime = time.time() - started
+        summary = {"train_runtime": runtime, "train_steps_per_second": (self.state.global_step - first_step)
+                   / max(runtime, 1e-9), "train_loss": sum(losses) / max(1, len(losses))}
+        self.state.log_history.append({"step": self.state.global_step, "epoch": self.state.epoch, **summary})
+        self._callback("on_train_end")
+        return TrainOutput(self.state.global_step, summary["train_loss"], summary)
+
+    def _training_step(self) -> dict:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns its metrics."""
+        args, t0 = self.args, time.perf_counter()
+        self.model.train()
+        loss_total, tokens, per_batch = 0.0, 0, defaultdict(list)
+        for _ in range(args.gradient_accumulation_steps):
+            batch = self._next_micro_batch()
+            loss, loss_metrics = self._micro_batch_loss(batch)
+            loss.backward()
+            loss_total += loss.item()
+            tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
+            for k, v in {**loss_metrics, **self._buffer_info["metrics"]}.items():
+                per_batch[k].append(float(v))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - t0
+        return {"loss": loss_total, **{k: _nanmean(v) for k, v in per_batch.items()},
+                "grad_norm": float(grad_norm), "learning_rate": learning_rate, "step_time": step_time,
+                "tokens_per_second": tokens / step_time, "peak_memory_mb": _peak_memory_mb(self.device)}
+
+    def _next_micro_batch(self) -> RolloutBatch:
+        args = self.args
+        generate_every = args.steps_per_generation * args.num_iterations
+        if self.state.micro_step % generate_every == 0 or self._buffer is None:
+            batch, self._buffer_info = self._generate_and_score()
+            batch = batch.select(torch.randperm(len(batch)))  # TRL shuffles before splitting
+            self._buffer = batch.split(args.steps_per_generation)
+        micro_batch = self._buffer[self.state.micro_step % args.steps_per_generation]
+        self.state.micro_step += 1
+        return micro_batch
+
+    def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """The GRPO loss of one micro-batch, scaled for gradient accumulation as TRL scales it."""
+        args = self.args
+        ids, attention = mb.input_ids()  # [b, P+T]
+        with self._autocast():
+            hidden = completion_hidden(self.model, ids, attention, mb.prompt_ids.shape[1])  # [b, T, H]
+        weight, bias = self._head_for(hidden, self.head)
+        loss, metrics = self._loss_fn(
+            hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
+            old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio, beta=args.beta,
+            epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta, temperature=args.temperature,
+            loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level,
+            use_bias_correction_kl=args.use_bias_correction_kl, max_completion_length=args.max_completion_length,
+            num_items_in_batch=self._buffer_info["num_items_in_batch"] if args.loss_type in ("dapo", "cispo")
+            else None, top_entropy_quantile=args.top_entropy_quantile)
+        if args.loss_type in PER_TOKEN_NORMALIZED:
+            loss = loss / args.gradient_accumulation_steps
+        return loss, metrics
+
+    # ------------------------------------------------------------------ one generation batch
+    def _generate_and_score(self) -> tuple[RolloutBatch, dict]:
+        """Prompts -> completions -> rewards -> advantages -> (old, reference) logprobs, as one RolloutBatch."""
+        args, G = self.args, self.args.num_generations
+        rows = [self.train_dataset[i] for i in self.sampler.next_batch()]  # P prompts
+        prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], args.max_prompt_length,
+                                      args.chat_template_kwargs)
+        self.generator.push_weights(self.model)
+        with self._autocast():
+            rollout = self.generator.generate(prompt_ids, G, self._sampling())
+
+        # rewards, one per completion (B = P × G, grouped by prompt)
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0]
+                   if k not in ("prompt", "completion", "completion_ids")}
+        extras = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": lambda *a, **k: None}
+        rewards_per_func = score(self.reward_funcs, self.reward_func_names, prompts,
+                                 completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
+        rewards = combine(rewards_per_func, self.reward_weights)  # [B], NaN = unscorable
+        advantages = group_advantages(rewards.to(self.device), G, scale_rewards=args.scale_rewards)  # [B]
+
+        batch = self._to_tensors([ids for ids in prompt_ids for _ in range(G)], rollout, advantages)
+        with torch.no_grad():
+            if self._needs_old_logprobs():
+                batch.old_logprobs = self._completion_logprobs(self.model, batch)  # [B, T]
+            if args.use_vllm and args.vllm_importance_sampling_correction:
+                batch.is_ratio = sampling_ratio(batch.old_logprobs, self._padded(rollout.logprobs, batch),
+                                                batch.completion_mask, args.vllm_importance_sampling_mode,
+                                                args.vllm_importance_sampling_clip_min,
+                                                args.vllm_importance_sampling_clip_max)
+            if args.beta != 0.0:
+                batch.ref_logprobs = self._completion_logprobs(self.ref_model, batch)  # [B, T]
+        num_items = float(batch.completion_mask.sum())  # global token count (one process)
+        # dapo/cispo: the generation batch's tokens, rescaled to one accumulation window (TRL's normalizer)
+        normalizer = num_items / args.world_size * args.gradient_accumulation_steps / args.steps_per_generation
+        metrics = self._generation_metrics(rewards_per_func, rewards, rollout, G)
+        return batch, {"num_items_in_batch": normalizer, "metrics": metrics}
+
+    def _to_tensors(self, prompt_ids: list[list[int]], rollout, advantages: torch.Tensor) -> RolloutBatch:
+        pad = self.tokenizer.pad_token_id
+        p_width = max(len(x) for x in prompt_ids)
+        t_width = max(1, max(len(x) for x in rollout.completion_ids))
+        prompt = torch.full((len(prompt_ids), p_width), pad, dtype=torch.long)  # [B, P] left-padded
+        prompt_mask = torch.zeros_like(prompt)
+        completion = torch.full((len(prompt_ids), t_width), pad, dtype=torch.long)  # [B, T] right-padded
+        attention = torch.zeros_like(completion)
+        for i, (p, c) in enumerate(zip(prompt_ids, rollout.completion_ids)):
+            prompt[i, p_width - len(p):], prompt_mask[i, p_width - len(p):] = torch.tensor(p), 1
+            if c:
+                completion[i, :len(c)], attention[i, :len(c)] = torch.tensor(c), 1
+        loss_mask = attention.clone()
+        if self.args.mask_truncated_completions:
+            loss_mask[torch.tensor(rollout.truncated, dtype=torch.bool)] = 0
+        d = self.device
+        return RolloutBatch(prompt.to(d), prompt_mask.to(d), completion.to(d), attention.to(d), loss_mask.to(d),
+                            advantages.float().to(d))
+
+    def _completion_logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
+        """Per-token logprobs [B, T] of the completions under `model`, one micro-batch at a time, no logits."""
+        out = []
+        for mb in batch.split(max(1, len(batch) // self.args.per_device_train_batch_size)):
+            ids, attention = mb.input_ids()
+            with self._autocast():
+                hidden = completion_hidden(model, ids, attention, mb.prompt_ids.shape[1])  # [b, T, H]
+            weight, bias = self._head_for(hidden, lm_head(model))
+            out.append(self._logprob_fn(hidden, weight, mb.completion_ids, bias=bias,
+                                        temperature=self.args.temperature))
+        return torch.cat(out).float()
+
+    # ------------------------------------------------------------------ helpers of the loop
+    def _needs_old_logprobs(self) -> bool:
+        """TRL's rule: the batch outlives one optimizer step, or the generator's numerics differ (vLLM)."""
+        a = self.args
+        generate_every = a.steps_per_generation * a.num_iterations
+        return a.gradient_accumulation_steps % generate_every != 0 or (
+            a.use_vllm and a.vllm_importance_sampling_correction)
+
+    def _sampling(self) -> SamplingConfig:
+        a = self.args
+        return SamplingConfig(max_completion_length=a.max_completion_length, temperature=a.temperature,
+                              top_p=a.top_p, top_k=a.top_k or 0, min_p=a.min_p or 0.0,
+                              repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+    def _head_for(self, hidden: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head in the hidden states' dtype (under bf16 autocast the hidden states are bf16)."""
+        weight, bias = head
+        if weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)
+            bias = bias.to(hidden.dtype) if bias is not None else None
+        return weight, bias
+
+    def _autocast(self):
+        if not self.args.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _padded(self, rows: list[list[float]] | None, batch: RolloutBatch) -> torch.Tensor:
+        if rows is None:
+            raise ValueError("vllm_importance_sampling_correction=True needs the generator's sampling logprobs")
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor([math.nan if x is None else x for x in r], dtype=torch.float32)
+        return out.to(self.device)
+
+    def _generation_metrics(self, rewards_per_func, rewards, rollout, G: int) -> dict:
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
+        terminated = lengths[~truncated]
+        m = {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+             "completions/max_length": lengths.max().item(),
+             "completions/clipped_ratio": truncated.float().mean().item(),
+             "completions/mean_terminated_length": terminated.mean().item() if len(terminated) else 0.0}
+        for i, name in enumerate(self.reward_func_names):
+            m[f"rewards/{name}/mean"] = torch.nanmean(rewards_per_func[:, i]).item()
+            m[f"rewards/{name}/std"] = _nanstd(rewards_per_func[:, i]).item()
+        m["reward"] = torch.nanmean(rewards).item()
+        m["reward_std"] = _nanstd(rewards).item()
+        group_std = torch.stack([_nanstd(g) for g in rewards.view(-1, G)])  # [P]
+        m["frac_reward_zero_std"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item()
+        m.update(self._pending_metrics())
+        return m
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """Given to reward functions (TRL's `log_metric`): extra scalars, averaged into this batch's metrics."""
+        self._extra_metrics[name].append(float(value))
+
+    def _pending_metrics(self) -> dict:
+        extra, self._extra_metrics = self._extra_metrics, defaultdict(list)
+        return {k: sum(v) / len(v) for k, v in extra.items()}
+
+    # ------------------------------------------------------------------ logging and checkpoints
+    def _log_step(self, metrics: dict, logger: MetricsLogger) -> None:
+        step = self.state.global_step
+        logger.step(step, metrics)
+        self._window.append(metrics)
+        every = self._every(self.args.logging_steps)
+        if step % every == 0 or step == self.state.max_steps or (step == 1 and self.args.logging_first_step):
+            keys = dict.fromkeys(k for m in self._window for k in m)
+            averaged = {k: _nanmean([m[k] for m in self._window if k in m]) for k in keys}
+            entry = {**averaged, "step": step, "epoch": self.state.epoch}
+            self.state.log_history.append(entry)
+            logger.window(step, averaged)
+            self._window = []
+            self._callback("on_log", logs=entry)
+
+    def _should_save(self) -> bool:
+        a = self.args
+        if a.save_strategy != "steps":
+            return False
+        step = self.state.global_step
+        return step % self._every(a.save_steps) == 0 or step == self.state.max_steps
+
+    def _every(self, value: float) -> int:
+        """An interval in steps; values below 1 are a ratio of max_steps (TrainingArguments' rule)."""
+        return max(1, math.ceil(value * self.state.max_steps) if value < 1 else int(value))
+
+    def _save_checkpoint(self) -> str:
+        state = {**asdict(self.state), "sampler": self.sampler.state_dict(), "window": self._window}
+        buffer = None
+        if self._buffer is not None:
+            buffer = {"micro_batches": [b.state_dict() for b in self._buffer], "info": self._buffer_info}
+        return save_checkpoint(self.args.output_dir, self.state.global_step, model=self.model,
+                               tokenizer=self.processing_class, optimizer=self.optimizer,
+                               scheduler=self.lr_scheduler, trainer_state=state, rollout_buffer=buffer,
+                               save_total_limit=self.args.save_total_limit)
+
+    def _load_checkpoint(self, path: str) -> None:
+        state, buffer = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.lr_scheduler)
+        self.sampler.load_state_dict(state.pop("sampler"))
+        self._window = state.pop("window")
+        self.state = TrainerState(**state)
+        if buffer is not None:
+            self._buffer = [self._on_device(RolloutBatch.from_state_dict(b)) for b in buffer["micro_batches"]]
+            self._buffer_info = buffer["info"]
+
+    def _on_device(self, batch: RolloutBatch) -> RolloutBatch:
+        state = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.state_dict().items()}
+        return RolloutBatch.from_state_dict(state)
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """The policy (or its PEFT adapter) and tokenizer, loadable with transformers' from_pretrained."""
+        output_dir = output_dir or self.args.output_dir
+        self.model.save_pretrained(output_dir)
+        self.processing_class.save_pretrained(output_dir)
+
+    # ------------------------------------------------------------------ set-up
+    def _reward_weights(self) -> torch.Tensor:
+        w = self.args.reward_weights
+        if w is None:
+            return torch.ones(len(self.reward_funcs))
+        if len(w) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights: {len(w)} weights for {len(self.reward_funcs)} reward functions")
+        return torch.tensor(w, dtype=torch.float32)
+
+    def _total_steps(self) -> int:
+        a = self.args
+        if a.max_steps > 0:
+            return a.max_steps
+        micro_per_epoch = self.sampler.batches_per_epoch * a.steps_per_generation * a.num_iterations
+        return max(1, math.ceil(a.num_train_epochs * micro_per_epoch / a.gradient_accumulation_steps))
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        a = self.args
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": a.weight_decay},  # no decay on
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # biases and norm scales
+        fused = a.optim == "adamw_torch_fused" and self.device.type == "cuda"
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=a.learning_rate,
+                                 betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon, fused=fused or None)
+
+    def _build_generator(self):
+        a, tok = self.args, self.tokenizer
+        if a.use_vllm:
+            from fastrl.generation.vllm import VLLMGenerator  # optional: needs vllm installed
+
+            return VLLMGenerator(model=self.model, args=a, tokenizer=tok)
+        from fastrl.generation.transformers import TransformersGenerator
+
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos_ids = [tok.eos_token_id] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
+            eos_ids.append(tok.eos_token_id)
+        return TransformersGenerator(self.model, tok.pad_token_id, eos_ids, a.cache_implementation)
+
+    def _callback(self, event: str, **kwargs) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self.args, self.state, None, **kwargs)
+
+
+def _nanmean(values: list[float]) -> float | None:
+    valid = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else None
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated device memory (CUDA), else the process's peak resident set size (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected std over the non-NaN entries (TRL's nanstd)."""
+    valid = x[~torch.isnan(x)]
+    return valid.std() if valid.numel() > 1 else torch.tensor(0.0 if valid.numel() else math.nan)
