@@ -190,6 +190,7 @@ class GRPOConfig:
     process_index: int = 0
 
     def __post_init__(self):
+        self._coerce_numbers()
         if self.output_dir is None:
             self.output_dir = "trainer_output"
         if self.bf16 is None:
@@ -206,6 +207,18 @@ class GRPOConfig:
         self._refuse_unsupported()
         self._check_values()
         self._derive_batch_sizes()
+
+    def _coerce_numbers(self) -> None:
+        """YAML 1.1 reads 1e-3 as a string (it wants 1.0e-3): turn numeric strings into the field's number type."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if not isinstance(value, str) or not kind.startswith(("float", "int")) or "str" in kind:
+                continue
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"{f.name}: expected a number, got {value!r}") from None
+            setattr(self, f.name, int(number) if kind.startswith("int") and number.is_integer() else number)
 
     def _refuse_unsupported(self) -> None:
         for name, (default, why) in UNSUPPORTED.items():
