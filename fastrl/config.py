@@ -195,6 +195,10 @@ class GRPOConfig:
             self.output_dir = "trainer_output"
         if self.bf16 is None:
             self.bf16 = not self.fp16
+        if self.disable_tqdm is None:
+            self.disable_tqdm = False
+        if self.pad_to_multiple_of == "auto":  # TRL: 128 on Neuron devices, else None; padding is not used here
+            self.pad_to_multiple_of = None
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
         if self.vllm_max_model_len is not None:
             self.vllm_max_model_length = self.vllm_max_model_len

@@ -1,0 +1,120 @@
+"""GRPOConfig against TRL's: same names, same defaults, same derived batch sizes, and clear errors.
+
+TRL's own `trl.GRPOConfig` is the independent reference: every field both classes have must hold the same value
+after construction, for the defaults and for a few non-default settings.
+"""
+import dataclasses
+import warnings
+
+import pytest
+
+from fastrl.config import UNSUPPORTED, GRPOConfig
+
+trl = pytest.importorskip("trl")
+
+# Fields fastrl has and TRL 1.16 does not: transformers-4 names still accepted, and vLLM options of fastrl's own.
+FASTRL_ONLY = {"overwrite_output_dir", "logging_dir", "warmup_ratio", "max_prompt_length", "vllm_sleep_level",
+               "vllm_max_model_len"}
+
+
+def both(**kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = trl.GRPOConfig(output_dir="/tmp/fastrl-cfg", report_to="none", use_cpu=True, **kwargs)
+    return GRPOConfig(output_dir="/tmp/fastrl-cfg", use_cpu=True, **kwargs), theirs
+
+
+def shared_differences(ours, theirs) -> dict:
+    return {f.name: (getattr(ours, f.name), getattr(theirs, f.name)) for f in dataclasses.fields(ours)
+            if f.name not in FASTRL_ONLY and getattr(ours, f.name) != getattr(theirs, f.name)}
+
+
+def test_every_field_is_trl_or_declared_fastrl_only():
+    theirs = both()[1]
+    missing = [f.name for f in dataclasses.fields(GRPOConfig) if not hasattr(theirs, f.name)]
+    assert set(missing) == FASTRL_ONLY
+
+
+def test_defaults_equal_trl():
+    ours, theirs = both()
+    assert shared_differences(ours, theirs) == {}
+    # the values issue 3 names explicitly, spelled out so a reader sees them
+    assert (ours.learning_rate, ours.num_generations, ours.max_completion_length, ours.loss_type, ours.beta,
+            ours.epsilon, ours.logging_steps, ours.gradient_checkpointing, ours.bf16) == \
+        (1e-6, 8, 512, "dapo", 0.0, 0.2, 10, True, True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(per_device_train_batch_size=4, gradient_accumulation_steps=3, num_generations=4),
+    dict(per_device_train_batch_size=4, generation_batch_size=16, num_generations=8),
+    dict(per_device_train_batch_size=6, steps_per_generation=2, num_generations=3, fp16=False, bf16=False),
+    dict(scale_rewards=False, epsilon_high=0.28, loss_type="grpo", beta=0.04),
+], ids=["grad-accum", "gen-batch", "steps-per-gen", "misc"])
+def test_derived_values_equal_trl(kwargs):
+    ours, theirs = both(**kwargs)
+    assert shared_differences(ours, theirs) == {}
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(num_generations=1), "num_generations"),
+    (dict(per_device_train_batch_size=6, num_generations=4), "num_generations"),  # 6 not divisible by 4
+    (dict(per_device_train_batch_size=4, generation_batch_size=6), "generation_batch_size"),
+    (dict(generation_batch_size=8, steps_per_generation=2), "generation_batch_size"),
+], ids=["G<2", "G-not-dividing", "gen-batch-not-dividing", "both-set"])
+def test_invalid_batch_settings_fail_like_trl(kwargs, names):
+    with pytest.raises(ValueError, match=names):
+        GRPOConfig(**kwargs)
+    with warnings.catch_warnings(), pytest.raises(ValueError):
+        warnings.simplefilter("ignore")
+        trl.GRPOConfig(output_dir="/tmp/fastrl-cfg", report_to="none", use_cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_max_completion_length_must_be_positive(value):
+    with pytest.raises(ValueError, match="max_completion_length"):
+        GRPOConfig(max_completion_length=value)
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_math_fields_are_refused_by_name(name):
+    default = UNSUPPORTED[name][0]
+    changed = {bool: True, float: 0.5, str: "other", type(None): 0.5}[type(default)]
+    if name == "eval_strategy":
+        changed = "steps"
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        GRPOConfig(**{name: changed})
+
+
+def test_harmless_fields_are_accepted():
+    cfg = GRPOConfig(logging_dir="/tmp/logs", hub_model_id="me/model", log_completions=True, run_name="r",
+                     save_total_limit=2, overwrite_output_dir=True, vllm_gpu_memory_utilization=0.5)
+    assert cfg.hub_model_id == "me/model"
+
+
+@pytest.mark.parametrize("name, value", [("loss_type", "vespo"), ("scale_rewards", "rank"), ("temperature", 0.0),
+                                         ("top_p", 0.0), ("importance_sampling_level", "word"),
+                                         ("optim", "sgd"), ("learning_rate", "fast")])
+def test_bad_values_name_the_field(name, value):
+    with pytest.raises(ValueError, match=name):
+        GRPOConfig(**{name: value})
+
+
+def test_numeric_strings_from_yaml_become_numbers():
+    cfg = GRPOConfig(learning_rate="1e-3", max_steps="5", epsilon_high="0.28")
+    assert (cfg.learning_rate, cfg.max_steps, cfg.epsilon_high) == (1e-3, 5, 0.28)
+    assert isinstance(cfg.max_steps, int)
+
+
+def test_vllm_names_and_aliases():
+    cfg = GRPOConfig(vllm_max_model_len=256, vllm_importance_sampling_cap=2.0)
+    assert (cfg.vllm_max_model_length, cfg.vllm_max_model_len) == (256, 256)
+    assert cfg.vllm_importance_sampling_clip_max == 2.0
+    d = GRPOConfig()
+    assert (d.vllm_sleep_level, d.vllm_importance_sampling_correction, d.vllm_importance_sampling_mode) == \
+        (1, True, "sequence_mask")
+
+
+def test_warmup_ratio_and_fractional_warmup_steps():
+    assert GRPOConfig(warmup_ratio=0.1).warmup_steps_for(100) == 10
+    assert GRPOConfig(warmup_steps=0.25).warmup_steps_for(10) == 3  # ceil, as transformers does
+    assert GRPOConfig(warmup_steps=4).warmup_steps_for(10) == 4
