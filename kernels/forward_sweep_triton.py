@@ -3,8 +3,9 @@
 Each program owns BLOCK_N rows of `hidden`. It walks the vocabulary in tiles of BLOCK_V; for each tile it forms
 z = (h Wᵀ + b) / τ as a [BLOCK_N, BLOCK_V] fp32 tile by looping over H in chunks of BLOCK_H (`tl.dot`, tensor
 cores, fp32 accumulator), then folds the tile into a running max / sum-exp (online log-sum-exp), picks the
-target logit if it falls in the tile, and, when asked, keeps a running Σ exp(z − max)·z for the entropy
-(entropy = lse − Σ p·z). Nothing of size N×V is ever written.
+target logit if it falls in the tile, and, when asked, keeps a running Σ exp(z − max)·(z − max) for the entropy
+(entropy = log Σ exp(z − max) − Σ exp(z − max)·(z − max) / Σ exp(z − max): both terms ≥ 0, so unlike
+lse − Σ p·z it does not cancel when the logits are large). Nothing of size N×V is ever written.
 
 Numerics: operands enter `tl.dot` in the input dtype (bf16/fp16 products are exact in fp32) and accumulate in
 fp32; every other quantity is fp32. fp32 inputs use IEEE fp32 dots unless torch allows TF32
@@ -30,10 +31,11 @@ class SweepConfig:
     num_stages: int
 
 
-# BLOCK_N 64, BLOCK_V 128: the fp32 z tile is 64·128 = 8192 values, 32 registers per thread over 8 warps (256
-# threads), leaving room for the online state (4 row vectors) without spilling. BLOCK_H 64: one pipeline stage
-# holds (64 + 128)·64 bf16 = 24 KiB of operands, so 3 stages = 72 KiB fit the shared memory of sm_80 (164 KiB) and
-# sm_90 (227 KiB). 64 rows per W tile re-read: W (V·H·2 bytes) is streamed N/64 times from L2/HBM.
+# BLOCK_N 64, BLOCK_V 128, 8 warps (256 threads): the fp32 z tile is 64·128 / 256 = 32 registers per thread, plus
+# the exp tile and 4 running row vectors: ~180 registers on sm_80, ~145 on sm_90, 0 spills. 128×128 also compiles
+# without spills but at the 255-register ceiling (no headroom for the bias/entropy variants); 128×256 spills.
+# BLOCK_H 64: one pipeline stage holds (64 + 128)·64 bf16 = 24 KiB of operands; 3 stages ≈ 48-73 KiB, within
+# sm_80's 164 KiB and sm_90's 227 KiB. W (V·H·2 bytes) is streamed N/64 times, from L2 when rows blocks run together.
 FORWARD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3)
 
 
@@ -87,7 +89,7 @@ def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, str
     b_y = tl.load(p_y + o_n, mask=m_n, other=-1)
     b_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ exp(z − max)
-    b_pz = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ exp(z − max)·z, for the entropy
+    b_q = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ exp(z − max)·(z − max) ≤ 0, for the entropy
     b_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -98,16 +100,22 @@ def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, str
         b_new = tl.maximum(b_max, tl.max(b_z, axis=1))  # finite: every tile has at least one column < V
         b_scale = tl.exp(b_max - b_new)
         b_e = tl.exp(b_z - b_new[:, None])  # 0 in columns ≥ V
-        b_sum = b_sum * b_scale + tl.sum(b_e, axis=1)
         if WITH_ENTROPY:
-            b_pz = b_pz * b_scale + tl.sum(b_e * tl.where(m_v[None, :], b_z, 0.0), axis=1)
+            # rebase Σ e·(z − max) onto the new max: e scales by b_scale, (z − max) shifts by (old − new)
+            b_shift = tl.where(b_sum > 0, b_max - b_new, 0.0)
+            b_zc = tl.where(m_v[None, :], b_z - b_new[:, None], 0.0)  # [BN, BV] z − max, 0 in columns ≥ V
+            b_q = (b_q + b_sum * b_shift) * b_scale + tl.sum(b_e * b_zc, axis=1)
+        b_sum = b_sum * b_scale + tl.sum(b_e, axis=1)
         b_target += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
         b_max = b_new
     b_lse = b_max + tl.log(b_sum)
     tl.store(p_lse + o_n, b_lse, mask=m_n)
-    tl.store(p_logp + o_n, b_target - b_lse, mask=m_n)
+    # (z_y − max) − log Σe, not z_y − lse: z_y and max are both large when the row is peaked, and their
+    # difference is exact only before log Σe is added (the same order PyTorch's log_softmax uses)
+    tl.store(p_logp + o_n, (b_target - b_max) - tl.log(b_sum), mask=m_n)
     if WITH_ENTROPY:
-        tl.store(p_ent + o_n, b_lse - b_pz / b_sum, mask=m_n)
+        # −Σ p·log p with log p = (z − max) − log Σe: two non-negative terms, no cancellation for large |z|
+        tl.store(p_ent + o_n, tl.log(b_sum) - b_q / b_sum, mask=m_n)
 
 
 def forward_sweep(hidden, weight, targets, bias, temperature, with_entropy):

@@ -1,0 +1,134 @@
+"""Phase 3 in Triton: the gradient sweep, dh, dW and db from dL/dlogp (and dL/dentropy) without the logits.
+
+A 2-D grid: program (i_n, i_v) owns rows [i_n·BLOCK_N, +BLOCK_N) and vocab columns [i_v·BLOCK_V, +BLOCK_V).
+It recomputes its z tile (the same `logit_tile` as the forward sweep), forms
+    p  = exp(z − lse)
+    dz = [g_logp·(1[j = y] − p) − g_entropy·p·(log p + entropy)] / τ        # [BLOCK_N, BLOCK_V], fp32
+once, then walks H in chunks of BLOCK_H and adds its share into the fp32 outputs with `tl.atomic_add`:
+    dh[rows, chunk] += dz @ W[cols, chunk]        dW[cols, chunk] += dzᵀ @ h[rows, chunk]        db[cols] += Σ_rows dz
+Constexpr flags drop the dh, dW or db work entirely when that gradient is not needed (a frozen or LoRA-wrapped
+lm_head needs no dW: that half of the matmul work disappears) and the entropy term when g_entropy is None.
+
+Determinism: every output element receives one atomic add per program along the other grid axis (dh from each
+vocab block, dW from each row block). On a GPU those adds land in an unspecified order, so dh and dW can differ
+between runs in the last bits of fp32 (relative ~1e-7 per addition; the accumulation itself is always fp32).
+A deterministic Triton variant would need either an [N/BLOCK_N, V, H] partial buffer or a recompute of z per H
+chunk; neither is worth it here. For bit-identical gradients use `backend="torch"`, whose tiles are summed in a
+fixed order.
+
+Numerics: dz is rounded to the input dtype before the two products (tensor cores take bf16/fp16 operands, as in
+the materializing path whose logits' gradient is in the input dtype), products accumulate in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward_sweep_triton import FORWARD_CONFIG, SweepConfig, dot_settings, logit_tile
+
+# BLOCK_N 64, BLOCK_V 128, 8 warps (256 threads): the fp32 z/dz tile is 64·128 / 256 = 32 registers per thread,
+# and it stays live through the whole H loop (both products reuse it). BLOCK_H 32: the per-chunk fp32 results are
+# dh 64·32 / 256 = 8 and dW 128·32 / 256 = 16 registers; with BLOCK_H 64 they double and sm_80 sits at the
+# 255-register ceiling (spilling as soon as the bias/entropy terms are on), with 32 it compiles to ~160 registers,
+# 0 spills, on both archs, in every flag combination (`python -m fastrl.kernels.report`). Shared memory per stage:
+# h 64·32 + W 128·32 bf16 = 12 KiB, plus dz in bf16 64·128·2 = 16 KiB; 2 stages ≈ 44 KiB (sm_80) / 73 KiB (sm_90).
+# Atomic traffic: each dh element receives V/128 adds and each dW element N/64 adds, all fp32.
+GRAD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh, p_dw, p_db,
+                       N, H, V, stride_hn, stride_wv, inv_temp,
+                       HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, NEED_DH: tl.constexpr,
+                       NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DOT_FP32: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_HZ: tl.constexpr):
+    i_n, i_v = tl.program_id(0), tl.program_id(1)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_v = i_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_n, m_v = o_n < N, o_v < V
+    # [BN, BV]
+    b_z = logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_temp,
+                     HAS_BIAS, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_HZ)
+    # [BN]
+    b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
+    b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
+    b_y = tl.load(p_y + o_n, mask=m_n, other=-1)
+    # [BN, BV]
+    b_logp = tl.where(m_v[None, :], b_z - b_lse[:, None], 0.0)  # log p, 0 in columns ≥ V
+    if HAS_LOGP:
+        # the target column takes the forward's logp: exact where p_y ≈ 1 (peaked rows), where z_y − lse
+        # would carry the fp32 rounding of two large numbers (~1e-5 at |z| ≈ 70) into 1 − p_y
+        b_logp_y = tl.load(p_logp + o_n, mask=m_n, other=0.0)
+        b_logp = tl.where(o_v[None, :] == b_y[:, None], b_logp_y[:, None], b_logp)
+    b_p = tl.where(m_v[None, :], tl.exp(b_logp), 0.0)
+    b_dz = b_g[:, None] * (tl.where(o_v[None, :] == b_y[:, None], 1.0, 0.0) - b_p)
+    if HAS_ENTROPY_GRAD:
+        # [BN]
+        b_ge = tl.load(p_ge + o_n, mask=m_n, other=0.0)
+        b_ent = tl.load(p_ent + o_n, mask=m_n, other=0.0)
+        b_dz -= b_ge[:, None] * b_p * (b_logp + b_ent[:, None])
+    b_dz = tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0) * inv_temp
+    if NEED_DB:
+        tl.atomic_add(p_db + o_v, tl.sum(b_dz, axis=0), mask=m_v)
+    b_dz_op = b_dz.to(p_h.dtype.element_ty)
+    if DOT_FP32:
+        b_dz_op = b_dz_op.to(tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+        m_h = o_h < H
+        if NEED_DH:
+            # [BV, BH]
+            b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :], mask=m_v[:, None] & m_h[None, :],
+                          other=0.0)
+            if DOT_FP32:
+                b_w = b_w.to(tl.float32)
+            # [BN, BV] @ [BV, BH] -> [BN, BH]
+            b_dh = tl.dot(b_dz_op, b_w, input_precision=DOT_PRECISION)
+            tl.atomic_add(p_dh + o_n[:, None] * H + o_h[None, :], b_dh, mask=m_n[:, None] & m_h[None, :])
+        if NEED_DW:
+            # [BN, BH]
+            b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :], mask=m_n[:, None] & m_h[None, :],
+                          other=0.0)
+            if DOT_FP32:
+                b_h = b_h.to(tl.float32)
+            # [BV, BN] @ [BN, BH] -> [BV, BH]
+            b_dw = tl.dot(tl.trans(b_dz_op), b_h, input_precision=DOT_PRECISION)
+            tl.atomic_add(p_dw + o_v[:, None] * H + o_h[None, :], b_dw, mask=m_v[:, None] & m_h[None, :])
+
+
+def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entropy, logp, entropy,
+               need_hidden_grad, need_weight_grad, need_bias_grad):
+    """(grad_hidden [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None), fp32, carrying the 1/τ.
+
+    `logp` (optional) is used for the target column, where it is more accurate than z − lse.
+    """
+    if g_entropy is not None and entropy is None:
+        raise ValueError("entropy: needed (shape [N]) when g_entropy is given")
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    grad_h = torch.zeros(n, h, dtype=torch.float32, device=dev) if need_hidden_grad else None
+    grad_w = torch.zeros(v, h, dtype=torch.float32, device=dev) if need_weight_grad else None
+    grad_b = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias_grad else None
+    if n == 0 or not (need_hidden_grad or need_weight_grad or need_bias_grad):
+        return grad_h, grad_w, grad_b
+    cfg = GRAD_CONFIG
+    dot_fp32, precision = dot_settings(hidden.dtype)
+    has_ent = g_entropy is not None
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
+    _grad_sweep_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse.contiguous(),
+        logp.contiguous() if logp is not None else lse, g_logp.contiguous(), g_entropy.contiguous() if has_ent else lse, entropy.contiguous() if has_ent else lse,
+        grad_h if grad_h is not None else lse, grad_w if grad_w is not None else lse,
+        grad_b if grad_b is not None else lse,
+        n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        HAS_BIAS=bias is not None, HAS_LOGP=logp is not None, HAS_ENTROPY_GRAD=has_ent, NEED_DH=need_hidden_grad,
+        NEED_DW=need_weight_grad, NEED_DB=need_bias_grad, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, BLOCK_HZ=FORWARD_CONFIG.block_h,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return grad_h, grad_w, grad_b

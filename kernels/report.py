@@ -1,0 +1,190 @@
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90 and report what the GPU would run.
+
+    python -m fastrl.kernels.report            # a table
+    python -m fastrl.kernels.report --json     # a JSON list, one record per kernel × arch (× H)
+
+No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))` runs the whole compiler
+down to a cubin. Each kernel is compiled with the tile sizes, warps and stages its launcher uses, at a
+representative shape (bf16, N 8192, H 896 and 4096, V 151936: Qwen2.5-0.5B and a 7B-class hidden size over the
+Qwen vocabulary), with the same 16-divisibility specialization a real launch would give those sizes.
+
+Per record:
+- registers, stack_bytes, shared_bytes (dynamic shared memory the launch requests; static shared from the cubin
+  is added): Triton's bundled `cuobjdump --dump-resource-usage` on the cubin, and the kernel metadata;
+- spills: bytes of spill stores + loads reported by the bundled `ptxas -v` on the same PTX, plus cuobjdump's
+  LOCAL bytes (local memory is where spills go). The goal is 0 for every kernel;
+- tensor_core_instructions: `mma` instructions in the PTX on sm_80, `wgmma.mma_async` on sm_90. The goal is > 0
+  for both vocabulary sweeps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+ARCHS = (80, 90)
+HIDDEN_SIZES = (896, 4096)
+N_ROWS = 8192  # B·T of a typical GRPO micro-batch (e.g. 16 completions × 512 tokens)
+VOCAB = 151936  # Qwen2/2.5 vocabulary
+_BIN = None
+
+
+@dataclass
+class KernelSpec:
+    """One compilation: a kernel, its argument types and representative values, its constexprs and launch options."""
+
+    name: str
+    fn: object
+    args: dict  # name -> (triton type string, representative int or None)
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    extra: dict = field(default_factory=dict)  # reported as-is (e.g. H, tile sizes)
+
+    def signature(self) -> dict:
+        sig = {name: ty for name, (ty, _) in self.args.items()}
+        sig.update({name: "constexpr" for name in self.constexprs})
+        return sig
+
+    def attrs(self) -> dict:
+        """tt.divisibility=16 where a real launch would specialize: every pointer, and ints divisible by 16."""
+        names = list(self.fn.arg_names)
+        out = {}
+        for name, (ty, value) in self.args.items():
+            if ty.startswith("*") or (value is not None and ty == "i32" and value % 16 == 0):
+                out[(names.index(name),)] = [["tt.divisibility", 16]]
+        return out
+
+
+def _sweep_args(h: int) -> dict:
+    return {"N": ("i32", N_ROWS), "H": ("i32", h), "V": ("i32", VOCAB), "stride_hn": ("i32", h),
+            "stride_wv": ("i32", h), "inv_temp": ("fp32", None)}
+
+
+def _forward_spec(h: int) -> KernelSpec:
+    from .forward_sweep_triton import FORWARD_CONFIG as c, _forward_sweep_kernel
+
+    args = {"p_h": ("*bf16", None), "p_w": ("*bf16", None), "p_b": ("*bf16", None), "p_y": ("*i64", None),
+            "p_lse": ("*fp32", None), "p_logp": ("*fp32", None), "p_ent": ("*fp32", None), **_sweep_args(h)}
+    const = {"HAS_BIAS": False, "WITH_ENTROPY": True, "DOT_FP32": False, "DOT_PRECISION": "ieee",
+             "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h}
+    return KernelSpec("forward_sweep", _forward_sweep_kernel, args, const, c.num_warps, c.num_stages,
+                      {"H": h, "blocks": [c.block_n, c.block_v, c.block_h]})
+
+
+def _grad_spec(h: int, need_weight_grad: bool) -> KernelSpec:
+    from .forward_sweep_triton import FORWARD_CONFIG
+    from .grad_sweep_triton import GRAD_CONFIG as c, _grad_sweep_kernel
+
+    ptrs = ["p_lse", "p_logp", "p_g", "p_ge", "p_ent", "p_dh", "p_dw", "p_db"]
+    args = {"p_h": ("*bf16", None), "p_w": ("*bf16", None), "p_b": ("*bf16", None), "p_y": ("*i64", None),
+            **{p: ("*fp32", None) for p in ptrs}, **_sweep_args(h)}
+    const = {"HAS_BIAS": False, "HAS_LOGP": True, "HAS_ENTROPY_GRAD": False, "NEED_DH": True, "NEED_DW": need_weight_grad,
+             "NEED_DB": False, "DOT_FP32": False, "DOT_PRECISION": "ieee",
+             "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h, "BLOCK_HZ": FORWARD_CONFIG.block_h}
+    name = "grad_sweep" if need_weight_grad else "grad_sweep_frozen_head"
+    return KernelSpec(name, _grad_sweep_kernel, args, const, c.num_warps, c.num_stages,
+                      {"H": h, "blocks": [c.block_n, c.block_v, c.block_h]})
+
+
+def kernel_specs() -> list[KernelSpec]:
+    specs = []
+    for h in HIDDEN_SIZES:
+        specs += [_forward_spec(h), _grad_spec(h, True), _grad_spec(h, False)]
+    specs += _epilogue_specs()
+    return specs
+
+
+def _epilogue_specs() -> list[KernelSpec]:
+    try:
+        from .grpo_epilogue_triton import report_spec
+    except ImportError:
+        return []
+    return [report_spec(KernelSpec)]
+
+
+def _bin(tool: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def _ptxas_spills(ptx: str, arch: int) -> int:
+    """Spill bytes (stores + loads) from `ptxas -v` on the PTX: the ptxas and flags Triton itself uses."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
+    loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log))
+    return stores + loads
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k: int(v) for k, v in fields.items()}
+
+
+def compile_and_measure(spec: KernelSpec, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=spec.fn, signature=spec.signature(), constexprs=spec.constexprs, attrs=spec.attrs())
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    usage = _resource_usage(kernel.asm["cubin"])
+    ptxas_spill = _ptxas_spills(kernel.asm["ptx"], arch)
+    ptx = kernel.asm["ptx"]
+    pattern = r"^\s*wgmma\.mma_async" if arch >= 90 else r"^\s*mma\."
+    return {
+        "kernel": spec.name, "arch": f"sm_{arch}", "registers": usage["REG"],
+        "spills": ptxas_spill + usage.get("LOCAL", 0),
+        "shared_bytes": kernel.metadata.shared + usage.get("SHARED", 0),
+        "tensor_core_instructions": len(re.findall(pattern, ptx, re.M)),
+        "stack_bytes": usage.get("STACK", 0), "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+        **spec.extra,
+    }
+
+
+def run_report() -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, nothing can be compiled; unset it")
+    return [compile_and_measure(spec, arch) for spec in kernel_specs() for arch in ARCHS]
+
+
+def format_table(records: list[dict]) -> str:
+    cols = ["kernel", "arch", "H", "registers", "spills", "shared_bytes", "tensor_core_instructions", "num_warps",
+            "blocks"]
+    rows = [[str(r.get(c, "")) for c in cols] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
+    records = run_report()
+    print(json.dumps(records, indent=1) if args.json else format_table(records))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The Triton gradient sweep (interpreted on CPU, real GPU tile sizes) against float64 autograd.
+
+The sweep gets g_logp and g_entropy (random) and must return dh, dW, db of Σ g_logp·logp + Σ g_entropy·entropy.
+Tolerance: as for the forward sweep (kernel_cases.assert_no_worse_than), against PyTorch's materializing path at
+the input dtype. In bf16/fp16 the kernel rounds dz to the input dtype before the two products (like the plain
+path, whose logits gradient is in that dtype); the interpreter rounds bf16 toward zero where a GPU rounds to
+nearest, a worse case than the GPU's that the slack still has to cover.
+
+One error term the plain path does not have is added to the bound: the contract hands the sweep lse as one fp32
+number, rounded at |lse|·2^-24, while PyTorch's log_softmax subtracts the row max exactly before adding log Σe.
+So p_ij = exp(z_ij − lse_i) carries a relative error up to |lse_i|·2^-23 (lse and the recomputed z both rounded),
+i.e. |δdz_ij| ≤ |g_i|·p_ij·|lse_i|·2^-23/τ (plus the like term of the entropy gradient): visible in fp32 on peaked rows (|z| ≈ 70 gives ~1e-5), negligible
+next to the bf16/fp16 slack. `_lse_rounding_bound` propagates it through each product with float64 p."""
+import pytest
+import torch
+
+from fastrl.kernels.forward_sweep_triton import forward_sweep
+from fastrl.kernels.grad_sweep_triton import GRAD_CONFIG, grad_sweep
+from fastrl.kernels.reference import reference_logprobs
+from kernel_cases import MAX_FACTOR, MEAN_FACTOR, RELATIVE_SLACK, make_linear_inputs
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES = [(37, 48, 300), (64, 64, 257), (130, 80, 520)]
+
+
+def _objective_grads(h, w, b, y, tau, g_logp, g_ent, dtype):
+    """d/d(h, W, b) of Σ g_logp·logp + Σ g_ent·entropy, PyTorch materializing in `dtype`."""
+    params = [t for t in (h, w, b) if t is not None]
+    logp, ent = reference_logprobs(h, w, y, b, tau, with_entropy=True, dtype=dtype)
+    total = (logp.double() * g_logp).sum()
+    if g_ent is not None:
+        total = total + (ent.double() * g_ent).sum()
+    return torch.autograd.grad(total, params)
+
+
+def _lse_rounding_bound(h, w, b, tau, g_logp, g_ent):
+    """Per gradient, the max abs error the fp32 rounding of lse alone can cause (see the module docstring)."""
+    hd, wd = h.detach().double(), w.detach().double()
+    z = (hd @ wd.T + (0 if b is None else b.detach().double())) / tau
+    logp = torch.log_softmax(z, dim=-1)  # [N, V]
+    p = logp.exp()
+    rel = torch.logsumexp(z, dim=-1).abs().clamp(min=1.0) * 2.0**-23  # [N] error of log p_ij (and p_ij / p_ij)
+    dz = g_logp.abs()[:, None] * p  # [N, V] |∂dz/∂log p| of the logp term
+    if g_ent is not None:  # the entropy term −g_H·p·(log p + H) moves by g_H·p·(|log p + H| + 1) per unit
+        entropy = -(p * logp).sum(-1, keepdim=True)
+        dz = dz + g_ent.abs()[:, None] * p * ((logp + entropy).abs() + 1.0)
+    dz = dz * rel[:, None] / tau  # [N, V] bound on |δdz_ij|
+    return (float((dz @ wd.abs()).max()), float((dz.T @ hd.abs()).max()), float(dz.sum(0).max()))
+
+
+def _assert_close(ours, plain, truth, dtype, extra, what):
+    """kernel_cases.assert_no_worse_than's rule (mean and max error against PyTorch's at this dtype, plus the
+    relative slack) with `extra`, the lse rounding bound, added to the max-error limit."""
+    err_ours, err_plain = (ours.double() - truth).abs(), (plain.double() - truth).abs()
+    slack = RELATIVE_SLACK[dtype] * max(float(truth.abs().max()), 1.0)
+    for stat, factor, more in (("mean", MEAN_FACTOR, extra), ("max", MAX_FACTOR, extra)):
+        a, b = float(getattr(err_ours, stat)()), float(getattr(err_plain, stat)())
+        assert a <= factor * b + slack + more, f"{what} ({dtype}): {stat} error {a:.3g} > {factor}×{b:.3g} + " \
+                                               f"{slack:.2g} + {more:.2g}"
+
+
+def _run(h, w, b, y, tau, g_logp, g_ent, need=(True, True, True)):
+    hd, wd, bd = h.detach(), w.detach(), None if b is None else b.detach()
+    lse, logp, ent = forward_sweep(hd, wd, y, bd, tau, g_ent is not None)
+    g_ent32 = None if g_ent is None else g_ent.float()
+    return grad_sweep(hd, wd, y, bd, tau, lse, g_logp.float(), g_ent32, logp, ent, need[0], need[1],
+                      need[2] and b is not None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("entropy_term", [False, True], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
+def test_grad_sweep_matches_reference(shape, entropy_term, dtype):
+    n, hs, v = shape
+    seed = torch.seed() % 2**31
+    h, w, y, b = make_linear_inputs(n, hs, v, dtype, seed, bias=entropy_term, peaked=True)
+    y[0], y[-1] = 0, v - 1
+    tau = 0.7
+    g = torch.Generator().manual_seed(seed)
+    g_logp = torch.randn(n, dtype=torch.float64, generator=g)
+    g_ent = torch.randn(n, dtype=torch.float64, generator=g) if entropy_term else None
+    got = [t for t in _run(h, w, b, y, tau, g_logp, g_ent) if t is not None]
+    truth = _objective_grads(h, w, b, y, tau, g_logp, g_ent, torch.float64)
+    plain = _objective_grads(h, w, b, y, tau, g_logp, g_ent, dtype)
+    bounds = _lse_rounding_bound(h, w, b, tau, g_logp, g_ent)
+    assert len(got) == len(truth)
+    for name, ours, base, exact, extra in zip(("hidden", "weight", "bias"), got, plain, truth, bounds):
+        assert ours.dtype == torch.float32 and ours.shape == exact.shape
+        _assert_close(ours, base, exact, dtype, extra, f"grad {name} seed={seed}")
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)],
+                         ids=["hidden-only", "weight-only", "bias-only"])
+def test_flags_skip_work_and_keep_the_rest_exact(need):
+    """A frozen head (no dW) or a frozen body (no dh) gets None there and the same numbers elsewhere."""
+    h, w, y, b = make_linear_inputs(64, 64, 257, torch.float32, 11, bias=True)
+    g_logp = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    full = _run(h, w, b, y, 1.0, g_logp, None)
+    part = _run(h, w, b, y, 1.0, g_logp, None, need)
+    for wanted, a, ref in zip(need, part, full):
+        if wanted:
+            assert torch.allclose(a, ref, rtol=1e-6, atol=1e-7)
+        else:
+            assert a is None
+
+
+def test_masked_rows_give_zero_hidden_grad():
+    """Rows with g_logp = 0 (masked completion tokens) get exactly zero dh and add nothing to dW."""
+    h, w, y, _ = make_linear_inputs(50, 48, 300, torch.float32, 4)
+    g_logp = torch.randn(50, dtype=torch.float64)
+    g_logp[10:30] = 0.0
+    dh, dw, _ = _run(h, w, None, y, 1.0, g_logp, None)
+    assert torch.count_nonzero(dh[10:30]) == 0
+    keep = torch.cat([torch.arange(10), torch.arange(30, 50)])
+    _, dw_kept, _ = _run(h[keep].detach(), w, None, y[keep], 1.0, g_logp[keep], None)
+    assert torch.allclose(dw, dw_kept, rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_grad_needs_entropy():
+    h, w, y, _ = make_linear_inputs(16, 32, 64, torch.float32, 1)
+    z = torch.zeros(16)
+    with pytest.raises(ValueError, match="entropy"):
+        grad_sweep(h.detach(), w.detach(), y, None, 1.0, z, z, z, z, None, True, True, False)
+
+
+def test_block_sizes_are_tensor_core_shapes():
+    c = GRAD_CONFIG
+    for size in (c.block_n, c.block_v, c.block_h):
+        assert size >= 16 and size & (size - 1) == 0, size
