@@ -49,3 +49,35 @@ def save_tiny(path: str, seed: int = 0, tie: bool = False) -> str:
     build_model(tok, seed=seed, tie=tie).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# ---- reward functions with TRL's signature, importable as "helpers_tiny:<name>" from a config (PYTHONPATH=tests)
+def first_char_reward(completions, answer, **kwargs):
+    """1 when the completion starts with the answer's first character (learnable by a tiny model)."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 if t[:1] == a[:1] else 0.0 for t, a in zip(texts, answer)]
+
+
+def short_reward(completions, **kwargs):
+    """Partial credit for short completions: 1 - len/10, floored at 0."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [max(0.0, 1.0 - len(t) / 10) for t in texts]
+
+
+def stall_at_step(completions, trainer_state=None, **kwargs):
+    """Crash-test helper: at the step named by FASTRL_TEST_STALL_AT_STEP, write FASTRL_TEST_STALL_MARKER and hang,
+    so the test can kill -9 the process mid-step. Otherwise a zero reward."""
+    stall = os.environ.get("FASTRL_TEST_STALL_AT_STEP")
+    if stall is not None and trainer_state is not None and trainer_state.global_step == int(stall):
+        with open(os.environ["FASTRL_TEST_STALL_MARKER"], "w") as f:
+            f.write(str(trainer_state.global_step))
+        import time
+
+        while True:
+            time.sleep(1)
+    return [0.0] * len(completions)
+
+
+def addition_rows(n: int = 40):
+    """Plain-text prompts 'a+b=' with the answer column."""
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)][:n]
