@@ -1,8 +1,9 @@
 """The think/answer format: reasoning inside `<think>...</think>`, then an answer.
 
 `think_format_reward` pays 1.0 for a completion that is exactly one thinking block with some reasoning in it,
-followed by a non-empty answer, and nothing else in the way: no second `<think>`, no stray `</think>`. TRL's
-rule (`trl/rewards/format_rewards.py`) is the same except that it accepts an empty reasoning or answer.
+followed by a non-empty answer, and nothing else in the way: no second `<think>`, no stray `</think>`; white
+space before the block is allowed. TRL's rule (`trl/rewards/format_rewards.py`) differs only at the edges: it
+accepts an empty reasoning or answer and a stray `</think>` in the answer, and rejects leading white space.
 
 R1-Zero style prompts open the thinking tag for the model (the prompt ends with `<think>`), so the completion
 starts inside the block. The reward sees the prompts the trainer passes and, for a prompt that ends with

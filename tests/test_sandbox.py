@@ -1,0 +1,239 @@
+"""The code sandbox against hostile programs, through code_reward (the way the trainer calls it).
+
+Each hostile program must score 0, within its time limit, and leave this process (memory, open files, child
+processes) and the machine (files outside the sandbox, processes of the sandbox uid) as they were. Every case
+runs under both isolations: "kernel" (namespaces + uid nobody; needs root on Linux, skipped otherwise) and the
+"audit" fallback. Elapsed seconds per case are printed (`pytest -s`).
+"""
+import os
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from fastrl.rewards import CodeReward, SandboxLimits, run_python, sandbox_isolation
+from fastrl.rewards.sandbox_child import NOBODY
+
+TIMEOUT = 2.0  # seconds per sandboxed run in these tests
+MEMORY_MB = 256  # smaller than the default, so the memory bombs hit the limit sooner
+SLACK = 1.5  # start-up, kill and reap on a loaded 2-core machine
+ISOLATIONS = [
+    pytest.param("kernel", marks=pytest.mark.skipif(sandbox_isolation() != "kernel",
+                                                     reason="kernel isolation needs root on Linux")),
+    "audit",
+]
+
+
+def fenced(code: str) -> str:
+    return f"Here is my solution:\n```python\n{code}\n```\n"
+
+
+def scored(isolation: str, code: str, tests="assert True") -> tuple[float, float]:
+    """(reward, seconds) for one completion holding `code`."""
+    reward = CodeReward(SandboxLimits(timeout=TIMEOUT, memory_mb=MEMORY_MB), isolation=isolation)
+    start = time.perf_counter()
+    (value,) = reward([fenced(code)], tests=[tests])
+    seconds = time.perf_counter() - start
+    print(f"[{isolation}] {seconds:.2f} s")
+    return value, seconds
+
+
+# ------------------------------------------------------------------------------------- what must not change
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def processes(match) -> list[int]:
+    """PIDs of processes whose /proc/<pid>/status satisfies match(ppid, uid)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue  # exited meanwhile
+        if match(int(fields["PPid"]), int(fields["Uid"].split()[0])):
+            found.append(int(entry))
+    return found
+
+
+def leftovers() -> list[int]:
+    """Children of this process, and any process of the sandbox uid (no one else here runs as nobody)."""
+    me = os.getpid()
+    return processes(lambda ppid, uid: ppid == me or uid == NOBODY)
+
+
+@pytest.fixture
+def unharmed():
+    """Fail the test if this process's memory or open files grew, or processes were left behind."""
+    run_python(["pass"], SandboxLimits(timeout=30))  # warm-up: imports and thread pools exist before measuring
+    rss, fds = rss_mb(), open_fds()
+    yield
+    deadline = time.monotonic() + 2.0  # the kernel finishes tearing a namespace down asynchronously
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leftovers() == []
+    assert open_fds() == fds
+    assert rss_mb() - rss < 20, f"RSS grew from {rss:.0f} MB to {rss_mb():.0f} MB"
+    assert subprocess.run(["true"]).returncode == 0  # the machine still starts processes
+
+
+# --------------------------------------------------------------------------------------- ordinary programs
+
+SOLUTION = "def add(a, b):\n    return a + b"
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_correct_wrong_and_partial(isolation, unharmed):
+    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5", "assert add('a', 'b') == 'ab'"]
+    assert scored(isolation, SOLUTION, tests)[0] == 1.0 - 1 / 4  # three of four tests hold
+    assert scored(isolation, SOLUTION, tests[:2])[0] == 1.0
+    subtracts = "def add(a, b):\n    return a - b"
+    assert scored(isolation, subtracts, ["assert add(1, 2) == 3", "assert add(2, 0) == 2"])[0] == 0.5  # 1-2, 2-0
+    assert scored(isolation, "def add(a, b):\n    return a * b", "assert add(1, 2) == 3")[0] == 0.0
+    assert scored(isolation, "def add(a, b) return a + b", "assert add(1, 2) == 3")[0] == 0.0  # syntax error
+
+
+def test_batch_extraction_and_columns():
+    reward = CodeReward(SandboxLimits(timeout=TIMEOUT, memory_mb=MEMORY_MB), isolation="audit")
+    completions = [
+        [{"role": "assistant", "content": fenced("def add(a, b):\n    return 0") + fenced(SOLUTION)}],  # last block
+        "```js\nfunction add(a, b) { return a + b }\n```",  # not Python
+        "```\n" + SOLUTION + "\n```",  # untagged block
+        "no code at all",
+        fenced(SOLUTION),
+    ]
+    tests = ["assert add(1, 2) == 3", "assert add(1, 2) == 3", ["assert add(1, 2) == 3"], "assert True", []]
+    assert reward(completions, tests=tests) == [1.0, 0.0, 1.0, 0.0, None]
+    with pytest.raises(ValueError, match="tests"):
+        reward(completions, tests=tests[:2])
+    with pytest.raises(ValueError, match=r"tests\[0\]"):
+        reward(completions[:1], tests=[3])
+
+
+def test_exit_before_the_tests_is_a_failure():
+    for code in ("import sys\nsys.exit(0)", "import os\nos._exit(0)"):
+        assert scored("audit", SOLUTION + "\n" + code, "assert add(1, 2) == 3")[0] == 0.0
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_no_trainer_environment(isolation, unharmed, monkeypatch):
+    monkeypatch.setenv("FASTRL_FAKE_TOKEN", "s3cret")
+    code = ("import os\n"
+            "assert 'FASTRL_FAKE_TOKEN' not in os.environ\n"
+            "assert os.getcwd() == os.environ['HOME']\n"
+            "open('scratch.txt', 'w').write('its own directory is writable')")
+    assert scored(isolation, code)[0] == 1.0
+
+
+def test_kernel_isolation_hides_host_files_and_drops_root(tmp_path):
+    if sandbox_isolation() != "kernel":
+        pytest.skip("kernel isolation needs root on Linux")
+    secret = tmp_path / "token.txt"
+    secret.write_text("s3cret")
+    assert scored("kernel", f"print(open({str(secret)!r}).read())")[0] == 0.0
+    assert scored("kernel", "import os\nassert os.getuid() != 0 and os.geteuid() != 0")[0] == 1.0
+    assert scored("kernel", "import os\nassert len([p for p in os.listdir('/proc') if p.isdigit()]) <= 3")[0] == 1.0
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_process_limit_is_in_force(isolation, unharmed):
+    """Kernel: RLIMIT_NPROC binds (it would not for root, hence uid nobody); audit: no fork at all."""
+    most = SandboxLimits().max_processes - 1 if isolation == "kernel" else 0
+    code = ("import os, time\nn = 0\nwhile n < 100:\n    try:\n        pid = os.fork()\n    except OSError:\n"
+            "        break\n    if pid == 0:\n        time.sleep(3600)\n    n += 1\n"
+            f"assert n <= {most}, n")
+    assert scored(isolation, code)[0] == 1.0
+
+
+# ---------------------------------------------------------------------------------------- hostile programs
+
+HOSTILE = {
+    "infinite loop": "while True:\n    pass",
+    "sleeps past the limit": "import time\ntime.sleep(3600)",
+    "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    "children escape the process group": ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n"
+                                          "        os.setsid()\n        time.sleep(3600)\ntime.sleep(3600)"),
+    "memory bomb": "x = bytearray(16 * 2**30)",
+    "memory grows until it fails": "chunks = []\nwhile True:\n    chunks.append(bytearray(2**24))",
+    "writes a huge file": "with open('big', 'wb') as f:\n    while True:\n        f.write(bytes(2**20))",
+}
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_program_scores_zero(isolation, case, unharmed):
+    reward, seconds = scored(isolation, HOSTILE[case])
+    assert reward == 0.0
+    assert seconds < TIMEOUT + SLACK
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_socket_cannot_reach_a_server_on_this_machine(isolation, unharmed):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+                "s.sendall(b'leak')")
+        reward, seconds = scored(isolation, code)
+        outside, _ = scored(isolation, "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)")
+        server.settimeout(0.1)  # a connection that got through would be waiting in the backlog by now
+        with pytest.raises(socket.timeout):
+            server.accept()[0].close()
+    assert (reward, outside) == (0.0, 0.0)
+    assert seconds < TIMEOUT + SLACK
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_cannot_write_outside_its_directory(isolation, unharmed):
+    name = f"fastrl-sandbox-escape-{uuid.uuid4().hex}"
+    targets = [f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}", os.path.join(os.getcwd(), name)]
+    for target in targets:
+        assert scored(isolation, f"open({target!r}, 'w').write('escaped')")[0] == 0.0
+    assert scored(isolation, f"import os\nopen(os.path.join(os.getcwd(), '..', {name!r}), 'w').write('x')")[0] == 0.0
+    assert scored(isolation, f"import os\nos.mkdir('/tmp/{name}-dir')")[0] == 0.0
+    leaked = [t for t in targets + [f"/tmp/{name}-dir"] if os.path.exists(t)]
+    for path in leaked:  # clean up before failing
+        os.remove(path) if os.path.isfile(path) else os.rmdir(path)
+    assert leaked == []
+
+
+def test_parallel_batch_is_bounded_and_isolated(unharmed):
+    """Four completions, one hanging: the batch takes about one timeout on two workers, not four."""
+    reward = CodeReward(SandboxLimits(timeout=TIMEOUT, memory_mb=MEMORY_MB), max_workers=2)
+    completions = [fenced(SOLUTION), fenced(HOSTILE["infinite loop"]), fenced(SOLUTION), fenced("add = max")]
+    start = time.perf_counter()
+    values = reward(completions, tests=["assert add(1, 2) == 3"] * 4)
+    seconds = time.perf_counter() - start
+    print(f"batch of 4 on 2 workers: {seconds:.2f} s")
+    assert values == [1.0, 0.0, 1.0, 0.0]
+    assert seconds < TIMEOUT + 2 * SLACK
+
+
+def test_run_python_reports_isolation_and_rejects_bad_input():
+    result = run_python(["x = 1", "assert x == 1"], SandboxLimits(timeout=10), isolation="audit")
+    assert (result.passed, result.timed_out, result.exit_code, result.isolation) == (True, False, 0, "audit")
+    result = run_python(["raise KeyError('boom')"], SandboxLimits(timeout=10), isolation="audit")
+    assert not result.passed and "KeyError: 'boom'" in result.stderr
+    with pytest.raises(ValueError, match="sources"):
+        run_python("print(1)")
+    with pytest.raises(ValueError, match="isolation"):
+        run_python(["pass"], isolation="none")
+    with pytest.raises(ValueError, match="timeout"):
+        SandboxLimits(timeout=0)
+    with pytest.raises(ValueError, match="memory_mb"):
+        SandboxLimits(memory_mb=1)
+    with pytest.raises(ValueError, match="max_workers"):
+        CodeReward(max_workers=0)
