@@ -69,9 +69,22 @@ def processes(match) -> list[int]:
 
 
 def leftovers() -> list[int]:
-    """Children of this process, and any process of the sandbox uid (no one else here runs as nobody)."""
+    """Children of this process, any process of the sandbox uid (no one else here runs as nobody), and any
+    sandbox launcher or worker still running (in audit isolation they run as this user)."""
     me = os.getpid()
-    return processes(lambda ppid, uid: ppid == me or uid == NOBODY)
+    return processes(lambda ppid, uid: ppid == me or uid == NOBODY) + sandbox_processes()
+
+
+def sandbox_processes() -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"sandbox_child.py" in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
 
 
 @pytest.fixture
@@ -163,7 +176,8 @@ HOSTILE = {
     "infinite loop": "while True:\n    pass",
     "sleeps past the limit": "import time\ntime.sleep(3600)",
     "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-    "children escape the process group": ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n"
+    "leaves the process group": "import os, time\nos.setsid()\ntime.sleep(3600)",
+    "children leave the process group": ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n"
                                           "        os.setsid()\n        time.sleep(3600)\ntime.sleep(3600)"),
     "memory bomb": "x = bytearray(16 * 2**30)",
     "memory grows until it fails": "chunks = []\nwhile True:\n    chunks.append(bytearray(2**24))",
@@ -237,3 +251,10 @@ def test_run_python_reports_isolation_and_rejects_bad_input():
         SandboxLimits(memory_mb=1)
     with pytest.raises(ValueError, match="max_workers"):
         CodeReward(max_workers=0)
+
+
+def test_timeout_is_reported_and_kills_by_pid():
+    result = run_python(["import os, time\nos.setsid()\ntime.sleep(3600)"], SandboxLimits(timeout=0.5), "audit")
+    assert (result.passed, result.timed_out, result.exit_code, result.isolation) == (False, True, None, "audit")
+    assert 0.5 <= result.seconds < 0.5 + SLACK
+    assert sandbox_processes() == []

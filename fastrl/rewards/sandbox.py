@@ -9,8 +9,9 @@ new mount, network, PID and IPC namespaces and runs the code as uid nobody ("ker
 falls back to resource limits and Python audit hooks ("audit" isolation, weaker; a warning is logged once).
 Every result says which isolation was in force.
 
-On timeout the parent kills the child's whole process group; in kernel isolation that kills the namespace's
-PID 1, and with it every process the code started, including those that left the process group.
+On timeout the launcher kills the code's process (in kernel isolation: the namespace's PID 1, and with it every
+process the code started, including those that left the process group); should the launcher itself hang, the
+parent kills its whole process group.
 
 Infrastructure failures (the sandbox itself cannot start) raise RuntimeError: a broken sandbox must not
 quietly score every completion 0.
@@ -34,18 +35,23 @@ logger = logging.getLogger(__name__)
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 ISOLATIONS = ("auto", "kernel", "audit")
 _CLEAN_ENV = {"PATH": "/usr/bin:/bin"}
+_LAUNCHER_GRACE_S = 2.0  # the launcher enforces the timeout; the parent steps in only if the launcher hangs
 _warned_audit = False
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Limits for one run. `timeout` is wall-clock seconds for the whole run, including interpreter start-up
-    (about 0.05 s); `max_processes` bounds the sandbox uid's processes machine-wide, so together with
-    `memory_mb` (per process) it bounds what a fork-and-allocate program can take: 16 x 512 MB here."""
+    """Limits for one run.
+
+    timeout: wall-clock seconds from the start of the sandboxed process (interpreter start-up, ~0.05 s, is
+        before it). memory_mb: address space per process (RLIMIT_AS). max_processes: processes of the sandbox
+        uid, machine-wide, across concurrent sandboxes (RLIMIT_NPROC); with memory_mb it bounds what a
+        fork-and-allocate program can take from the machine: 8 x 512 MB by default. disk_mb: the largest file,
+        and in kernel isolation the size of the private tmpfs. max_open_files: RLIMIT_NOFILE."""
 
     timeout: float = 5.0
     memory_mb: int = 512
-    max_processes: int = 16
+    max_processes: int = 8
     disk_mb: int = 16
     max_open_files: int = 64
 
@@ -63,8 +69,8 @@ class SandboxLimits:
 class SandboxResult:
     passed: bool  # every source ran to its end
     timed_out: bool
-    exit_code: int | None  # None when killed on timeout; 128 + signal when a signal ended it
-    isolation: str | None  # "kernel" or "audit"; None when killed before reporting
+    exit_code: int | None  # None on timeout; 128 + signal when a signal ended it
+    isolation: str | None  # "kernel" or "audit"; None when the launcher itself had to be killed
     stderr: str  # the last 2,000 characters of the code's stderr
     seconds: float
 
@@ -79,7 +85,7 @@ def run_python(sources: list[str], limits: SandboxLimits | None = None, isolatio
     with tempfile.TemporaryDirectory(prefix="fastrl-sandbox-") as workdir:  # used by audit isolation only
         job = {"sources": list(sources), "nonce": secrets.token_hex(16), "isolation": isolation,
                "workdir": workdir, "limits": asdict(limits)}
-        return _run_child(job, limits.timeout)
+        return _run_child(job, limits.timeout + _LAUNCHER_GRACE_S)
 
 
 def _run_child(job: dict, timeout: float) -> SandboxResult:
@@ -118,8 +124,8 @@ def _parse_report(out: bytes, err: bytes, seconds: float) -> SandboxResult:
     if "error" in report:
         raise RuntimeError(f"sandbox could not start: {report['error']}")
     _warn_if_audit(report["isolation"])
-    return SandboxResult(report["passed"], False, report["exit_code"], report["isolation"], report["stderr"],
-                         seconds)
+    return SandboxResult(report["passed"], report["timed_out"], report["exit_code"], report["isolation"],
+                         report["stderr"], seconds)
 
 
 def _warn_if_audit(isolation: str) -> None:

@@ -27,6 +27,10 @@ Python audit hooks (PEP 578) refuse sockets, subprocesses, forks, ctypes and wri
 Audit hooks are not a security boundary against native code, so this mode is weaker; the parent says which mode
 ran.
 
+Time: the launcher kills the worker (in kernel isolation: PID 1, and so the whole namespace) when the job's
+timeout has passed since the fork; the parent kills the launcher's process group if the launcher itself
+overstays. RLIMIT_CPU is a further backstop for busy processes.
+
 Pass or fail: the worker writes the job's nonce to a pipe only after every source returned without an
 exception; a `sys.exit()` or `os._exit()` before that is a failure. The untrusted code runs in the same
 interpreter as that harness, so code written to inspect the harness could forge a pass: the sandbox protects
@@ -39,6 +43,7 @@ import resource
 import select
 import signal
 import sys
+import time
 import traceback
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
@@ -271,15 +276,21 @@ def _exit_code(status: int) -> int:
     return code if code >= 0 else 128 - code  # killed by signal s -> 128 + s, as shells report it
 
 
-def _read_bounded(fd: int) -> bytes:
-    data = b""
-    while len(data) <= MAX_REPORT_BYTES:
-        chunk = os.read(fd, MAX_REPORT_BYTES)
-        if not chunk:
+def _read_until(fd: int, deadline: float) -> tuple[bytes, bool]:
+    """What the worker reports, up to EOF or the deadline; (report, timed_out). Closes fd."""
+    data, timed_out = b"", False
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or len(data) > MAX_REPORT_BYTES:  # too long a report is not the nonce anyway
+            timed_out = remaining <= 0
             break
-        data += chunk
+        if select.select([fd], [], [], remaining)[0]:
+            chunk = os.read(fd, MAX_REPORT_BYTES)
+            if not chunk:
+                break
+            data += chunk
     os.close(fd)
-    return data
+    return data, timed_out
 
 
 def _tail(path: str, limit: int) -> str:
@@ -308,11 +319,14 @@ def launch(job: dict) -> dict:
             _run_guarded(init_process, job, lifeline, write_fd)
         _run_guarded(worker, job, write_fd, False)
     os.close(write_fd)
-    report = _read_bounded(read_fd)
+    report, timed_out = _read_until(read_fd, time.monotonic() + job["limits"]["timeout"])
+    if timed_out:  # by pid, not group: the code may have left the group. In kernel isolation pid is PID 1,
+        os.kill(pid, signal.SIGKILL)  # and its death ends every process in the namespace
     _, status = os.waitpid(pid, 0)
     os.close(lifeline_held)
     workdir = WORKDIR if kernel else job["workdir"]
-    return {"passed": report == job["nonce"].encode(), "exit_code": _exit_code(status),
+    return {"passed": report == job["nonce"].encode() and not timed_out, "timed_out": timed_out,
+            "exit_code": None if timed_out else _exit_code(status),
             "stderr": _tail(os.path.join(workdir, ".stderr"), 2000), "isolation": "kernel" if kernel else "audit"}
 
 
