@@ -340,6 +340,7 @@ class GRPOTrainer:
                                         scheduler=self.lr_scheduler)
         self.sampler.load_state_dict(state.pop("sampler"))
         self._window = state.pop("window")
+        state["max_steps"] = self.state.max_steps  # this run's setting: a resumed run may train longer
         self.state = TrainerState(**state)
         if buffer is not None:
             self._buffer = [self._on_device(RolloutBatch.from_state_dict(b)) for b in buffer["micro_batches"]]
