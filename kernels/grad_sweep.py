@@ -54,10 +54,10 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     g_logp = g_logp.float() / temperature
     g_entropy = None if g_entropy is None else g_entropy.float() / temperature
     rows = rows_per_tile(n_rows, vocab)
-    p_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+    z_buf, p_buf = (torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(2))
     for s in range(0, n_rows, rows):
         e = min(s + rows, n_rows)
-        z = logits_tile(hidden[s:e], weight, bias, temperature)  # [n, V]
+        z = logits_tile(hidden[s:e], weight, bias, temperature, z_buf[: e - s])  # [n, V]
         z.sub_(lse[s:e, None])  # log p
         p = torch.exp(z, out=p_buf[: e - s])
         ent = None if g_entropy is None else entropy[s:e]

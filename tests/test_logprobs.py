@@ -30,7 +30,9 @@ def _grads(logp, entropy, g_logp, g_ent, params):
 def test_matches_reference(backend, shape, with_bias, dtype):
     n, hs, v = shape
     seed = torch.seed() % 2**31
-    h, w, y, b = make_linear_inputs(n, hs, v, dtype, seed, bias=with_bias, peaked=True)
+    # Sharply peaked rows stress the log-sum-exp; in fp16/bf16 their logits (~100) round in steps of 0.06-0.5,
+    # which swamps every other error source in both paths, so they are an fp32 case.
+    h, w, y, b = make_linear_inputs(n, hs, v, dtype, seed, bias=with_bias, peaked=dtype == torch.float32)
     params = [t for t in (h, w, b) if t is not None]
     tau = 0.7
     ours = fused_linear_logprobs(h, w, y, bias=b, temperature=tau, with_entropy=True, backend=backend)
