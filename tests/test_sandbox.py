@@ -258,3 +258,14 @@ def test_timeout_is_reported_and_kills_by_pid():
     assert (result.passed, result.timed_out, result.exit_code, result.isolation) == (False, True, None, "audit")
     assert 0.5 <= result.seconds < 0.5 + SLACK
     assert sandbox_processes() == []
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+@pytest.mark.parametrize("trick", ["floods the report pipe", "closes the report pipe and keeps running"])
+def test_report_pipe_tricks_are_timeouts_or_failures(isolation, trick, unharmed):
+    """The harness's report pipe is the one open fd above 2; abusing it must neither pass nor hang."""
+    pipe_fd = "max(int(fd) for fd in os.listdir('/proc/self/fd') if int(fd) > 2 and os.path.exists(f'/proc/self/fd/{fd}'))"
+    action = {"floods the report pipe": "os.write(fd, bytes(65536))",
+              "closes the report pipe and keeps running": "os.close(fd)\nwhile True:\n    pass"}[trick]
+    reward, seconds = scored(isolation, f"import os\nfd = {pipe_fd}\n{action}")
+    assert reward == 0.0 and seconds < TIMEOUT + SLACK

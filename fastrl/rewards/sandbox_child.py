@@ -188,7 +188,7 @@ def install_audit_hook(workdir: str) -> None:
     def inside(path) -> bool:
         if isinstance(path, int):
             return True  # an fd already open
-        resolved = realpath(fspath(path))
+        resolved = realpath(os.fsdecode(fspath(path)))
         return resolved == root or resolved.startswith(root + os.sep)
 
     def hook(event, args):
@@ -276,21 +276,32 @@ def _exit_code(status: int) -> int:
     return code if code >= 0 else 128 - code  # killed by signal s -> 128 + s, as shells report it
 
 
-def _read_until(fd: int, deadline: float) -> tuple[bytes, bool]:
-    """What the worker reports, up to EOF or the deadline; (report, timed_out). Closes fd."""
-    data, timed_out = b"", False
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or len(data) > MAX_REPORT_BYTES:  # too long a report is not the nonce anyway
-            timed_out = remaining <= 0
-            break
-        if select.select([fd], [], [], remaining)[0]:
+def _read_until(fd: int, deadline: float) -> bytes | None:
+    """What the worker reports, up to EOF; None if the deadline passes or the report is too long. Closes fd."""
+    data = b""
+    try:
+        while len(data) <= MAX_REPORT_BYTES:  # a longer report is not the nonce anyway
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
             chunk = os.read(fd, MAX_REPORT_BYTES)
             if not chunk:
-                break
+                return data
             data += chunk
-    os.close(fd)
-    return data, timed_out
+        return None
+    finally:
+        os.close(fd)
+
+
+def _wait_until(pid: int, deadline: float) -> int | None:
+    """The child's exit status, or None if it is still running at the deadline."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.005)
 
 
 def _tail(path: str, limit: int) -> str:
@@ -319,14 +330,16 @@ def launch(job: dict) -> dict:
             _run_guarded(init_process, job, lifeline, write_fd)
         _run_guarded(worker, job, write_fd, False)
     os.close(write_fd)
-    report, timed_out = _read_until(read_fd, time.monotonic() + job["limits"]["timeout"])
-    if timed_out:  # by pid, not group: the code may have left the group. In kernel isolation pid is PID 1,
-        os.kill(pid, signal.SIGKILL)  # and its death ends every process in the namespace
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + job["limits"]["timeout"]
+    report = _read_until(read_fd, deadline)
+    status = _wait_until(pid, deadline) if report is not None else None
+    if status is None:  # by pid, not group: the code may have left the group. In kernel isolation pid is
+        os.kill(pid, signal.SIGKILL)  # PID 1, and its death ends every process in the namespace
+        os.waitpid(pid, 0)
     os.close(lifeline_held)
     workdir = WORKDIR if kernel else job["workdir"]
-    return {"passed": report == job["nonce"].encode() and not timed_out, "timed_out": timed_out,
-            "exit_code": None if timed_out else _exit_code(status),
+    return {"passed": status is not None and report == job["nonce"].encode(), "timed_out": status is None,
+            "exit_code": None if status is None else _exit_code(status),
             "stderr": _tail(os.path.join(workdir, ".stderr"), 2000), "isolation": "kernel" if kernel else "audit"}
 
 
