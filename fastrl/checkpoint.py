@@ -28,6 +28,13 @@ PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 
 
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices), as transformers.set_seed does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -25,12 +25,12 @@ import resource
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
-from transformers import get_scheduler, set_seed
-from transformers.trainer_utils import TrainOutput
+from transformers.optimization import get_scheduler
 
-from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_seed
 from fastrl.config import GRPOConfig
 from fastrl.data import PromptSampler, check_dataset, completions_for_rewards, tokenize_prompts
 from fastrl.generation.base import SamplingConfig
@@ -43,6 +43,12 @@ from fastrl.rollout_batch import RolloutBatch
 from fastrl.scoring import combine, resolve_reward_funcs, score
 
 PER_TOKEN_NORMALIZED = ("grpo", "bnpo", "dr_grpo", "sapo")  # TRL divides these by gradient_accumulation_steps
+
+
+class TrainOutput(NamedTuple):  # transformers' TrainOutput (importing its module pulls in peft: ~10 s)
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
 
 
 @dataclass
