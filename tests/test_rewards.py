@@ -184,6 +184,29 @@ def test_routing_applies_each_function_only_to_its_domains():
     assert funcs[1](completions=completions, domain=domain) == [1.0, 2.0, 3.0]
 
 
+def test_routing_passes_trainer_kwargs_like_trl():
+    seen = {}
+
+    def spy_reward(completions, trainer_state=None, log_metric=None, environments=None, **kwargs):
+        seen.update(trainer_state=trainer_state, log_metric=log_metric, environments=environments,
+                     has_log_extra="log_extra" in kwargs)
+        return [1.0] * len(completions)
+
+    (routed,) = route_rewards({"code": [spy_reward], "math": []})  # math rows: no reward here
+    state, logger = object(), print
+    out = routed(completions=["a", "b", "c"], domain=["math", "code", "code"], trainer_state=state,
+                 log_metric=logger, log_extra=logger, environments=["e0", "e1", "e2"])
+    assert out == [None, 1.0, 1.0]
+    assert seen == {"trainer_state": state, "log_metric": logger, "environments": ["e1", "e2"],
+                    "has_log_extra": False}
+
+
+def test_text_of_content_parts():
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "The answer is "},
+                                               {"type": "text", "text": "\\boxed{7}"}]}]
+    assert accuracy_reward([parts], ["7"]) == [1.0]
+
+
 def test_routing_with_real_rewards_and_weights_like_trl():
     """Math rows get accuracy, code rows get code, both get format; weights combine as TRL does (nansum)."""
     funcs = route_rewards({"math": [accuracy_reward, think_format_reward],

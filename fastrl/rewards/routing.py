@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-# keyword arguments TRL passes that describe the whole batch and must not be cut down to a subset of rows
-_WHOLE_BATCH_KWARGS = ("log_extra", "log_metric")
+# TRL's log_extra adds per-row columns to the completions table: a call on a subset of rows cannot use it.
+# (trainer_state and log_metric are not per-row and pass through; per-row lists are cut to the rows.)
+_WHOLE_BATCH_KWARGS = ("log_extra",)
 
 
 def route_rewards(routes: dict[str, Sequence[Callable]], column: str = "domain") -> list["RoutedReward"]:

@@ -13,6 +13,8 @@ def message_text(item, argument: str = "completions") -> str:
         return item
     if isinstance(item, (list, tuple)) and item and isinstance(item[-1], dict):
         content = item[-1].get("content", "")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+            return "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return content if isinstance(content, str) else str(content)
     raise ValueError(
         f"{argument} must hold strings or lists of messages ({{'role': ..., 'content': ...}}), "
