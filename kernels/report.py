@@ -46,9 +46,9 @@ class KernelSpec:
     extra: dict = field(default_factory=dict)  # reported as-is (e.g. H, tile sizes)
 
     def signature(self) -> dict:
-        sig = {name: ty for name, (ty, _) in self.args.items()}
-        sig.update({name: "constexpr" for name in self.constexprs})
-        return sig
+        """{argument: type} in the kernel's argument order, constexprs included."""
+        types = {name: ty for name, (ty, _) in self.args.items()}
+        return {name: types.get(name, "constexpr") for name in self.fn.arg_names}
 
     def attrs(self) -> dict:
         """tt.divisibility=16 where a real launch would specialize: every pointer, and ints divisible by 16."""
@@ -99,12 +99,24 @@ def kernel_specs() -> list[KernelSpec]:
     return specs
 
 
+def _epilogue_spec(sequence_level: bool) -> KernelSpec:
+    from .grpo_epilogue_triton import LOSS_KIND, NORM_MASK_TOTAL, NUM_WARPS, _grpo_epilogue_kernel, block_t
+
+    length = 1024  # completion positions T
+    ptrs = ["p_logp", "p_mask", "p_adv", "p_old", "p_ref", "p_isr", "p_ent", "p_mask_total", "p_g", "p_part"]
+    args = {**{p: ("*fp32", None) for p in ptrs}, "T": ("i32", length), "stride_isr_b": ("i32", length),
+            "stride_isr_t": ("i32", 1), **{k: ("fp32", None) for k in ("n_seq", "norm_const", "beta", "eps_low",
+                                                                     "eps_high", "delta", "t_pos", "t_neg",
+                                                                     "ent_thr")}}
+    const = {"LOSS": LOSS_KIND["dapo"], "NORM": NORM_MASK_TOTAL, "SEQ_LEVEL": sequence_level,
+             "HAS_OLD": True, "HAS_KL": True, "BIAS_KL": False, "HAS_DELTA": False, "HAS_IS": True,
+             "HAS_ENT": True, "ENT_MASK": False, "BLOCK_T": block_t(length)}
+    name = "grpo_epilogue_sequence" if sequence_level else "grpo_epilogue"
+    return KernelSpec(name, _grpo_epilogue_kernel, args, const, NUM_WARPS, 1, {"T": length, "blocks": [block_t(length)]})
+
+
 def _epilogue_specs() -> list[KernelSpec]:
-    try:
-        from .grpo_epilogue_triton import report_spec
-    except ImportError:
-        return []
-    return [report_spec(KernelSpec)]
+    return [_epilogue_spec(False), _epilogue_spec(True)]
 
 
 def _bin(tool: str) -> str:

@@ -1,0 +1,285 @@
+"""Phase 2 in Triton: the GRPO loss, g = dL/dlogp in closed form, and TRL's metrics, in one launch.
+
+One program per completion (grid = B) walks its T positions in blocks of BLOCK_T:
+  pass 1  Σ_t m and Σ_t m·(logp − old): the per-sequence normalizer max(1, Σ m) of grpo/sapo and the
+          sequence-level log importance weight s = Σ m·(logp − old) / max(1, Σ m);
+  pass 2  per token: loss, metric sums, and (token level) g; at sequence level also C = Σ_t w·m·∂L_t/∂r;
+  pass 3  (sequence level only) g_t = w·m·∂L_t/∂logp_t|_r fixed + C·r·m_t / max(1, Σ m), since r = exp(s)
+          depends on every logp_t of the sequence.
+Each program writes its loss and metric sums to a [B, 7] partials buffer that the host sums (a fixed order, so
+the loss is deterministic). The normalizer's global token count Σ m is one device reduction before the launch
+(no host sync); the top-entropy threshold is `torch.quantile` on the host, as in TRL.
+
+Closed forms (w = the loss_type's per-token weight, a = advantage, r = ratio, β·KL with k3 = e^d − d − 1,
+d = ref − logp, dk3/dlogp = 1 − e^d), for grpo/bnpo/dr_grpo/dapo with L = −min(r₁·a, clip(r)·a), r₁ = min(r, δ):
+∂L/∂r = −a·(∂r₁/∂r if r₁·a < clip(r)·a, ∂clip/∂r if greater, their mean on a tie; torch.minimum splits ties);
+cispo: L = −sg(min(r, ε_high))·a·logp, so ∂L/∂logp = −min(r, ε_high)·a and nothing flows through r;
+sapo: L = −σ(t(r−1))·4/t·a, so ∂L/∂r = −4·a·σ·(1 − σ).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .params import GRPOLossParams
+
+LOSS_KIND = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "cispo": 1, "sapo": 2}
+NORM_PER_SEQUENCE, NORM_MASK_TOTAL, NORM_CONSTANT = 0, 1, 2
+PARTIALS = ("loss", "kl", "entropy", "low", "high", "region", "cispo")  # columns of the [B, 7] partials
+# BLOCK_T: completions of up to 1024 tokens in one block (T ≤ 1024 → next power of two ≥ 16), longer ones loop.
+# 1024 positions over 8 warps (256 threads) = 4 values per thread per live vector: 40-48 registers, 0 spills on
+# sm_80/sm_90. With 4 warps (8 values per thread) sm_90's ptxas spilled 16 bytes in the sequence-level variant.
+MAX_BLOCK_T = 1024
+NUM_WARPS = 8
+
+
+@triton.jit
+def _policy_terms(b_lp, b_r, a, eps_low, eps_high, delta, t_pos, t_neg,
+                  LOSS: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """Per token: (L, ∂L/∂logp with r held fixed, ∂L/∂r) of the policy loss, all [BT]."""
+    zero = tl.zeros_like(b_lp)
+    if LOSS == 1:  # cispo
+        coef = tl.minimum(b_r, eps_high)
+        b_l, b_dlp, b_dr = -coef * a * b_lp, -coef * a + zero, zero
+    elif LOSS == 2:  # sapo
+        t = tl.where(a > 0, t_pos, t_neg)
+        sig = tl.sigmoid(t * (b_r - 1.0))
+        b_l, b_dlp, b_dr = -sig * 4.0 / t * a, zero, -4.0 * a * sig * (1.0 - sig)
+    else:  # grpo, bnpo, dr_grpo, dapo
+        b_clip = tl.minimum(tl.maximum(b_r, 1.0 - eps_low), 1.0 + eps_high)
+        d_clip = tl.where((b_r >= 1.0 - eps_low) & (b_r <= 1.0 + eps_high), 1.0, 0.0)
+        b_r1 = b_r
+        d_r1 = 1.0 + zero
+        if HAS_DELTA:
+            b_r1 = tl.minimum(b_r, delta)
+            d_r1 = tl.where(b_r <= delta, 1.0, 0.0)
+        l1, l2 = b_r1 * a, b_clip * a
+        d_min = tl.where(l1 < l2, d_r1, tl.where(l2 < l1, d_clip, 0.5 * (d_r1 + d_clip)))
+        b_l, b_dlp, b_dr = -tl.minimum(l1, l2), zero, -a * d_min
+    return b_l, b_dlp, b_dr
+
+
+@triton.jit
+def _token_terms(b_lp, b_m, b_ref, b_isr, b_ent, b_r, a, beta, eps_low, eps_high, delta, t_pos, t_neg, ent_thr,
+                 LOSS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
+                 HAS_IS: tl.constexpr, ENT_MASK: tl.constexpr):
+    """Per token [BT]: (L, ∂L/∂logp with r fixed, ∂L/∂r, k3 KL as logged) before the mask and the weight."""
+    b_l, b_dlp, b_dr = _policy_terms(b_lp, b_r, a, eps_low, eps_high, delta, t_pos, t_neg, LOSS, HAS_DELTA)
+    if ENT_MASK:  # TRL's get_high_entropy_mask: (entropy·m ≥ threshold) & m
+        keep = tl.where((b_ent * b_m >= ent_thr) & (b_m != 0), 1.0, 0.0)
+        b_l, b_dlp, b_dr = b_l * keep, b_dlp * keep, b_dr * keep
+    if HAS_IS:
+        b_l, b_dlp, b_dr = b_l * b_isr, b_dlp * b_isr, b_dr * b_isr
+    b_kl = tl.zeros_like(b_lp)
+    if HAS_KL:
+        d = b_ref - b_lp
+        b_kl = tl.exp(d) - d - 1.0
+        dkl = 1.0 - tl.exp(d)
+        if BIAS_KL:  # KL·r
+            b_dlp += beta * dkl * b_r
+            b_dr += beta * b_kl
+            b_kl = b_kl * b_r
+        else:
+            b_dlp += beta * dkl
+        b_l += beta * b_kl
+    return b_l, b_dlp, b_dr, b_kl
+
+
+@triton.jit
+def _clip_flags(r, a, eps_low, eps_high):
+    """TRL's clip indicators as 0/1 floats, on the uncapped ratio: (low, high, cispo)."""
+    low = tl.where(a < 0, tl.where(r < 1.0 - eps_low, 1.0, 0.0), 0.0)
+    high = tl.where(a > 0, tl.where(r > 1.0 + eps_high, 1.0, 0.0), 0.0)
+    cispo = tl.where(a > 0, tl.where(r > eps_high, 1.0, 0.0), 0.0)
+    return low, high, cispo
+
+
+@triton.jit
+def _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row, o_t, m_t, i_b, stride_isr_b, stride_isr_t,
+                HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, HAS_IS: tl.constexpr, HAS_ENT: tl.constexpr):
+    """[BT] blocks of logp, mask, old, ref, is_ratio, entropy for positions o_t of sequence i_b (fp32)."""
+    b_lp = tl.load(p_logp + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_m = tl.load(p_mask + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_old = b_lp
+    if HAS_OLD:
+        b_old = tl.load(p_old + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_ref = b_lp
+    if HAS_KL:
+        b_ref = tl.load(p_ref + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_isr = b_m
+    if HAS_IS:
+        b_isr = tl.load(p_isr + i_b * stride_isr_b + o_t * stride_isr_t, mask=m_t, other=0.0).to(tl.float32)
+    b_ent = b_m
+    if HAS_ENT:
+        b_ent = tl.load(p_ent + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+    return b_lp, b_m, b_old, b_ref, b_isr, b_ent
+
+
+@triton.jit
+def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_mask_total, p_g, p_part,
+                          T, stride_isr_b, stride_isr_t, n_seq, norm_const, beta, eps_low, eps_high, delta,
+                          t_pos, t_neg, ent_thr,
+                          LOSS: tl.constexpr, NORM: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr,
+                          HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
+                          HAS_IS: tl.constexpr, HAS_ENT: tl.constexpr, ENT_MASK: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    i_b = tl.program_id(0).to(tl.int64)
+    row = i_b * T
+    a = tl.load(p_adv + i_b).to(tl.float32)
+    # pass 1: Σ m and Σ m·(logp − old) of this sequence
+    m_sum = 0.0
+    lr_sum = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        m_t = o_t < T
+        b_lp, b_m, b_old, b_ref, b_isr, b_ent = _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row, o_t,
+                                                            m_t, i_b, stride_isr_b, stride_isr_t,
+                                                            HAS_OLD, HAS_KL, HAS_IS, HAS_ENT)
+        m_sum += tl.sum(b_m, axis=0)
+        lr_sum += tl.sum(b_m * (b_lp - b_old), axis=0)
+    den = tl.maximum(m_sum, 1.0)
+    r_seq = tl.exp(lr_sum / den)
+    if NORM == 0:  # grpo, sapo: mean over sequences of the per-sequence masked mean
+        w = 1.0 / (den * n_seq)
+    elif NORM == 1:  # bnpo, dapo/cispo without num_items_in_batch: the batch's token count
+        w = 1.0 / tl.maximum(tl.load(p_mask_total), 1.0)
+    else:  # dr_grpo (B · max_completion_length), dapo/cispo with num_items_in_batch
+        w = 1.0 / norm_const
+    # pass 2: loss, metric sums, g (token level) and C = Σ w·m·∂L/∂r (sequence level)
+    loss_sum = 0.0
+    kl_sum = 0.0
+    ent_sum = 0.0
+    low_sum = 0.0
+    high_sum = 0.0
+    region_sum = 0.0
+    cispo_sum = 0.0
+    c_seq = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        m_t = o_t < T
+        b_lp, b_m, b_old, b_ref, b_isr, b_ent = _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row, o_t,
+                                                            m_t, i_b, stride_isr_b, stride_isr_t,
+                                                            HAS_OLD, HAS_KL, HAS_IS, HAS_ENT)
+        if SEQ_LEVEL:
+            b_r = r_seq + tl.zeros_like(b_lp)
+        else:
+            b_r = tl.exp(b_lp - b_old)
+        b_l, b_dlp, b_dr, b_kl = _token_terms(b_lp, b_m, b_ref, b_isr, b_ent, b_r, a, beta, eps_low, eps_high,
+                                              delta, t_pos, t_neg, ent_thr,
+                                              LOSS, HAS_DELTA, HAS_KL, BIAS_KL, HAS_IS, ENT_MASK)
+        b_wm = w * b_m
+        loss_sum += tl.sum(b_wm * b_l, axis=0)
+        kl_sum += tl.sum(b_m * b_kl, axis=0)
+        if HAS_ENT:
+            ent_sum += tl.sum(b_m * b_ent, axis=0)
+        if SEQ_LEVEL:
+            c_seq += tl.sum(b_wm * b_dr, axis=0)
+        else:
+            tl.store(p_g + row + o_t, b_wm * (b_dlp + b_dr * b_r), mask=m_t)
+            low, high, cispo = _clip_flags(b_r, a, eps_low, eps_high)
+            low_sum += tl.sum(b_m * low, axis=0)
+            high_sum += tl.sum(b_m * high, axis=0)
+            region_sum += tl.sum(b_m * tl.maximum(low, high), axis=0)
+            cispo_sum += tl.sum(b_m * cispo, axis=0)
+    if SEQ_LEVEL:  # TRL: a [B, 1] ratio gives one clip flag per sequence, averaged over sequences
+        low_sum, high_sum, cispo_sum = _clip_flags(r_seq, a, eps_low, eps_high)
+        region_sum = tl.maximum(low_sum, high_sum)
+        # pass 3: g_t = w·m·∂L_t/∂logp_t + C·r·m_t / den
+        for t0 in range(0, T, BLOCK_T):
+            o_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            m_t = o_t < T
+            b_lp, b_m, b_old, b_ref, b_isr, b_ent = _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row,
+                                                                o_t, m_t, i_b, stride_isr_b, stride_isr_t,
+                                                                HAS_OLD, HAS_KL, HAS_IS, HAS_ENT)
+            b_r = r_seq + tl.zeros_like(b_lp)
+            b_l, b_dlp, b_dr, b_kl = _token_terms(b_lp, b_m, b_ref, b_isr, b_ent, b_r, a, beta, eps_low, eps_high,
+                                                  delta, t_pos, t_neg, ent_thr,
+                                                  LOSS, HAS_DELTA, HAS_KL, BIAS_KL, HAS_IS, ENT_MASK)
+            tl.store(p_g + row + o_t, w * b_m * b_dlp + c_seq * r_seq * b_m / den, mask=m_t)
+    p_out = p_part + i_b * 7
+    tl.store(p_out + 0, loss_sum)
+    tl.store(p_out + 1, kl_sum)
+    tl.store(p_out + 2, ent_sum)
+    tl.store(p_out + 3, low_sum)
+    tl.store(p_out + 4, high_sum)
+    tl.store(p_out + 5, region_sum)
+    tl.store(p_out + 6, cispo_sum)
+
+
+def _entropy_threshold(entropy, mask, quantile: float) -> float:
+    """TRL's get_high_entropy_mask threshold: the (1 − quantile) quantile of the masked entropies (+inf if none)."""
+    values = entropy[mask.bool()].float()
+    if values.numel() == 0:
+        return float("inf")
+    return float(torch.quantile(values, 1.0 - quantile))
+
+
+def _normalizer(mask, p: GRPOLossParams) -> tuple[int, float]:
+    """(NORM, norm_const) for the kernel; see GRPOLossParams.normalizer for the rule per loss_type."""
+    if p.loss_type in ("grpo", "sapo"):
+        return NORM_PER_SEQUENCE, 1.0
+    if p.loss_type == "dr_grpo":
+        return NORM_CONSTANT, float(mask.shape[0] * p.max_completion_length)
+    if p.loss_type in ("dapo", "cispo") and p.num_items_in_batch is not None:
+        return NORM_CONSTANT, max(1.0, float(p.num_items_in_batch))
+    return NORM_MASK_TOTAL, 1.0
+
+
+def _metrics(sums, mask_total, n_seq: int, p: GRPOLossParams, has_entropy: bool) -> dict:
+    """[7] summed partials -> TRL's metric names, masked means (per sequence for sequence-level clip flags)."""
+    tokens = mask_total.clamp(min=1.0)
+    flag_count = float(n_seq) if p.importance_sampling_level == "sequence" else tokens
+    out = {}
+    if p.beta != 0.0:
+        out["kl"] = sums[1] / tokens
+    if has_entropy:
+        out["entropy"] = sums[2] / tokens
+    if LOSS_KIND[p.loss_type] == 0:
+        out["clip_ratio/low_mean"] = sums[3] / flag_count
+        out["clip_ratio/high_mean"] = sums[4] / flag_count
+        out["clip_ratio/region_mean"] = sums[5] / flag_count
+    elif p.loss_type == "cispo":
+        out["cispo_clip_ratio"] = sums[6] / flag_count
+    return out
+
+
+def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy, params: GRPOLossParams):
+    """logp [B, T] fp32 -> (loss 0-d fp32, g_logp [B, T] fp32, metrics: dict of 0-d fp32). See kernels/README.md."""
+    p = params
+    if p.beta != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp: needed ([B, T]) when beta != 0")
+    if p.top_entropy_quantile < 1.0 and entropy is None:
+        raise ValueError("entropy: needed ([B, T]) when top_entropy_quantile < 1")
+    n_seq, length = logp.shape
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    logp, mask, advantages, old_logp, ref_logp, entropy = map(f32, (logp, mask, advantages, old_logp, ref_logp,
+                                                                    entropy))
+    isr = None if is_ratio is None else is_ratio.float().expand(n_seq, length)  # [B, 1] -> stride 0 along T
+    mask_total = mask.sum().reshape(1)  # [1] device reduction, read by the kernel for bnpo/dapo/cispo
+    norm, norm_const = _normalizer(mask, p)
+    ent_mask = p.top_entropy_quantile < 1.0
+    ent_thr = _entropy_threshold(entropy, mask, p.top_entropy_quantile) if ent_mask else 0.0
+    g = torch.empty_like(logp)
+    partials = torch.empty(n_seq, len(PARTIALS), dtype=torch.float32, device=logp.device)
+    if n_seq > 0 and length > 0:
+        _grpo_epilogue_kernel[(n_seq,)](
+            logp, mask, advantages, logp if old_logp is None else old_logp, logp if ref_logp is None else ref_logp,
+            logp if isr is None else isr, logp if entropy is None else entropy, mask_total, g, partials,
+            length, 0 if isr is None else isr.stride(0), 0 if isr is None else isr.stride(1), float(n_seq),
+            norm_const, float(p.beta), float(p.epsilon_low), float(p.epsilon_high),
+            float(p.delta) if p.delta is not None else 0.0, float(p.sapo_temperature_pos),
+            float(p.sapo_temperature_neg), ent_thr,
+            LOSS=LOSS_KIND[p.loss_type], NORM=norm, SEQ_LEVEL=p.importance_sampling_level == "sequence",
+            HAS_OLD=old_logp is not None, HAS_KL=p.beta != 0.0, BIAS_KL=p.use_bias_correction_kl,
+            HAS_DELTA=p.delta is not None, HAS_IS=isr is not None, HAS_ENT=entropy is not None, ENT_MASK=ent_mask,
+            BLOCK_T=block_t(length), num_warps=NUM_WARPS,
+        )
+    else:
+        partials.zero_()
+    sums = partials.sum(dim=0)  # [7], fixed order: deterministic
+    return sums[0], g, _metrics(sums, mask_total[0], n_seq, p, entropy is not None)
+
+
+def block_t(length: int) -> int:
+    return min(MAX_BLOCK_T, max(16, triton.next_power_of_2(length)))

@@ -1,0 +1,176 @@
+"""The Triton GRPO epilogue (interpreted on CPU) against the PyTorch epilogue and the float64 reference.
+
+Two checks on fresh random inputs (one completion fully masked, one with zero advantage, ratios far enough from
+1 that both clip sides trigger):
+- against kernels/grpo_epilogue.py, which derives g = dL/dlogp by autograd where the kernel uses closed forms:
+  same fp32 inputs, so loss, g and every metric agree to fp32 rounding of sums over ≤ B·T = 222 tokens
+  (atol 2e-6 on values of order 1, rtol 1e-5);
+- end to end against kernels/reference.py (float64, materializing, autograd): Triton forward sweep → epilogue →
+  gradient sweep, fp32 inputs; loss and metrics to rtol 1e-5, gradients of hidden and weight to 1e-5 of their
+  largest entry (fp32 logits, lse and dz; logits here are O(1), so fp32 rounding is ~1e-7 relative per term).
+"""
+import itertools
+
+import pytest
+import torch
+
+from fastrl.kernels.forward_sweep_triton import forward_sweep
+from fastrl.kernels.grad_sweep_triton import grad_sweep
+from fastrl.kernels.grpo_epilogue import grpo_epilogue as torch_epilogue
+from fastrl.kernels.grpo_epilogue_triton import grpo_epilogue
+from fastrl.kernels.params import GRPOLossParams
+from fastrl.kernels.reference import reference_grpo_loss, reference_logprobs
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+def _epilogue_inputs(batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(batch, length, generator=g) * 3  # [B, T]
+    mask = (torch.rand(batch, length, generator=g) > 0.25).float()
+    mask[1] = 0.0  # a fully masked completion
+    adv = torch.randn(batch, generator=g)
+    adv[2] = 0.0  # a zero-variance group gives zero advantage
+    old = logp + torch.randn(batch, length, generator=g) * 0.3  # ratios e^±0.3: both clip sides
+    ref = logp + torch.randn(batch, length, generator=g) * 0.3
+    entropy = torch.rand(batch, length, generator=g) * 2
+    is_ratio = {"bt": torch.rand(batch, length, generator=g) + 0.5, "b1": torch.rand(batch, 1, generator=g) + 0.5}
+    return logp, mask, adv, old, ref, entropy, is_ratio
+
+
+def _params(loss_type, level, length, **kw):
+    eps_high = 3.0 if loss_type == "cispo" else 0.28  # cispo's ε_high is a cap on r (TRL's default 5.0)
+    return GRPOLossParams(loss_type=loss_type, importance_sampling_level=level, epsilon_low=0.2,
+                          epsilon_high=eps_high, max_completion_length=length + 3, **kw)
+
+
+# Every loss type × IS level with the common options, then each remaining option on its own.
+CASES = [dict(loss_type=lt, level=lvl, beta=0.04, is_ratio="bt") for lt, lvl in
+         itertools.product(LOSS_TYPES, ("token", "sequence"))]
+CASES += [
+    dict(loss_type="dapo", level="token"),  # no KL, no IS, on-policy checked separately
+    dict(loss_type="grpo", level="token", beta=0.04, use_bias_correction_kl=True),
+    dict(loss_type="grpo", level="sequence", beta=0.04, use_bias_correction_kl=True, is_ratio="b1"),
+    dict(loss_type="bnpo", level="token", delta=1.1),
+    dict(loss_type="dapo", level="sequence", delta=1.1, num_items_in_batch=150.0),
+    dict(loss_type="cispo", level="token", num_items_in_batch=90.0, is_ratio="b1"),
+    dict(loss_type="grpo", level="token", top_entropy_quantile=0.6, beta=0.04),
+    dict(loss_type="sapo", level="sequence", top_entropy_quantile=0.3),
+    dict(loss_type="dapo", level="token", on_policy=True, beta=0.04),
+    dict(loss_type="grpo", level="sequence", on_policy=True),
+]
+
+
+def _case_id(c):
+    return "-".join(f"{k}={v}" if not isinstance(v, bool) else k for k, v in c.items())
+
+
+def _split_case(case, length):
+    case = dict(case)
+    loss_type, level = case.pop("loss_type"), case.pop("level")
+    isr_kind, on_policy = case.pop("is_ratio", None), case.pop("on_policy", False)
+    return _params(loss_type, level, length, **case), isr_kind, on_policy
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_matches_torch_epilogue(case):
+    batch, length = 6, 37
+    seed = torch.seed() % 2**31
+    logp, mask, adv, old, ref, entropy, is_ratio = _epilogue_inputs(batch, length, seed)
+    p, isr_kind, on_policy = _split_case(case, length)
+    args = (logp, mask, adv, None if on_policy else old, ref if p.beta else None,
+            None if isr_kind is None else is_ratio[isr_kind], entropy, p)
+    loss, g, metrics = grpo_epilogue(*args)
+    want_loss, want_g, want_metrics = torch_epilogue(*args)
+    assert loss.shape == () and loss.dtype == torch.float32 and g.shape == (batch, length)
+    tol = dict(rtol=1e-5, atol=2e-6)
+    assert torch.allclose(loss, want_loss, **tol), f"seed={seed}: {float(loss)} vs {float(want_loss)}"
+    assert torch.allclose(g, want_g, **tol), f"seed={seed}: max |Δg| {float((g - want_g).abs().max()):.3g}"
+    assert torch.count_nonzero(g[1]) == 0  # the fully masked completion
+    assert metrics.keys() == want_metrics.keys()
+    for name, value in metrics.items():
+        assert torch.allclose(value, want_metrics[name], **tol), f"{name} seed={seed}"
+
+
+def test_clipping_actually_happens_in_these_inputs():
+    """Guards the comparison above against inputs where every ratio sits inside the clip range."""
+    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(6, 37, 0)
+    _, _, metrics = grpo_epilogue(logp, mask, adv, old, None, None, entropy, _params("dapo", "token", 37))
+    assert float(metrics["clip_ratio/low_mean"]) > 0 and float(metrics["clip_ratio/high_mean"]) > 0
+
+
+E2E_CASES = [
+    dict(loss_type="dapo", level="token", beta=0.04, is_ratio="bt"),
+    dict(loss_type="grpo", level="sequence", beta=0.04, use_bias_correction_kl=True),
+    dict(loss_type="cispo", level="token", is_ratio="b1"),
+    dict(loss_type="sapo", level="token", top_entropy_quantile=0.5),
+    dict(loss_type="dr_grpo", level="sequence", delta=1.1),
+    dict(loss_type="bnpo", level="token", on_policy=True, beta=0.04),
+]
+
+
+def _reference_kwargs(p: GRPOLossParams, old, ref, isr, bias):
+    return dict(old_logprobs=old, ref_logprobs=ref, is_ratio=isr, bias=bias, beta=p.beta, epsilon=p.epsilon_low,
+                epsilon_high=p.epsilon_high, delta=p.delta, temperature=p.temperature, loss_type=p.loss_type,
+                importance_sampling_level=p.importance_sampling_level,
+                use_bias_correction_kl=p.use_bias_correction_kl, max_completion_length=p.max_completion_length,
+                num_items_in_batch=p.num_items_in_batch, top_entropy_quantile=p.top_entropy_quantile)
+
+
+@pytest.mark.parametrize("case", E2E_CASES, ids=[_case_id(c) for c in E2E_CASES])
+def test_three_triton_phases_match_float64_reference(case):
+    batch, length, hs, vocab = 4, 16, 32, 200
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, hs, generator=g, requires_grad=True)
+    weight = (torch.randn(vocab, hs, generator=g) / hs ** 0.5).requires_grad_(True)
+    targets = torch.randint(0, vocab, (batch, length), generator=g)
+    _, mask, adv, _, _, _, _ = _epilogue_inputs(batch, length, seed)
+    with torch.no_grad():
+        base = reference_logprobs(hidden, weight, targets).float()  # old/ref near the policy: ratios around 1
+    old = base + torch.randn(batch, length, generator=g) * 0.3
+    ref = base + torch.randn(batch, length, generator=g) * 0.3
+    isr = {"bt": torch.rand(batch, length, generator=g) + 0.5, "b1": torch.rand(batch, 1, generator=g) + 0.5}
+    p, isr_kind, on_policy = _split_case(case, length)
+    p = GRPOLossParams(**{**p.__dict__, "temperature": 0.8})
+    old, ref, isr = None if on_policy else old, ref if p.beta else None, None if isr_kind is None else isr[isr_kind]
+
+    h2, y2 = hidden.detach().reshape(-1, hs), targets.reshape(-1)
+    lse, logp, entropy = forward_sweep(h2, weight.detach(), y2, None, p.temperature, True)
+    loss, g_logp, metrics = grpo_epilogue(logp.view(batch, length), mask, adv, old, ref, isr,
+                                          entropy.view(batch, length), p)
+    dh, dw, _ = grad_sweep(h2, weight.detach(), y2, None, p.temperature, lse, g_logp.reshape(-1), None, logp,
+                           entropy, True, True, False)
+
+    want_loss, want_metrics = reference_grpo_loss(hidden, weight, targets, mask, adv,
+                                                  **_reference_kwargs(p, old, ref, isr, None))
+    want_dh, want_dw = torch.autograd.grad(want_loss, (hidden, weight))
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * max(abs(float(want_loss)), 1e-3), f"seed={seed}"
+    assert metrics.keys() == want_metrics.keys()
+    for name, value in metrics.items():
+        assert abs(float(value) - float(want_metrics[name])) <= 1e-5 * max(abs(float(want_metrics[name])), 0.1), \
+            f"{name} seed={seed}"
+    for name, ours, exact in (("hidden", dh.view(batch, length, hs), want_dh), ("weight", dw, want_dw)):
+        err = float((ours.double() - exact).abs().max())
+        assert err <= 1e-5 * float(exact.abs().max()), f"grad {name} seed={seed}: {err:.3g}"
+
+
+def test_missing_inputs_are_named():
+    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(3, 8, 0)
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_epilogue(logp, mask, adv, old, None, None, entropy, _params("dapo", "token", 8, beta=0.1))
+    with pytest.raises(ValueError, match="entropy"):
+        grpo_epilogue(logp, mask, adv, old, None, None, None, _params("dapo", "token", 8, top_entropy_quantile=0.5))
+
+
+def test_long_completions_loop_over_blocks():
+    """T > 1024 takes several BLOCK_T passes per program; the result must not depend on the block split."""
+    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(3, 1500, 7)
+    for level in ("token", "sequence"):
+        p = _params("grpo", level, 1500, beta=0.04)
+        loss, g, _ = grpo_epilogue(logp, mask, adv, old, ref, None, entropy, p)
+        want_loss, want_g, _ = torch_epilogue(logp, mask, adv, old, ref, None, entropy, p)
+        assert torch.allclose(loss, want_loss, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(g, want_g, rtol=1e-5, atol=1e-8)
