@@ -1,0 +1,336 @@
+"""`fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu]`: will this GRPO run fit, and what makes it fit.
+
+From a model's config.json and the run's batch and lengths, predicts the peak memory of each phase of a step:
+
+    generation        transformers (KV cache) or colocated vLLM (its share of the GPU, sleeping or not)
+    weight push       vLLM only: its weights awake, the policy's streamed one parameter at a time
+    logprob passes    reference (beta > 0) and old logprobs: no-grad forwards through the fused logprob kernel
+    policy fwd + bwd  weights, saved activations (with/without gradient checkpointing), the fused loss's
+                      dh [N, H] and dW [V, H] fp32 and its bounded tiles, gradients as backward produces them
+    optimizer step    AdamW: two states per trainable parameter, in the parameter's dtype (torch's rule)
+
+Every phase also holds what lives across the whole run: the policy's weights, a frozen reference copy (full
+fine-tuning with beta > 0; none with LoRA, whose reference is the same model with the adapter disabled) and the
+optimizer states. The formulas are in plan_memory.py; `python -m fastrl.plan_measure` checks them against peak
+RSS measured on CPU (bench/results/plan_validation.csv).
+
+Python API: `predict(model_config, run, device="cpu", device_memory=None) -> Plan`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from fastrl.plan_memory import (BF16, CUDA_CONTEXT_BYTES, FP32, Phase, activation_bytes_per_token,
+                                fused_loss_bytes, grad_timeline, kv_cache_bytes, materializing_loss_bytes,
+                                tile_rows, trainable_params)
+from fastrl.plan_shapes import ModelShape, RunShape, loaded_dtype, model_shape, run_shape
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class Plan:
+    device: str
+    model: ModelShape
+    run: RunShape
+    phases: list[Phase]
+    materializing_peak: int  # the policy phase if the loss materialized [N, V] logits (TRL without kernels)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=lambda p: p.total)
+
+    @property
+    def peak(self) -> int:
+        return self.peak_phase.total
+
+    def phase(self, name: str) -> Phase:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(f"no phase {name!r}; phases are {[p.name for p in self.phases]}")
+
+    def fits(self, budget: int) -> bool:
+        return self.peak <= budget
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "peak": self.peak, "peak_phase": self.peak_phase.name,
+                "materializing_peak": self.materializing_peak,
+                "phases": {p.name: {"total": p.total, "parts": p.parts, "host": p.host} for p in self.phases}}
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+def predict(model_config: dict, run: dict, device: str = "cpu", device_memory: int | None = None) -> Plan:
+    """Per-phase peak bytes of a GRPO run. model_config: a transformers config.json as a dict; run: GRPOConfig
+    fields (TRL's names) plus an optional `peft` dict (r, lora_alpha, target_modules). device_memory: the
+    accelerator's total bytes, needed to size vLLM's share (vllm_gpu_memory_utilization × total)."""
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
+    return predict_shapes(model_shape(model_config, loaded_dtype(run)), run_shape(run), device, device_memory)
+
+
+def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory: int | None = None) -> Plan:
+    if run.use_vllm and device == "cuda" and not device_memory:
+        raise ValueError("device_memory: use_vllm on cuda needs the GPU's total memory "
+                         "(vLLM takes vllm_gpu_memory_utilization × total)")
+    resident, host = resident_parts(model, run, device, device_memory)
+    phases = [generation_phase(model, run, device, device_memory, resident)]
+    if run.use_vllm:
+        phases.append(weight_push_phase(model, run, device, device_memory, resident))
+    if run.beta > 0 or run.use_vllm:
+        phases.append(logprob_phase(model, run, device, resident))
+    policy = policy_phase(model, run, resident, fused_loss_bytes)
+    phases += [policy, optimizer_phase(model, run, resident)]
+    for p in phases:
+        if device == "cuda":
+            p.parts["CUDA context (typical, not measured)"] = CUDA_CONTEXT_BYTES
+        p.host.update({k: v for k, v in host.items() if not (p.name == "generation" and "vLLM" in k)})
+    materializing = policy_phase(model, run, resident, materializing_loss_bytes).total + (
+        CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+    return Plan(device, model, run, phases, materializing, notes(model, run, device, device_memory))
+
+
+def _vllm_weights(model: ModelShape) -> int:
+    return model.total_params() * model.weight_bytes
+
+
+def resident_parts(model: ModelShape, run: RunShape, device: str, device_memory) -> tuple[dict, dict]:
+    """What every phase holds on the device (and, on a GPU run, in host memory) across the whole step."""
+    p = model.weight_bytes
+    parts = {"policy weights": model.total_params() * p}
+    if run.lora is not None:
+        parts["LoRA adapters"] = run.lora.params(model) * p
+    host = {}
+    if run.has_reference_copy:
+        if run.offload_reference and device == "cuda":
+            host["reference copy (offloaded)"] = model.total_params() * p
+        else:
+            parts["reference copy"] = model.total_params() * p
+    parts["AdamW states (2 per trainable param)"] = 2 * trainable_params(model, run) * p
+    if run.use_vllm and device == "cpu":  # no sleep mode on CPU: the generator keeps weights and KV cache
+        parts["vLLM weights"] = _vllm_weights(model)
+        parts["vLLM KV cache"] = kv_cache_bytes(model, run, model.weight_bytes)
+    elif run.use_vllm and not run.vllm_sleep:  # awake all the time: its whole share stays allocated
+        parts["vLLM pool (no sleep mode)"] = int(run.vllm_utilization * device_memory)
+    elif run.use_vllm and run.vllm_sleep_level == 1:  # level 1 keeps the weights in host memory while asleep
+        host["vLLM weights (asleep, level 1)"] = _vllm_weights(model)
+    return parts, host
+
+
+def generation_phase(model, run, device, device_memory, resident) -> Phase:
+    phase = Phase("generation", dict(resident))
+    if run.use_vllm and device == "cuda":
+        if run.vllm_sleep:  # awake for generation: its share of the GPU, weights + KV cache
+            phase.parts["vLLM pool (utilization × total)"] = int(run.vllm_utilization * device_memory)
+        return phase
+    if run.use_vllm:
+        return phase  # CPU vLLM is counted in the resident parts
+    a = BF16 if (run.bf16 or model.weight_bytes == BF16) else FP32
+    phase.parts["KV cache (generation batch)"] = kv_cache_bytes(model, run, a)
+    prompt_tokens = run.generation_batch * run.prompt_len
+    # prefill: one layer's no-grad intermediates (gate, up, silu, q, k, v, attention out) and its mask
+    phase.parts["prefill working set (one layer)"] = prompt_tokens * (3 * model.intermediate + 4 * model.hidden
+                                                                      + run.prompt_len) * a
+    phase.parts["next-token logits [B_gen, V] fp32 ×3"] = 3 * run.generation_batch * model.vocab * FP32
+    return phase
+
+
+def weight_push_phase(model, run, device, device_memory, resident) -> Phase:
+    """vLLM awake with its weights (woken from host at level 1, re-allocated at level 2) while the policy's
+    parameters stream in one at a time."""
+    phase = Phase("weight push", dict(resident))
+    if device == "cuda" and run.vllm_sleep:
+        phase.parts["vLLM weights (awake)"] = _vllm_weights(model)
+    phase.parts["one parameter in flight"] = model.largest_param() * model.weight_bytes
+    return phase
+
+
+def logprob_phase(model, run, device, resident) -> Phase:
+    """No-grad forwards of one micro-batch (reference, and old logprobs when the batch is reused)."""
+    phase = Phase("logprob passes (reference/old)", dict(resident))
+    if run.has_reference_copy and run.offload_reference and device == "cuda":
+        phase.parts["reference copy (brought back)"] = model.total_params() * model.weight_bytes
+    tokens = run.micro_batch * (run.prompt_len + run.completion_len)
+    a = BF16 if (run.bf16 or model.weight_bytes == BF16) else FP32
+    seq = run.prompt_len + run.completion_len
+    phase.parts["forward working set (one layer)"] = tokens * (3 * model.intermediate + 4 * model.hidden + seq) * a
+    n_rows = run.micro_batch * run.completion_len
+    phase.parts["hidden states [S,H]"] = tokens * model.hidden * FP32
+    phase.parts["logprob tiles 2×[rows,V] fp32"] = 2 * tile_rows(model.vocab, n_rows) * model.vocab * FP32
+    return phase
+
+
+def policy_phase(model, run, resident, loss_parts) -> Phase:
+    phase = Phase("policy forward+backward", dict(resident))
+    tokens = run.micro_batch * (run.prompt_len + run.completion_len)
+    n_rows = run.micro_batch * run.completion_len
+    loss = loss_parts(model, run, n_rows, tokens)
+    live, where = grad_timeline(model, run, tokens, loss)
+    phase.parts[f"activations + gradients ({where})"] = live
+    return phase
+
+
+def optimizer_phase(model, run, resident) -> Phase:
+    """AdamW's step: all gradients live; torch's CPU loop makes two temporaries the size of the largest
+    trainable parameter (sqrt of the second moment, then its scaled copy)."""
+    phase = Phase("optimizer step", dict(resident))
+    p = model.weight_bytes
+    phase.parts["gradients"] = trainable_params(model, run) * p
+    largest = model.largest_param() if run.lora is None else max(
+        run.lora.r * sum(model.linear_shapes()[n]) for n in run.lora.targets)
+    phase.parts["AdamW temporaries (2 × largest param)"] = 2 * largest * p
+    return phase
+
+
+def notes(model, run, device, device_memory) -> list[str]:
+    out = []
+    if run.use_vllm and device == "cuda":
+        share = run.vllm_utilization * device_memory
+        need = _vllm_weights(model)
+        kv = kv_cache_bytes(model, run, model.weight_bytes)
+        if share < need:
+            out.append(f"vLLM's share ({fmt(share)}) is smaller than its weights ({fmt(need)}): it will not start")
+        elif share < need + kv:
+            out.append(f"vLLM's KV cache ({fmt(share - need)}) holds less than the generation batch needs "
+                       f"({fmt(kv)}): it will queue requests (slower, not out of memory)")
+    if device == "cpu" and run.use_vllm:
+        out.append("vLLM on CPU has no sleep mode: its weights and KV cache stay allocated (not validated here)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def fmt(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> int:
+    """'24GB', '24GiB', '24G', '512MB', '1e9' -> bytes. GB and GiB both mean 2^30: a "24 GB" GPU holds 24 GiB."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"--memory: expected a size such as 24GB, 80GiB or 512MB, got {text!r}")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    size = int(value * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+    if size <= 0:
+        raise ValueError(f"--memory: must be positive, got {text!r}")
+    return size
+
+
+def format_plan(plan: Plan, budget: int | None = None) -> str:
+    lines = []
+    for p in plan.phases:
+        mark = "  <- peak" if p is plan.peak_phase else ""
+        lines.append(f"{p.name:<34}{fmt(p.total):>12}{mark}")
+        for k, v in p.parts.items():
+            if v:
+                lines.append(f"    {k:<58}{fmt(v):>12}")
+        for k, v in p.host.items():
+            lines.append(f"    host: {k:<52}{fmt(v):>12}")
+    lines.append(f"{'peak':<34}{fmt(plan.peak):>12}  ({plan.peak_phase.name})")
+    lines.append(f"{'materializing path (TRL, no kernels)':<34}{fmt(plan.materializing_peak):>12}  "
+                 "(policy phase with [N,V] fp32 logits, log_softmax and their grads)")
+    if budget is not None:
+        verdict = "fits" if plan.fits(budget) else "does NOT fit"
+        lines.append(f"budget {fmt(budget)}: {verdict} ({fmt(budget - plan.peak)} to spare)" if plan.fits(budget)
+                     else f"budget {fmt(budget)}: {verdict} (over by {fmt(plan.peak - budget)})")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def load_plan_inputs(path: str) -> tuple[dict, dict]:
+    """CONFIG.yaml -> (model config.json dict, run dict). `model` is a folder (or config.json) or "tiny"."""
+    raw = load_run_config_for_plan(path)
+    model = raw.get("model")
+    if not model:
+        raise ValueError("model: required (a folder with config.json, or 'tiny')")
+    run = {k: v for k, v in raw.items() if k not in ("model", "tiny_model")}
+    if model == "tiny":
+        return tiny_model_config(raw.get("tiny_model") or {}), run
+    if raw.get("tiny_model") is not None:
+        raise ValueError("tiny_model: only used with model: tiny")
+    config_path = model if model.endswith(".json") else os.path.join(model, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"model: {config_path!r} does not exist (plan reads the model's config.json; "
+                         "a hub id must be downloaded to a folder first)")
+    with open(config_path) as f:
+        return json.load(f), run
+
+
+def load_run_config_for_plan(path: str) -> dict:
+    import yaml
+
+    from fastrl.plan_shapes import check_run_keys
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config: file {path!r} does not exist")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping of keys to values, got {type(raw).__name__}")
+    check_run_keys(raw)
+    return raw
+
+
+def tiny_model_config(kwargs: dict) -> dict:
+    """The built-in tiny model's config.json, built in a temporary folder from the `tiny_model:` kwargs."""
+    from fastrl.tasks.tiny_model import build_tiny_model
+
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"tiny_model: expected a mapping, got {kwargs!r}")
+    with tempfile.TemporaryDirectory(prefix="fastrl_plan_") as tmp:
+        folder = build_tiny_model(os.path.join(tmp, "tiny"), **kwargs)
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f)
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run config (the `fastrl train` schema, plus optional `peft`)")
+    parser.add_argument("--memory", required=True, help="memory budget, e.g. 24GB (GB = GiB = 2^30 bytes)")
+    parser.add_argument("--device", choices=DEVICES, default="cuda",
+                        help="cuda: the budget is one GPU's memory; cpu: host memory (default: cuda)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from fastrl.plan_advice import format_advice, recommend
+
+    budget = parse_memory(args.memory)
+    model_config, run = load_plan_inputs(args.config)
+    plan = predict(model_config, run, args.device, device_memory=budget)
+    advice = recommend(plan, budget)
+    if args.json:
+        print(json.dumps({"plan": plan.as_dict(), "budget": budget, "fits": plan.fits(budget),
+                          "advice": advice.as_dict()}, indent=2))
+    else:
+        print(format_plan(plan, budget))
+        print(format_advice(advice, plan, budget))
+    return 0 if plan.fits(budget) else 1
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """`fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu]`. Exit 0 fits, 1 does not fit, 2 bad input."""
+    parser = argparse.ArgumentParser(prog="fastrl plan", description=__doc__.split("\n")[0])
+    add_plan_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_plan(args)
+    except ValueError as e:
+        print(f"fastrl plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(plan_main())

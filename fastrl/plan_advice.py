@@ -1,0 +1,132 @@
+"""Recommendations of `fastrl plan`: settings that make a run fit a budget, each with its predicted peak.
+
+Each lever is tried alone on the run as configured, then the levers are stacked in order of how little they
+change the training itself (checkpointing and sleep mode change nothing but speed; a smaller micro-batch with
+more accumulation keeps the effective batch; LoRA changes what trains) until the run fits. If even every lever
+at once, with one completion per micro-batch, does not fit, the budget cannot be met and the plan says why.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fastrl.plan import Plan, fmt, predict_shapes
+from fastrl.plan_memory import kv_cache_bytes
+from fastrl.plan_shapes import LINEAR_NAMES, LoraShape, RunShape
+
+LORA_DEFAULT = LoraShape(r=16, targets=LINEAR_NAMES)
+
+
+@dataclass
+class Option:
+    label: str  # what to set, in config terms
+    peak: int
+    fits: bool
+
+
+@dataclass
+class Advice:
+    fits: bool
+    single: list[Option] = field(default_factory=list)  # each lever alone
+    combined: Option | None = None  # the first stack of levers that fits
+    impossible: str | None = None  # why no setting fits
+
+    def as_dict(self) -> dict:
+        return {"fits": self.fits, "single": [vars(o) for o in self.single],
+                "combined": None if self.combined is None else vars(self.combined), "impossible": self.impossible}
+
+
+def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
+    """(config text, RunShape changes) for each lever that changes something in this run."""
+    run, out = plan.run, []
+    if not run.checkpointing:
+        out.append(("gradient_checkpointing: true", {"checkpointing": True}))
+    if run.use_vllm and plan.device == "cuda":
+        if not run.vllm_sleep or run.vllm_sleep_level != 2:
+            out.append(("vllm_enable_sleep_mode: true, vllm_sleep_level: 2",
+                        {"vllm_sleep": True, "vllm_sleep_level": 2}))
+        floor = _vllm_floor(plan, budget)
+        if floor < run.vllm_utilization:
+            out.append((f"vllm_gpu_memory_utilization: {floor:.2f} (weights + this batch's KV cache)",
+                        {"vllm_utilization": floor}))
+    if run.has_reference_copy and plan.device == "cuda" and not run.offload_reference:
+        out.append(("reference model in host memory between uses (offload)", {"offload_reference": True}))
+    if run.micro_batch > 1:
+        out.append(("smaller micro-batch", {"micro_batch": 1}))  # refined by _best_micro_batch
+    if run.lora is None:
+        out.append((f"LoRA: peft: {{r: {LORA_DEFAULT.r}, target_modules: all-linear}}", {"lora": LORA_DEFAULT}))
+    return out
+
+
+def _vllm_floor(plan: Plan, budget: int) -> float:
+    """The smallest utilization (a multiple of 0.05) holding vLLM's weights and the batch's KV cache."""
+    m = plan.model
+    need = m.total_params() * m.weight_bytes + kv_cache_bytes(m, plan.run, m.weight_bytes)
+    return min(1.0, math.ceil(need / budget / 0.05) * 0.05)
+
+
+def _predict(plan: Plan, run: RunShape, budget: int) -> Plan:
+    return predict_shapes(plan.model, run, plan.device, budget)
+
+
+def _best_micro_batch(plan: Plan, run: RunShape, budget: int) -> tuple[RunShape, str]:
+    """The largest micro-batch (halving) that fits; accumulation grows so the effective batch stays."""
+    b = run.micro_batch
+    while b > 1 and not _predict(plan, run.replace(micro_batch=b), budget).fits(budget):
+        b = max(1, b // 2)
+    factor = plan.run.micro_batch / b
+    text = (f"per_device_train_batch_size: {b} (gradient_accumulation_steps × {factor:g}, same effective "
+            "batch)")
+    return run.replace(micro_batch=b), text
+
+
+def recommend(plan: Plan, budget: int) -> Advice:
+    advice = Advice(fits=plan.fits(budget))
+    if advice.fits:
+        return advice
+    stacked, labels = plan.run, []
+    for label, changes in _levers(plan, budget):
+        alone = plan.run.replace(**changes)
+        if "micro_batch" in changes:
+            alone, label = _best_micro_batch(plan, plan.run, budget)
+        p = _predict(plan, alone, budget)
+        advice.single.append(Option(label, p.peak, p.fits(budget)))
+        if advice.combined is None:
+            stacked = stacked.replace(**changes)
+            if "micro_batch" in changes:
+                stacked, label = _best_micro_batch(plan, stacked.replace(micro_batch=plan.run.micro_batch),
+                                                   budget)
+            labels.append(label)
+            p = _predict(plan, stacked, budget)
+            if p.fits(budget):
+                advice.combined = Option(" + ".join(labels), p.peak, True)
+    if advice.combined is None:
+        advice.impossible = _why_impossible(plan, stacked.replace(micro_batch=1), budget)
+    return advice
+
+
+def _why_impossible(plan: Plan, floor_run: RunShape, budget: int) -> str:
+    floor = _predict(plan, floor_run, budget)
+    weights = plan.model.total_params() * plan.model.weight_bytes
+    if weights > budget:
+        return (f"the model's weights alone ({fmt(weights)}) exceed the budget ({fmt(budget)}); "
+                "no batch, checkpointing or LoRA setting changes that")
+    phase = floor.peak_phase
+    part, size = max(phase.parts.items(), key=lambda kv: kv[1])
+    return (f"with every lever (checkpointing, sleep, offload, LoRA, one completion per micro-batch) the peak is "
+            f"still {fmt(floor.peak)} in '{phase.name}', over {fmt(budget)}; its largest part is {part} "
+            f"({fmt(size)})")
+
+
+def format_advice(advice: Advice, plan: Plan, budget: int) -> str:
+    if advice.fits:
+        return ""
+    lines = ["", "to make it fit:" if advice.single else "no lever applies to this run:"]
+    for o in advice.single:
+        lines.append(f"  {o.label:<78} peak {fmt(o.peak):>11}  {'fits' if o.fits else 'still over'}")
+    if advice.combined is not None:
+        lines.append(f"  together: {advice.combined.label}")
+        lines.append(f"  {'':<78} peak {fmt(advice.combined.peak):>11}  fits")
+    if advice.impossible:
+        lines.append(f"no setting fits {fmt(budget)}: {advice.impossible}")
+    return "\n".join(lines)

@@ -1,0 +1,259 @@
+"""Measured peak memory of GRPO training steps on CPU, to check `fastrl plan`'s predictions against.
+
+Each case runs in a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536 (so freed tensors go back to the OS and
+RSS follows live memory). The child imports everything and warms the kernels up on a throw-away model, resets
+the kernel's high-water mark (/proc/self/clear_refs), records the RSS as its baseline, then does what a GRPO
+micro-step does, twice (so the second step runs with the optimizer states already allocated):
+
+    build a random-init transformers Llama (fp32) -> fastrl.policy.prepare_for_training (LoRA, checkpointing)
+    -> frozen reference copy (beta > 0, full fine-tuning) -> reference logprobs, no grad, fused kernel
+    (LoRA: the same model with the adapter disabled) -> final hidden states of prompt + completion
+    (fastrl.policy.completion_hidden) -> fastrl.kernels.fused_linear_grpo_loss(backend="torch") -> backward
+    -> clip_grad_norm_ -> AdamW step -> zero_grad(set_to_none=True)
+
+Peak = VmHWM − baseline. Predicted = `fastrl.plan.predict(..., device="cpu").peak`.
+
+    python -m fastrl.plan_measure --csv bench/results/plan_validation.csv     # every case, ~1-2 min
+    python -m fastrl.plan_measure --case full_fp32                          # one case, printed
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+# name -> (model config.json fields, run config). Models: the issue's 2-layer width-256 vocab-32768 Llama,
+# and a 4-layer width-512 one (untied head, grouped KV heads) for a second shape.
+SMALL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
+         "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 32768, "tie_word_embeddings": True,
+         "dtype": "float32"}
+WIDER = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
+         "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "tie_word_embeddings": False,
+         "dtype": "float32"}
+BASE_RUN = {"num_generations": 4, "max_prompt_length": 64, "max_completion_length": 256, "bf16": False,
+            "gradient_checkpointing": False, "beta": 0.0, "per_device_train_batch_size": 8}
+LORA_ALL = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
+
+CASES = {
+    "full_fp32": (SMALL, {}),
+    "full_fp32_ckpt": (SMALL, {"gradient_checkpointing": True}),
+    "full_fp32_beta": (SMALL, {"beta": 0.04, "per_device_train_batch_size": 4}),
+    "lora_all_beta": (SMALL, {"beta": 0.04, "peft": LORA_ALL}),
+    "full_bf16_autocast": (SMALL, {"bf16": True}),
+    "wider_full_ckpt": (WIDER, {"gradient_checkpointing": True, "per_device_train_batch_size": 4,
+                                "max_completion_length": 192}),
+    "wider_full": (WIDER, {"per_device_train_batch_size": 4, "max_completion_length": 192}),
+    "wider_lora_qv_ckpt": (WIDER, {"gradient_checkpointing": True, "beta": 0.04,
+                                   "peft": {"r": 16, "target_modules": ["q_proj", "v_proj"]}}),
+}
+
+
+def case_inputs(name: str) -> tuple[dict, dict]:
+    """A case name, or a JSON list [model config, run overrides] (tests pass their own cases this way)."""
+    if name.startswith("["):
+        model, run = json.loads(name)
+        return dict(model), {**BASE_RUN, **run}
+    if name not in CASES:
+        raise ValueError(f"case {name!r}: known cases are {sorted(CASES)}")
+    model, run = CASES[name]
+    return dict(model), {**BASE_RUN, **run}
+
+
+# ------------------------------------------------------------------------------------------- the child
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _build(model_config: dict, run: dict):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastrl.config import GRPOConfig
+    from fastrl.policy import frozen_reference, prepare_for_training
+
+    fields = {k: v for k, v in model_config.items() if k not in ("model_type", "dtype")}
+    config = LlamaConfig(**fields, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    args = GRPOConfig(**{k: v for k, v in run.items() if k != "peft"}, output_dir="/tmp/fastrl_plan_measure")
+    peft_config = None
+    if run.get("peft"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**run["peft"])
+    model = prepare_for_training(model, args, torch.device("cpu"), peft_config)
+    ref = frozen_reference(model) if args.beta > 0 and peft_config is None else None
+    return model, ref, args
+
+
+def _batch(vocab: int, b: int, p: int, t: int):
+    """Left-padded prompts [b, P] (every other row padded by P/4) + full-length completions [b, T]."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(4, vocab, (b, p), generator=g)
+    prompt_mask = torch.ones(b, p, dtype=torch.long)
+    prompt_mask[::2, : p // 4] = 0
+    completion = torch.randint(4, vocab, (b, t), generator=g)
+    ids = torch.cat([prompt, completion], 1)  # [b, P+T]
+    attention = torch.cat([prompt_mask, torch.ones(b, t, dtype=torch.long)], 1)
+    return ids, attention, completion
+
+
+def _reference_logprobs(model, ref, ids, attention, completion, p, args):
+    import contextlib
+
+    import torch
+
+    from fastrl.kernels import fused_linear_logprobs
+    from fastrl.policy import completion_hidden, lm_head
+
+    source = ref if ref is not None else model
+    adapter_off = model.disable_adapter() if ref is None else contextlib.nullcontext()
+    with torch.no_grad(), adapter_off, _autocast(args):
+        hidden = completion_hidden(source, ids, attention, p)  # [b, T, H]
+        return fused_linear_logprobs(hidden, lm_head(source).weight.to(hidden.dtype), completion, backend="torch")
+
+
+def _autocast(args):
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
+def _step(model, ref, opt, args, ids, attention, completion, p):
+    import torch
+
+    from fastrl.kernels import fused_linear_grpo_loss
+    from fastrl.policy import completion_hidden, lm_head
+
+    ref_logp = _reference_logprobs(model, ref, ids, attention, completion, p, args) if args.beta > 0 else None
+    with _autocast(args):
+        hidden = completion_hidden(model, ids, attention, p)  # [b, T, H]
+    weight = lm_head(model).weight
+    advantages = torch.linspace(-1, 1, ids.shape[0])
+    loss, _ = fused_linear_grpo_loss(hidden, weight.to(hidden.dtype), completion, torch.ones_like(completion),
+                                     advantages, ref_logprobs=ref_logp, beta=args.beta, backend="torch")
+    del hidden
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _warm_up() -> None:
+    """Run every code path once on a throw-away model, so library pages and one-time buffers are in the baseline."""
+    small = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "vocab_size": 256, "tie_word_embeddings": True}
+    for run in ({**BASE_RUN, "beta": 0.04, "max_prompt_length": 8, "max_completion_length": 8},
+                {**BASE_RUN, "bf16": True, "gradient_checkpointing": True, "beta": 0.04, "peft": LORA_ALL,
+                 "max_prompt_length": 8, "max_completion_length": 8}):
+        _run_steps(small, run, steps=1)
+
+
+def _run_steps(model_config: dict, run: dict, steps: int) -> None:
+    import torch
+
+    model, ref, args = _build(model_config, run)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    ids, attention, completion = _batch(model_config["vocab_size"], args.per_device_train_batch_size,
+                                        args.max_prompt_length, args.max_completion_length)
+    for _ in range(steps):
+        _step(model, ref, opt, args, ids, attention, completion, args.max_prompt_length)
+
+
+def child(name: str) -> dict:
+    import gc
+
+    import torch
+
+    torch.set_num_threads(1)
+    model_config, run = case_inputs(name)
+    if run.get("peft"):
+        import peft  # noqa: F401
+    _warm_up()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    baseline = _status_kib("VmRSS") * 1024
+    t0 = time.perf_counter()
+    _run_steps(model_config, run, steps=2)
+    return {"case": name, "baseline": baseline, "peak": _status_kib("VmHWM") * 1024 - baseline,
+            "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------- the parent
+def measure(name: str, timeout: float = 300) -> dict:
+    """Run one case in a fresh subprocess; returns its measured peak (bytes above the baseline)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "-m", "fastrl.plan_measure", "--child", name], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring {name!r} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def predicted(name: str):
+    from fastrl.plan import predict
+
+    model_config, run = case_inputs(name)
+    return predict(model_config, run, device="cpu")
+
+
+def compare(name: str) -> dict:
+    m, plan = measure(name), predicted(name)
+    model_config, run = case_inputs(name)
+    return {"case": name, "layers": model_config["num_hidden_layers"], "hidden": model_config["hidden_size"],
+            "vocab": model_config["vocab_size"], "micro_batch": run["per_device_train_batch_size"],
+            "prompt_len": run["max_prompt_length"], "completion_len": run["max_completion_length"],
+            "checkpointing": run["gradient_checkpointing"], "bf16": run["bf16"], "beta": run["beta"],
+            "lora": json.dumps(run.get("peft")) if run.get("peft") else "",
+            "predicted_mib": round(plan.peak / 2**20, 1), "predicted_phase": plan.peak_phase.name,
+            "measured_mib": round(m["peak"] / 2**20, 1),
+            "error_pct": round(100 * (plan.peak - m["peak"]) / m["peak"], 1),
+            "materializing_predicted_mib": round(plan.materializing_peak / 2**20, 1),
+            "seconds": round(m["seconds"], 1)}
+
+
+def write_csv(path: str, rows: list[dict], command: str) -> None:
+    with open(path, "w", newline="") as f:
+        f.write(f"# made by: {command}\n")
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; peak RSS above a warmed-up baseline, "
+                "2 steps, one fresh process per case, MALLOC_MMAP_THRESHOLD_=65536, 1 thread\n")
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="measured vs predicted peak memory of GRPO steps on CPU")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--case", action="append", help=f"one of {sorted(CASES)} (default: all)")
+    parser.add_argument("--csv", help="write the comparison to this CSV file")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return 0
+    rows = []
+    for name in args.case or list(CASES):
+        rows.append(compare(name))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.csv:
+        write_csv(args.csv, rows, "python -m fastrl.plan_measure --csv " + args.csv
+                  + "".join(f" --case {c}" for c in args.case or []))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

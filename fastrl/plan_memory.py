@@ -1,0 +1,169 @@
+"""The memory formulas behind `fastrl plan`: bytes held by each part of a GRPO step, phase by phase.
+
+Notation: L layers, H hidden, I intermediate, Hq = heads·head_dim, V vocab, b completions per micro-batch,
+P prompt and T completion length, S = b·(P + T) tokens in a micro-batch, N = b·T completion tokens.
+
+Activations are counted tensor by tensor from what autograd saves in a transformers Llama layer with sdpa
+attention (listed with `torch.autograd.graph.saved_tensors_hooks`, torch 2.13 / transformers 5.23), per token:
+
+    attention norm   x [H], rsqrt [1], x·rsqrt [H] (only if the norm weight trains)
+    q/k/v input      normed [H] once, if q, k or v trains (under bf16 autocast: one bf16 copy per trained linear)
+    attention        q, k, v (k, v repeated to all heads), output: 4·Hq; log-sum-exp [heads] fp32;
+                     the padding mask [B, 1, P+T, P+T]: P+T per token, a fresh copy in every layer
+    MLP norm         x [H], rsqrt [1], x·rsqrt [H] (if the norm trains), normed [H] if gate or up trains
+    MLP              gate, up, silu(gate): 3·I; their product [I] if down trains
+    LoRA             the adapter's A output [r] per adapted linear (A and B train, the base does not)
+
+A frozen linear (LoRA's base weights) saves no input, and a frozen norm weight saves no x·rsqrt. Under bf16
+autocast with fp32 weights, every linear also saves its bf16 weight copy, and linear inputs/outputs are bf16
+while the residual stream and norms stay fp32. With gradient checkpointing a layer saves only its input [H];
+backward recomputes one layer at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastrl.plan_shapes import ModelShape, RunShape
+
+FP32 = 4
+BF16 = 2
+# The fused loss's row tile: 2^21 fp32 logits (kernels/forward_sweep.py TILE_ELEMENTS), two buffers (z, p).
+TILE_ELEMENTS = 1 << 21
+MIN_TILE_ROWS = 16
+# A CUDA context and the caching allocator's slack hold memory outside any tensor. A typical figure, not
+# measured here (these machines have no GPU): shown as its own line so a reader can discount it.
+CUDA_CONTEXT_BYTES = 512 << 20
+
+
+@dataclass
+class Phase:
+    name: str
+    parts: dict[str, int] = field(default_factory=dict)  # what is live at this phase's peak -> bytes
+    host: dict[str, int] = field(default_factory=dict)  # on a GPU run: what sits in host memory meanwhile
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def _trains(model: ModelShape, run: RunShape, name: str) -> bool:
+    """Whether a layer's linear `name` has a trainable weight (full fine-tuning) or adapter (LoRA)."""
+    return run.lora is None or name in run.lora.targets
+
+
+def _autocast(model: ModelShape, run: RunShape) -> bool:
+    """bf16 autocast over fp32 weights (the trainer's bf16=True on an fp32 model)."""
+    return run.bf16 and model.weight_bytes == FP32
+
+
+def activation_bytes_per_token(model: ModelShape, run: RunShape, seq_len: int) -> int:
+    """Bytes one decoder layer saves for backward, per token of a micro-batch (see the module docstring)."""
+    h, i, hq = model.hidden, model.intermediate, model.heads * model.head_dim
+    a = BF16 if (_autocast(model, run) or model.weight_bytes == BF16) else FP32  # linear inputs/outputs
+    norm_x = FP32  # the norm saves its input in fp32 (transformers upcasts 16-bit inputs)
+    norms_train = run.lora is None
+    trained = [n for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") if _trains(model, run, n)]
+    attn_in = [n for n in trained if n in ("q_proj", "k_proj", "v_proj")]
+    mlp_in = [n for n in trained if n in ("gate_proj", "up_proj")]
+    copies = _autocast(model, run)  # under autocast each trained linear saves its own bf16 input copy
+    out = 2 * (norm_x * h + FP32)  # two norms: x [H] and rsqrt [1]
+    out += 2 * (norm_x * h) if norms_train else 0  # x·rsqrt [H], saved for the norm weight's gradient
+    out += a * h * ((len(attn_in) if copies else min(1, len(attn_in))) + (len(mlp_in) if copies else
+                                                                           min(1, len(mlp_in))))
+    out += a * 4 * hq + FP32 * model.heads + a * seq_len  # q, k, v, output; lse; the padding mask row
+    out += a * 3 * i + (a * i if _trains(model, run, "down_proj") else 0)  # gate, up, silu(gate), product
+    if run.lora is not None:
+        out += a * run.lora.r * len(run.lora.targets)
+    return out
+
+
+def autocast_weight_copies(model: ModelShape, run: RunShape) -> int:
+    """Under bf16 autocast with fp32 weights: each layer's linear weights in bf16, saved for backward."""
+    if not _autocast(model, run):
+        return 0
+    return model.layers * sum(a * b for a, b in model.linear_shapes().values()) * BF16
+
+
+def top_activation_bytes_per_token(model: ModelShape, run: RunShape) -> int:
+    """Outside the layers: the final norm (x, x·rsqrt) and the input ids (int64)."""
+    return FP32 * model.hidden * (2 if run.lora is None else 1) + FP32 + 8
+
+
+def checkpointed_bytes_per_token(model: ModelShape, run: RunShape) -> int:
+    """With gradient checkpointing a layer keeps only its input: the residual stream [H]."""
+    return model.hidden * (BF16 if model.weight_bytes == BF16 else FP32)
+
+
+def layer_backward_transient(model: ModelShape, run: RunShape, tokens: int) -> int:
+    """Gradients in flight inside one layer's backward: the MLP's three [S, I] and a few [S, H] (residual,
+    normed, attention output, input)."""
+    a = BF16 if (_autocast(model, run) or model.weight_bytes == BF16) else FP32
+    return tokens * (3 * model.intermediate + 4 * model.hidden) * a
+
+
+def tile_rows(vocab: int, n_rows: int) -> int:
+    """Rows per loss tile, as kernels/forward_sweep.rows_per_tile picks them."""
+    rows = max(MIN_TILE_ROWS, (TILE_ELEMENTS // vocab) // MIN_TILE_ROWS * MIN_TILE_ROWS)
+    return min(rows, max(n_rows, 1))
+
+
+def fused_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, int]:
+    """The fused loss at the start of backward: dh [N, H] and dW [V, H] in fp32 computed in forward, their
+    scaled copies made in backward (× 2), the [S, H] gradient of the sliced hidden states; the tile buffers
+    (2 · rows · V fp32) are freed by then but bound the forward's working set."""
+    v, h = model.vocab, model.hidden
+    head_trains = run.lora is None
+    grad_h = 2 * n_rows * h * FP32
+    grad_w = 2 * v * h * FP32 if head_trains else 0
+    out = {"loss: dh [N,H] fp32 ×2": grad_h, "loss: dW [V,H] fp32 ×2": grad_w,
+           "loss: d(hidden) [S,H]": tokens * h * FP32}
+    if model.weight_bytes == BF16:  # backward casts the scaled gradients to the 16-bit inputs' dtype
+        out["loss: 16-bit grad copies"] = (n_rows * h + (v * h if head_trains else 0)) * BF16
+    return out
+
+
+def materializing_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, int]:
+    """The materializing path (TRL without kernels): logits [N, V] fp32, log_softmax [N, V] fp32 and the
+    gradients of both, held together at the start of backward, plus the same dh, dW and d(hidden)."""
+    out = fused_loss_bytes(model, run, n_rows, tokens)
+    out["loss: logits, log_softmax + grads [N,V] fp32 ×4"] = 4 * n_rows * model.vocab * FP32
+    return out
+
+
+def trainable_params(model: ModelShape, run: RunShape) -> int:
+    return model.total_params() if run.lora is None else run.lora.params(model)
+
+
+def grad_timeline(model: ModelShape, run: RunShape, tokens: int, loss: dict[str, int]) -> tuple[int, str]:
+    """The largest (activations + gradients) point of backward, walking the layers top to bottom.
+
+    Backward frees a layer's saved tensors as it produces that layer's gradients, so the sum peaks either at
+    the start (activations dominate) or at the end (gradients dominate): both ends and every layer between are
+    evaluated. Returns (bytes, where)."""
+    p = model.weight_bytes
+    seq_len = run.prompt_len + run.completion_len
+    per_layer_act = activation_bytes_per_token(model, run, seq_len) * tokens
+    per_layer_grad = (model.layer_params() if run.lora is None else run.lora.params(model) // model.layers) * p
+    head_grad = model.head_params() * p if run.lora is None else 0
+    top = top_activation_bytes_per_token(model, run) * tokens + autocast_weight_copies(model, run)
+    transient = layer_backward_transient(model, run, tokens)
+    saved_per_layer = checkpointed_bytes_per_token(model, run) * tokens if run.checkpointing else per_layer_act
+    start = top + model.layers * saved_per_layer + sum(loss.values())
+    best, where = start, "start of backward"
+    for k in range(model.layers):  # k layers done; layer k (from the top) in flight
+        live = (top + (model.layers - k) * saved_per_layer + head_grad + k * per_layer_grad + transient
+                + (per_layer_act if run.checkpointing else 0))
+        if live > best:
+            best, where = live, f"backward of layer {model.layers - k} of {model.layers}"
+    # last: the embedding's dense gradient [V, H] (added into the tied head's gradient, or its own)
+    emb = model.head_params() * p if run.lora is None else 0
+    end = head_grad + model.layers * per_layer_grad + emb  # tied: new [V, H] added into the head's gradient
+    if end > best:
+        best, where = end, "end of backward (embedding gradient)"
+    return best, where
+
+
+def kv_cache_bytes(model: ModelShape, run: RunShape, dtype_bytes: int) -> int:
+    """K and V for every layer and token of a generation batch: 2·L·kv_heads·head_dim per token."""
+    tokens = run.generation_batch * (run.prompt_len + run.completion_len)
+    return 2 * model.layers * model.kv_heads * model.head_dim * tokens * dtype_bytes

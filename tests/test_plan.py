@@ -1,0 +1,174 @@
+"""`fastrl plan`: predicted peaks against peaks measured on CPU, the ordering facts, budgets and bad input.
+
+The measured cases each run two real GRPO micro-steps (random-init Llama, fused loss, backward, AdamW) in a
+fresh subprocess (fastrl/plan_measure.py); the prediction must be within 15% of the measured peak RSS.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastrl.plan import parse_memory, plan_main, predict
+from fastrl.plan_measure import SMALL, WIDER, measure, predicted
+
+GiB = 1 << 30
+
+# Small enough for a ~15 s subprocess each, large enough (~100-400 MiB) that allocator noise is small.
+MEASURED = {
+    "L2-H256-V32768-full-b4-T128": (SMALL, {"per_device_train_batch_size": 4, "max_prompt_length": 32,
+                                            "max_completion_length": 128}),
+    "L2-H256-V32768-full-ckpt-b8-T128": (SMALL, {"max_prompt_length": 32, "max_completion_length": 128,
+                                                 "gradient_checkpointing": True}),
+    "L2-H256-V32768-lora-beta-b4-T128": (SMALL, {"per_device_train_batch_size": 4, "max_prompt_length": 32,
+                                                 "max_completion_length": 128, "beta": 0.04,
+                                                 "peft": {"r": 8, "target_modules": "all-linear"}}),
+    "L4-H512-V32000-untied-beta-ckpt-b2-T96": (WIDER, {"per_device_train_batch_size": 2, "max_prompt_length": 32,
+                                                       "max_completion_length": 96, "beta": 0.04,
+                                                       "gradient_checkpointing": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(MEASURED))
+def test_prediction_within_15_percent_of_measured_peak(case):
+    spec = json.dumps(MEASURED[case])
+    measured = measure(spec)["peak"]
+    plan = predicted(spec)
+    error = (plan.peak - measured) / measured
+    assert abs(error) <= 0.15, (f"{case}: predicted {plan.peak / 2**20:.1f} MiB, measured {measured / 2**20:.1f} "
+                                f"MiB ({100 * error:+.1f}%)")
+
+
+# ------------------------------------------------------------------------------------------- ordering facts
+LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+            "tie_word_embeddings": False, "dtype": "bfloat16"}
+QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+            "tie_word_embeddings": True, "dtype": "bfloat16"}
+RUN = {"per_device_train_batch_size": 8, "num_generations": 8, "max_prompt_length": 256,
+       "max_completion_length": 1024, "beta": 0.04}
+
+
+def _policy_activations(plan):
+    return next(v for k, v in plan.phase("policy forward+backward").parts.items() if k.startswith("activations"))
+
+
+def test_checkpointing_lowers_activations():
+    on = predict(QWEN_05B, {**RUN, "gradient_checkpointing": True})
+    off = predict(QWEN_05B, {**RUN, "gradient_checkpointing": False})
+    assert _policy_activations(on) < _policy_activations(off) / 4
+    assert on.peak < off.peak
+
+
+def test_lora_lowers_optimizer_states_and_drops_the_reference_copy():
+    full = predict(QWEN_05B, RUN)
+    lora = predict(QWEN_05B, {**RUN, "peft": {"r": 16, "target_modules": "all-linear"}})
+    key = "AdamW states (2 per trainable param)"
+    assert lora.phases[0].parts[key] < full.phases[0].parts[key] / 20
+    assert "reference copy" in full.phases[0].parts and "reference copy" not in lora.phases[0].parts
+
+
+def test_beta_zero_has_no_reference_pass():
+    plan = predict(QWEN_05B, {**RUN, "beta": 0.0})
+    assert "reference copy" not in plan.phases[0].parts
+    assert all("logprob" not in p.name for p in plan.phases)
+
+
+def test_sleep_level_2_frees_the_weights_that_level_1_keeps_in_host_memory():
+    vllm = {**RUN, "use_vllm": True, "vllm_enable_sleep_mode": True, "vllm_gpu_memory_utilization": 0.3}
+    one = predict(QWEN_05B, {**vllm, "vllm_sleep_level": 1}, "cuda", 24 * GiB)
+    two = predict(QWEN_05B, {**vllm, "vllm_sleep_level": 2}, "cuda", 24 * GiB)
+    training = one.phase("policy forward+backward")
+    assert sum(training.host.values()) > 0 and sum(two.phase("policy forward+backward").host.values()) == 0
+    awake = predict(QWEN_05B, {**vllm, "vllm_enable_sleep_mode": False}, "cuda", 24 * GiB)
+    assert awake.phase("policy forward+backward").total - training.total == pytest.approx(0.3 * 24 * GiB, rel=1e-6)
+
+
+def test_materializing_path_needs_more_than_the_fused_loss_at_large_vocab():
+    plan = predict(QWEN_05B, RUN)
+    n, v = 8 * 1024, 151936  # completion tokens per micro-batch, vocabulary
+    policy = plan.phase("policy forward+backward").parts
+    resident = sum(v for k, v in policy.items() if not k.startswith("activations"))
+    assert plan.materializing_peak >= resident + 4 * n * v * 4  # logits, log_softmax and both grads in fp32
+    assert plan.materializing_peak > 3 * plan.peak
+
+
+def test_optimizer_states_follow_the_parameter_dtype():
+    fp32 = predict({**QWEN_05B, "dtype": "float32"}, RUN)
+    bf16 = predict(QWEN_05B, RUN)
+    key = "AdamW states (2 per trainable param)"
+    assert fp32.phases[0].parts[key] == 2 * bf16.phases[0].parts[key]
+
+
+# ------------------------------------------------------------------------------------------- CLI and budgets
+def _write(tmp_path, model_config, run):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(model_config))
+    lines = [f"model: {folder}"] + [f"{k}: {json.dumps(v)}" for k, v in run.items()]
+    path = tmp_path / "run.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_a_budget_no_setting_meets_says_why(tmp_path, capsys):
+    config = _write(tmp_path, LLAMA_8B, RUN)
+    assert plan_main([config, "--memory", "12GB", "--device", "cuda"]) == 1
+    out = capsys.readouterr().out
+    assert "no setting fits" in out and "weights alone" in out and "14.96 GiB" in out
+
+
+def test_a_tight_budget_gets_a_recommendation_whose_plan_fits(tmp_path, capsys):
+    config = _write(tmp_path, LLAMA_8B, {**RUN, "gradient_checkpointing": False})
+    assert plan_main([config, "--memory", "80GB", "--device", "cuda", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["fits"] and report["advice"]["combined"]["fits"]
+    assert report["advice"]["combined"]["peak"] <= 80 * GiB < report["plan"]["peak"]
+
+
+def test_tiny_model_config_runs_end_to_end(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("model: tiny\ntiny_model: {hidden_size: 256, vocab_size: 32768}\nmax_prompt_length: 64\n"
+                    "max_completion_length: 256\nnum_generations: 8\n")
+    assert plan_main([str(path), "--memory", "24GB", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "policy forward+backward" in out and "materializing path" in out and "fits" in out
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_unknown_field_is_named(tmp_path, capsys):
+    config = _write(tmp_path, QWEN_05B, {**RUN, "per_device_batch_size": 4})
+    assert plan_main([config, "--memory", "24GB"]) == 2
+    err = capsys.readouterr().err
+    assert "per_device_batch_size" in err and "per_device_train_batch_size" in err
+
+
+def test_missing_config_json(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {tmp_path / 'nowhere'}\nmax_prompt_length: 64\n")
+    assert plan_main([str(path), "--memory", "24GB"]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_bad_model_config_and_lora_targets():
+    with pytest.raises(ValueError, match="intermediate_size"):
+        predict({k: v for k, v in QWEN_05B.items() if k != "intermediate_size"}, RUN)
+    with pytest.raises(ValueError, match="qkv_proj"):
+        predict(QWEN_05B, {**RUN, "peft": {"r": 8, "target_modules": ["qkv_proj"]}})
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        predict(QWEN_05B, {k: v for k, v in RUN.items() if k != "max_prompt_length"})
+    with pytest.raises(ValueError, match="device_memory"):
+        predict(QWEN_05B, {**RUN, "use_vllm": True}, "cuda")
+
+
+@pytest.mark.parametrize("text,expected", [("24GB", 24 * GiB), ("24GiB", 24 * GiB), ("512MB", 512 << 20),
+                                           ("1.5G", 3 * GiB // 2)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-3GB", "0GB", "24 parsecs"])
+def test_parse_memory_rejects(text):
+    with pytest.raises(ValueError, match="--memory"):
+        parse_memory(text)
