@@ -1,0 +1,77 @@
+"""`fastrl bench [--suite kernels|e2e|all] [--quick] [--out bench/results]`.
+
+Writes <out>/<suite>.csv (<suite>-quick.csv for --quick, so a quick look never overwrites a full record), PNG
+plots beside it, and prints the README tables. For the `fastrl` command: COMMANDS entry
+`Command("fastrl.bench.cli", "add_arguments", "run", ...)`; standalone: `python -m fastrl.bench.cli ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+SUITES = ("kernels", "e2e", "all")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=SUITES, default="all", help="which suite to run (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few representative cases (< 5 minutes on a quiet 2-core CPU); writes *-quick.csv")
+    parser.add_argument("--out", default=os.path.join("bench", "results"), help="folder for CSV and PNG files")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated kernel providers (default: all; see fastrl.bench.providers)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-memory", action="store_true", help="kernels: time only, no memory processes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    import torch
+
+    from .plots import write_plots
+    from .results import command_line, run_facts, write_csv
+    from .table import render_table
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if argv is not None:
+        command = command_line(argv)
+    else:  # called by the `fastrl` command: record what the user typed
+        command = command_line(sys.argv[1:], prog="fastrl")
+    suites = ("kernels", "e2e") if args.suite == "all" else (args.suite,)
+    suffix = "-quick" if args.quick else ""
+    for suite in suites:
+        run_info = run_facts(command, device)
+        if suite == "kernels":
+            from .kernels import Settings, run_kernel_suite
+
+            settings = Settings.quick(device) if args.quick else Settings(device=device)
+            settings.providers = args.providers.split(",") if args.providers else None
+            settings.memory = not args.no_memory
+            rows = run_kernel_suite(run_info, settings=settings, quick=args.quick, progress=not args.no_progress)
+        else:
+            from .e2e import run_e2e_suite
+
+            rows = run_e2e_suite(run_info, quick=args.quick, device=device, progress=not args.no_progress)
+        path = write_csv(rows, os.path.join(args.out, f"{suite}{suffix}.csv"))
+        plots = write_plots(rows_from(path), args.out, f"{suite}{suffix}")
+        print(render_table(path))
+        print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in plots))
+    return 0
+
+
+def rows_from(path: str):
+    from .results import read_csv
+
+    return read_csv(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="fastrl bench", description="Benchmark fastrl against its peers.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
