@@ -8,6 +8,7 @@ runs under both isolations: "kernel" (namespaces + uid nobody; needs root on Lin
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 
@@ -264,8 +265,50 @@ def test_timeout_is_reported_and_kills_by_pid():
 @pytest.mark.parametrize("trick", ["floods the report pipe", "closes the report pipe and keeps running"])
 def test_report_pipe_tricks_are_timeouts_or_failures(isolation, trick, unharmed):
     """The harness's report pipe is the one open fd above 2; abusing it must neither pass nor hang."""
-    pipe_fd = "max(int(fd) for fd in os.listdir('/proc/self/fd') if int(fd) > 2 and os.path.exists(f'/proc/self/fd/{fd}'))"
+    pipe_fd = ("max(int(fd) for fd in os.listdir('/proc/self/fd')"
+               " if int(fd) > 2 and os.path.exists(f'/proc/self/fd/{fd}'))")  # the listing's own fd is gone
     action = {"floods the report pipe": "os.write(fd, bytes(65536))",
               "closes the report pipe and keeps running": "os.close(fd)\nwhile True:\n    pass"}[trick]
     reward, seconds = scored(isolation, f"import os\nfd = {pipe_fd}\n{action}")
     assert reward == 0.0 and seconds < TIMEOUT + SLACK
+
+
+UNPRIVILEGED_RUN = """
+import ctypes, os, sys
+sys.path.insert(0, {repo!r})
+from fastrl.rewards.sandbox_child import (CLONE_NEWNS, MNT_DETACH, MS_BIND, MS_PRIVATE, MS_REC, NOBODY,
+                                         _first_closed_ancestor, _mount)
+# a private mount namespace in which nobody can run this interpreter: hide the closed directory (pyenv's /root)
+# and bind the interpreter's prefix back, then become nobody and call the sandbox as an ordinary user would
+assert ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNS) == 0
+_mount(None, "/", None, MS_REC | MS_PRIVATE)
+closed = _first_closed_ancestor(sys.base_prefix)
+if closed:
+    stage = "/tmp/.fastrl-test-stage-" + str(os.getpid())
+    os.mkdir(stage)
+    _mount(sys.base_prefix, stage, None, MS_BIND | MS_REC)
+    _mount("tmpfs", closed, "tmpfs", 0, "mode=755")
+    os.makedirs(sys.base_prefix)
+    _mount(stage, sys.base_prefix, None, MS_BIND | MS_REC)
+    assert ctypes.CDLL(None).umount2(stage.encode(), MNT_DETACH) == 0
+    os.rmdir(stage)  # the directory was made on the host's /tmp
+os.setgroups([]); os.setgid(NOBODY); os.setuid(NOBODY)
+from fastrl.rewards.sandbox import SandboxLimits, run_python
+for code in {programs!r}:
+    r = run_python([code], SandboxLimits(timeout=2))
+    print(r.isolation, r.passed)
+"""
+
+
+def test_audit_isolation_as_an_unprivileged_user():
+    """The fallback where it is meant to run: the caller is not root, so no namespaces and no uid change."""
+    if sandbox_isolation() != "kernel":
+        pytest.skip("setting up an unprivileged caller needs root")
+    programs = ["assert 1 + 1 == 2", "import os\nos.fork()", "import socket\nsocket.socket()",
+                "import ctypes\nctypes.CDLL(None).fork()", f"open('/tmp/fastrl-escape-{uuid.uuid4().hex}', 'w')"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = UNPRIVILEGED_RUN.format(repo=repo, programs=programs)
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:5] == ["audit True"] + ["audit False"] * 4
