@@ -34,6 +34,9 @@ from .forward_sweep_triton import FORWARD_CONFIG, SweepConfig, dot_settings, log
 # 0 spills, on both archs, in every flag combination (`python -m fastrl.kernels.report`). Shared memory per stage:
 # h 64·32 + W 128·32 bf16 = 12 KiB, plus dz in bf16 64·128·2 = 16 KiB; 2 stages ≈ 44 KiB (sm_80) / 73 KiB (sm_90).
 # Atomic traffic: each dh element receives V/128 adds and each dW element N/64 adds, all fp32.
+# The z tile itself is recomputed with the forward's BLOCK_H (BLOCK_HZ = 64), so it is summed over H in the same
+# chunks as the forward's z: exp(z − lse) then sees the rounding of lse only, not a second rounding of z (on peaked
+# fp32 rows, |z| ≈ 70, a different chunking tripled the error of dh).
 GRAD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
 
 

@@ -117,6 +117,24 @@ def _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row, o_t, m_t, i_b, 
 
 
 @triton.jit
+def _sequence_sums(p_logp, p_mask, p_old, row, T, HAS_OLD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(Σ_t m, Σ_t m·(logp − old)) of one sequence."""
+    m_sum = 0.0
+    lr_sum = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        m_t = o_t < T
+        # [BT]
+        b_lp = tl.load(p_logp + row + o_t, mask=m_t, other=0.0)
+        b_m = tl.load(p_mask + row + o_t, mask=m_t, other=0.0)
+        m_sum += tl.sum(b_m, axis=0)
+        if HAS_OLD:
+            b_old = tl.load(p_old + row + o_t, mask=m_t, other=0.0)
+            lr_sum += tl.sum(b_m * (b_lp - b_old), axis=0)
+    return m_sum, lr_sum
+
+
+@triton.jit
 def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_mask_total, p_g, p_part,
                           T, stride_isr_b, stride_isr_t, n_seq, norm_const, beta, eps_low, eps_high, delta,
                           t_pos, t_neg, ent_thr,
@@ -127,17 +145,7 @@ def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_m
     i_b = tl.program_id(0).to(tl.int64)
     row = i_b * T
     a = tl.load(p_adv + i_b).to(tl.float32)
-    # pass 1: Σ m and Σ m·(logp − old) of this sequence
-    m_sum = 0.0
-    lr_sum = 0.0
-    for t0 in range(0, T, BLOCK_T):
-        o_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        m_t = o_t < T
-        b_lp, b_m, b_old, b_ref, b_isr, b_ent = _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row, o_t,
-                                                            m_t, i_b, stride_isr_b, stride_isr_t,
-                                                            HAS_OLD, HAS_KL, HAS_IS, HAS_ENT)
-        m_sum += tl.sum(b_m, axis=0)
-        lr_sum += tl.sum(b_m * (b_lp - b_old), axis=0)
+    m_sum, lr_sum = _sequence_sums(p_logp, p_mask, p_old, row, T, HAS_OLD, BLOCK_T)  # pass 1
     den = tl.maximum(m_sum, 1.0)
     r_seq = tl.exp(lr_sum / den)
     if NORM == 0:  # grpo, sapo: mean over sequences of the per-sequence masked mean
@@ -193,9 +201,8 @@ def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_m
                                                                 o_t, m_t, i_b, stride_isr_b, stride_isr_t,
                                                                 HAS_OLD, HAS_KL, HAS_IS, HAS_ENT)
             b_r = r_seq + tl.zeros_like(b_lp)
-            b_l, b_dlp, b_dr, b_kl = _token_terms(b_lp, b_m, b_ref, b_isr, b_ent, b_r, a, beta, eps_low, eps_high,
-                                                  delta, t_pos, t_neg, ent_thr,
-                                                  LOSS, HAS_DELTA, HAS_KL, BIAS_KL, HAS_IS, ENT_MASK)
+            _, b_dlp, _, _ = _token_terms(b_lp, b_m, b_ref, b_isr, b_ent, b_r, a, beta, eps_low, eps_high, delta,
+                                          t_pos, t_neg, ent_thr, LOSS, HAS_DELTA, HAS_KL, BIAS_KL, HAS_IS, ENT_MASK)
             tl.store(p_g + row + o_t, w * b_m * b_dlp + c_seq * r_seq * b_m / den, mask=m_t)
     p_out = p_part + i_b * 7
     tl.store(p_out + 0, loss_sum)
