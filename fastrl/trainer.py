@@ -181,9 +181,11 @@ class GRPOTrainer:
         rows = [self.train_dataset[i] for i in self.sampler.next_batch()]  # P prompts
         prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], args.max_prompt_length,
                                       args.chat_template_kwargs)
+        self.generator.wake_up()
         self.generator.push_weights(self.model)
         with self._autocast():
             rollout = self.generator.generate(prompt_ids, G, self._sampling())
+        self.generator.sleep()
 
         # rewards, one per completion (B = P × G, grouped by prompt)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
@@ -211,6 +213,10 @@ class GRPOTrainer:
         # dapo/cispo: the generation batch's tokens, rescaled to one accumulation window (TRL's normalizer)
         normalizer = num_items / args.world_size * args.gradient_accumulation_steps / args.steps_per_generation
         metrics = self._generation_metrics(rewards_per_func, rewards, rollout, G)
+        if batch.old_logprobs is not None and rollout.logprobs is not None:
+            # a push that did not land (stale generator weights) shows up here at once
+            sampled, m = self._padded(rollout.logprobs, batch), batch.completion_attention.bool()
+            metrics["rollout/logprob_abs_diff"] = (batch.old_logprobs - sampled)[m].abs().nanmean().item()
         return batch, {"num_items_in_batch": normalizer, "metrics": metrics}
 
     def _to_tensors(self, prompt_ids: list[list[int]], rollout, advantages: torch.Tensor) -> RolloutBatch:

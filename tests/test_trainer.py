@@ -209,3 +209,5 @@ def test_reused_batches_compute_old_logprobs(model_dir, tmp_path):
     assert trainer._needs_old_logprobs()
     assert all(b.old_logprobs is not None for b in trainer._buffer)
     assert trainer.state.log_history[1]["clip_ratio/region_mean"] is not None
+    # the transformers generator samples from the policy itself: its logprobs are the trainer's (fp32)
+    assert trainer.state.log_history[0]["rollout/logprob_abs_diff"] < 1e-4
