@@ -14,10 +14,11 @@ import uuid
 
 import pytest
 
-from fastrl.rewards import CodeReward, SandboxLimits, run_python, sandbox_isolation
+from fastrl.rewards import CodeReward, SandboxLimits, run_python, run_python_batch, sandbox_isolation
+from fastrl.rewards.code import _split_to_fill
 from fastrl.rewards.sandbox_child import NOBODY
 
-TIMEOUT = 2.0  # seconds per sandboxed run in these tests
+TIMEOUT = 1.5  # seconds per sandboxed run in these tests
 MEMORY_MB = 256  # smaller than the default, so the memory bombs hit the limit sooner
 SLACK = 1.5  # start-up, kill and reap on a loaded 2-core machine
 ISOLATIONS = [
@@ -88,10 +89,15 @@ def sandbox_processes() -> list[int]:
     return found
 
 
+@pytest.fixture(scope="module")
+def warmed_up():
+    """One run first, so imports and lazily made objects exist before anything is measured."""
+    run_python(["pass"], SandboxLimits(timeout=30))
+
+
 @pytest.fixture
-def unharmed():
+def unharmed(warmed_up):
     """Fail the test if this process's memory or open files grew, or processes were left behind."""
-    run_python(["pass"], SandboxLimits(timeout=30))  # warm-up: imports and thread pools exist before measuring
     rss, fds = rss_mb(), open_fds()
     yield
     deadline = time.monotonic() + 2.0  # the kernel finishes tearing a namespace down asynchronously
@@ -312,3 +318,25 @@ def test_audit_isolation_as_an_unprivileged_user():
                           env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:5] == ["audit True"] + ["audit False"] * 4
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_runs_of_one_batch_are_isolated_from_each_other(isolation, unharmed):
+    runs = [["secret = 1\nopen('left_behind', 'w').write('x')"],
+            ["while True:\n    pass"],
+            ["import os\nassert 'secret' not in globals() and not os.path.exists('left_behind')"],
+            ["raise ValueError('third')"]]
+    results = run_python_batch(runs, SandboxLimits(timeout=1.0, memory_mb=MEMORY_MB), isolation)
+    assert [(r.passed, r.timed_out) for r in results] == [(True, False), (False, True), (True, False), (False, False)]
+    assert "ValueError: third" in results[3].stderr
+    assert 1.0 <= results[1].seconds < 1.0 + SLACK
+
+
+def test_split_to_fill_keeps_every_run_once():
+    batches = [(0, ["a", "b", "c", "d", "e"]), (1, ["f"])]
+    split = _split_to_fill(batches, workers=4)
+    assert len(split) == 4
+    assert sorted((row, run) for row, runs in split for run in runs) == sorted(
+        (row, run) for row, runs in batches for run in runs)
+    assert _split_to_fill(batches, workers=1) == batches
+    assert _split_to_fill([(0, ["a"])], workers=8) == [(0, ["a"])]

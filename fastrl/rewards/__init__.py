@@ -9,7 +9,7 @@ from .format import r1_zero_prompt, think_format_reward
 from .math import accuracy_reward
 from .overlong import get_soft_overlong_punishment
 from .routing import route_rewards
-from .sandbox import SandboxLimits, SandboxResult, run_python, sandbox_isolation
+from .sandbox import SandboxLimits, SandboxResult, run_python, run_python_batch, sandbox_isolation
 
 REGISTRY = {
     "accuracy_reward": accuracy_reward,
@@ -19,6 +19,6 @@ REGISTRY = {
 
 __all__ = [
     "REGISTRY", "CodeReward", "SandboxLimits", "SandboxResult", "accuracy_reward", "code_reward", "extract_code",
-    "get_soft_overlong_punishment", "r1_zero_prompt", "route_rewards", "run_python", "sandbox_isolation",
-    "think_format_reward",
+    "get_soft_overlong_punishment", "r1_zero_prompt", "route_rewards", "run_python", "run_python_batch",
+    "sandbox_isolation", "think_format_reward",
 ]

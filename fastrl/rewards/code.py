@@ -9,9 +9,11 @@ test passes when the program and then the test run to their end without an excep
 - no code block in the completion: 0.0;
 - no tests for the row (None or an empty list): None, so the trainer leaves the row out of this reward.
 
-Each (completion, test) pair is its own sandboxed process, so one test's infinite loop or crash cannot take the
-others down; pairs run in parallel on `max_workers` threads (default: the CPU count), so a batch costs at most
-ceil(pairs / max_workers) x timeout in the worst case and about 0.1 s per pair per worker in the usual one.
+Each (completion, test) pair runs in its own freshly isolated process, so one test's infinite loop or crash
+cannot take the others down. The tests of one completion share one interpreter start-up (most of the cost of a
+run), and completions run in parallel on `max_workers` threads (default: the CPU count); when there are fewer
+completions than workers, their tests are split across workers. The worst case for a completion is
+(number of tests) x timeout.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from .sandbox import ISOLATIONS, SandboxLimits, run_python
+from .sandbox import ISOLATIONS, SandboxLimits, run_python_batch
 from .text import check_same_length, message_text
 
 PYTHON_TAGS = ("python", "py", "python3", "")
@@ -62,22 +64,36 @@ class CodeReward:
     def __call__(self, completions, tests=None, **kwargs) -> list[float | None]:
         check_same_length(completions, tests, "tests")
         per_row = [_row_tests(row_tests, row) for row, row_tests in enumerate(tests)]
-        jobs: list[tuple[int, list[str]]] = []  # (row, [program, test])
+        batches: list[tuple[int, list[list[str]]]] = []  # (row, runs); a run is [program, test]
         for row, (completion, row_tests) in enumerate(zip(completions, per_row)):
             program = extract_code(message_text(completion))
             if row_tests is not None and program is not None:
-                jobs.extend((row, [program, test]) for test in row_tests)
+                batches.append((row, [[program, test] for test in row_tests]))
         passes = [0] * len(completions)
-        for (row, _), passed in zip(jobs, self._run_all([sources for _, sources in jobs])):
-            passes[row] += passed
+        for row, results in self._run_all(_split_to_fill(batches, self.max_workers)):
+            passes[row] += sum(result.passed for result in results)
         return [None if row_tests is None else passes[row] / len(row_tests) for row, row_tests in enumerate(per_row)]
 
-    def _run_all(self, programs: list[list[str]]) -> list[bool]:
-        if not programs:
+    def _run_all(self, batches):
+        if not batches:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(programs))) as pool:
-            results = pool.map(lambda sources: run_python(sources, self.limits, self.isolation), programs)
-            return [result.passed for result in results]
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(batches))) as pool:
+            results = pool.map(lambda batch: run_python_batch(batch[1], self.limits, self.isolation), batches)
+            return [(row, row_results) for (row, _), row_results in zip(batches, results)]
+
+
+def _split_to_fill(batches: list, workers: int) -> list:
+    """One batch per completion (one interpreter start for all its tests), split in halves, largest first,
+    while there are fewer batches than workers, so a few completions with many tests still use every core."""
+    batches = list(batches)
+    while len(batches) < workers:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i][1]), default=None)
+        if largest is None or len(batches[largest][1]) < 2:
+            break
+        row, runs = batches.pop(largest)
+        half = len(runs) // 2
+        batches += [(row, runs[:half]), (row, runs[half:])]
+    return batches
 
 
 code_reward = CodeReward()

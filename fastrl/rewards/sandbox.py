@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 ISOLATIONS = ("auto", "kernel", "audit")
 _CLEAN_ENV = {"PATH": "/usr/bin:/bin"}
-_LAUNCHER_GRACE_S = 2.0  # the launcher enforces the timeout; the parent steps in only if the launcher hangs
+# the launcher enforces each run's timeout; the parent steps in only if the launcher itself hangs
+_RUN_OVERHEAD_S, _LAUNCHER_GRACE_S = 0.5, 2.0
 _warned_audit = False
 
 
@@ -72,23 +73,34 @@ class SandboxResult:
     exit_code: int | None  # None on timeout; 128 + signal when a signal ended it
     isolation: str | None  # "kernel" or "audit"; None when the launcher itself had to be killed
     stderr: str  # the last 2,000 characters of the code's stderr
-    seconds: float
+    seconds: float  # from the start of the run (after interpreter start-up) to its end
 
 
 def run_python(sources: list[str], limits: SandboxLimits | None = None, isolation: str = "auto") -> SandboxResult:
     """Run `sources` one after another in one namespace inside the sandbox."""
-    if isinstance(sources, str) or not all(isinstance(s, str) for s in sources):
-        raise ValueError(f"sources must be a list of strings of Python code, got {type(sources).__name__}")
+    return run_python_batch([sources], limits, isolation)[0]
+
+
+def run_python_batch(runs: list[list[str]], limits: SandboxLimits | None = None,
+                     isolation: str = "auto") -> list[SandboxResult]:
+    """Several runs, one after another, each isolated afresh, for the price of one interpreter start-up."""
+    if isinstance(runs, str) or not runs or not all(_is_sources(sources) for sources in runs):
+        raise ValueError("sources must be a list of strings of Python code (runs: a non-empty list of such lists)")
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
     limits = limits or SandboxLimits()
     with tempfile.TemporaryDirectory(prefix="fastrl-sandbox-") as workdir:  # used by audit isolation only
-        job = {"sources": list(sources), "nonce": secrets.token_hex(16), "isolation": isolation,
-               "workdir": workdir, "limits": asdict(limits)}
-        return _run_child(job, limits.timeout + _LAUNCHER_GRACE_S)
+        job = {"runs": [list(sources) for sources in runs], "nonce": secrets.token_hex(16),
+               "isolation": isolation, "workdir": workdir, "limits": asdict(limits)}
+        backstop = len(runs) * (limits.timeout + _RUN_OVERHEAD_S) + _LAUNCHER_GRACE_S
+        return _run_child(job, backstop)
 
 
-def _run_child(job: dict, timeout: float) -> SandboxResult:
+def _is_sources(sources) -> bool:
+    return isinstance(sources, (list, tuple)) and all(isinstance(s, str) for s in sources)
+
+
+def _run_child(job: dict, timeout: float) -> list[SandboxResult]:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-I", "-S", CHILD_SCRIPT], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_CLEAN_ENV, cwd="/",
@@ -98,11 +110,12 @@ def _run_child(job: dict, timeout: float) -> SandboxResult:
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         proc.communicate()
-        return SandboxResult(False, True, None, None, "", time.perf_counter() - start)
+        killed = SandboxResult(False, True, None, None, "", time.perf_counter() - start)
+        return [killed] * len(job["runs"])
     except BaseException:
         _kill_group(proc)
         raise
-    return _parse_report(out, err, time.perf_counter() - start)
+    return _parse_report(out, err, len(job["runs"]))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -115,17 +128,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _parse_report(out: bytes, err: bytes, seconds: float) -> SandboxResult:
+def _parse_report(out: bytes, err: bytes, expected: int) -> list[SandboxResult]:
     lines = out.decode("utf-8", "replace").strip().splitlines()
     try:
-        report = json.loads(lines[-1])
+        reports = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         raise RuntimeError(f"sandbox child gave no report; its stderr: {err.decode('utf-8', 'replace')[-2000:]}")
-    if "error" in report:
-        raise RuntimeError(f"sandbox could not start: {report['error']}")
-    _warn_if_audit(report["isolation"])
-    return SandboxResult(report["passed"], report["timed_out"], report["exit_code"], report["isolation"],
-                         report["stderr"], seconds)
+    for report in reports:
+        if "error" in report:
+            raise RuntimeError(f"sandbox could not start: {report['error']}")
+    if len(reports) != expected:
+        raise RuntimeError(f"sandbox child reported {len(reports)} runs, expected {expected}")
+    _warn_if_audit(reports[0]["isolation"])
+    return [SandboxResult(r["passed"], r["timed_out"], r["exit_code"], r["isolation"], r["stderr"], r["seconds"])
+            for r in reports]
 
 
 def _warn_if_audit(isolation: str) -> None:

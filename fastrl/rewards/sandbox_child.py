@@ -1,16 +1,19 @@
 """The program that runs untrusted Python inside the sandbox (started by `fastrl.rewards.sandbox`).
 
 Run as `python -I -S sandbox_child.py` (no site-packages, no PYTHON* variables) with a minimal environment, in a
-session of its own. It reads one job as JSON from stdin, runs the job's sources one after another in one
-namespace, and prints one JSON line: whether they all ran to the end, the exit code, the tail of stderr, and
-which isolation was in force. Standard library only: this file must run without fastrl or the venv.
+session of its own. It reads one job as JSON from stdin: a list of runs, each a list of sources to run one after
+another in one namespace. Runs go one after another, each isolated afresh (one interpreter start serves them
+all: it is most of the cost). It prints one JSON list, per run: whether its sources all ran to the end, the exit
+code, the tail of stderr, which isolation was in force, and the seconds taken. Standard library only: this file
+must run without fastrl or the venv.
 
 Processes ("kernel" isolation, used when running as root on Linux):
 
-    launcher (this script, root)      unshares new mount, network, PID and IPC namespaces, mounts, waits
-      init (PID 1 of the new PID ns)  root, dies with the launcher (PR_SET_PDEATHSIG); when it exits the
-        worker (uid nobody)           kernel kills everything left in the namespace, setsid or not
-          whatever the untrusted code starts (at most `max_processes` for the uid, machine-wide)
+    launcher (this script, root)        forks one runner per run, one after another
+      runner (root)                     unshares new mount, network, PID and IPC namespaces, mounts, waits
+        init (PID 1 of the new PID ns)  root, dies with the runner (PR_SET_PDEATHSIG); when it exits the
+          worker (uid nobody)           kernel kills everything left in the namespace, setsid or not
+            whatever the untrusted code starts (at most `max_processes` for the uid, machine-wide)
 
 - network: a fresh network namespace has only a loopback device, and it is down: nothing is reachable.
 - files: / is made private to the namespace; fresh tmpfs mounts hide the host's world-writable /tmp, /var/tmp,
@@ -27,7 +30,7 @@ Python audit hooks (PEP 578) refuse sockets, subprocesses, forks, ctypes and wri
 Audit hooks are not a security boundary against native code, so this mode is weaker; the parent says which mode
 ran.
 
-Time: the launcher kills the worker (in kernel isolation: PID 1, and so the whole namespace) when the job's
+Time: the runner kills the worker (in kernel isolation: PID 1, and so the whole namespace) when the job's
 timeout has passed since the fork; the parent kills the launcher's process group if the launcher itself
 overstays. RLIMIT_CPU is a further backstop for busy processes.
 
@@ -240,8 +243,8 @@ def worker(job: dict, result_fd: int, kernel: bool) -> None:
 def init_process(job: dict, lifeline: int, result_fd: int) -> None:
     """PID 1 of the new PID namespace: starts the worker, reaps orphans, exits with the worker's status."""
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    # getppid() is 0 here (the parent is outside the namespace), so the launcher's liveness before the line
-    # above took effect is read from the lifeline pipe: readable means EOF, i.e. the launcher is gone.
+    # getppid() is 0 here (the parent is outside the namespace), so the runner's liveness before the line
+    # above took effect is read from the lifeline pipe: readable means EOF, i.e. the runner is gone.
     if select.select([lifeline], [], [], 0)[0]:
         os._exit(70)
     os.close(lifeline)
@@ -259,7 +262,7 @@ def init_process(job: dict, lifeline: int, result_fd: int) -> None:
             os._exit(_exit_code(status))
 
 
-# ---------------------------------------------------------------------------------------------- the launcher
+# ------------------------------------------------------------------------------------ runner and launcher
 
 def _run_guarded(function, *args) -> None:
     """Run `function` in a forked child; whatever happens, the child never returns to the caller's code."""
@@ -313,15 +316,18 @@ def _tail(path: str, limit: int) -> str:
         return ""
 
 
-def launch(job: dict) -> dict:
+def isolate_and_run(job: dict) -> dict:
+    """The runner's part: isolate, fork the worker (through PID 1 in kernel isolation), wait, report."""
     read_fd, write_fd = os.pipe()
-    lifeline, lifeline_held = os.pipe()  # the launcher holds the write end until the end
+    lifeline, lifeline_held = os.pipe()  # the runner holds the write end until the end
     mode = job["isolation"]
     kernel = mode in ("auto", "kernel") and try_unshare_namespaces()
     if mode == "kernel" and not kernel:
         raise OSError("kernel isolation needs root on Linux with unshare(2) allowed")
     if kernel:
         prepare_filesystem(job["limits"]["disk_mb"])
+    else:
+        os.mkdir(job["workdir"], 0o700)
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
@@ -343,13 +349,37 @@ def launch(job: dict) -> dict:
             "stderr": _tail(os.path.join(workdir, ".stderr"), 2000), "isolation": "kernel" if kernel else "audit"}
 
 
+def run_one(job: dict, sources: list, workdir: str) -> dict:
+    """One run in a forked runner, which owns that run's namespaces (they cannot be re-entered for the next
+    run: a PID namespace has one PID 1). The runner reports a JSON line on a pipe only the launcher reads."""
+    read_fd, write_fd = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            result = isolate_and_run({**job, "sources": sources, "workdir": workdir})
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(write_fd, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as report:
+        data = report.read()
+    os.waitpid(pid, 0)
+    result = json.loads(data) if data else {"error": "the runner died without a report"}
+    return {**result, "seconds": time.monotonic() - start}
+
+
 def main() -> None:
+    """Runs the job's runs one after another, each isolated afresh; prints one JSON list of results."""
     job = json.loads(sys.stdin.buffer.read())
-    try:
-        result = launch(job)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    sys.stdout.write(json.dumps(result) + "\n")
+    results = []
+    for index, sources in enumerate(job["runs"]):
+        results.append(run_one(job, sources, os.path.join(job["workdir"], f"run{index}")))
+        if "error" in results[-1]:
+            break
+    sys.stdout.write(json.dumps(results) + "\n")
     sys.stdout.flush()
 
 
