@@ -26,6 +26,8 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "train": Command("fastrl.cli", "add_train_arguments", "run_train",
                      "train with GRPO from a YAML config; --field value overrides any key"),
+    "filter": Command("fastrl.filtering", "add_filter_arguments", "run_filter",
+                      "difficulty filtering: keep the prompts the starting policy solves sometimes, not always"),
 }
 
 
