@@ -9,8 +9,8 @@ new mount, network, PID and IPC namespaces and runs the code as uid nobody ("ker
 falls back to resource limits and Python audit hooks ("audit" isolation, weaker; a warning is logged once).
 Every result says which isolation was in force.
 
-On timeout the launcher kills the code's process (in kernel isolation: the namespace's PID 1, and with it every
-process the code started, including those that left the process group); should the launcher itself hang, the
+On timeout the child kills the code's process (in kernel isolation: the namespace's PID 1, and with it every
+process the code started, including those that left the process group); should the child itself hang, the
 parent kills its whole process group.
 
 Infrastructure failures (the sandbox itself cannot start) raise RuntimeError: a broken sandbox must not
