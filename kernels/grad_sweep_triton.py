@@ -10,11 +10,12 @@ Constexpr flags drop the dh, dW or db work entirely when that gradient is not ne
 lm_head needs no dW: that half of the matmul work disappears) and the entropy term when g_entropy is None.
 
 Determinism: every output element receives one atomic add per program along the other grid axis (dh from each
-vocab block, dW from each row block). On a GPU those adds land in an unspecified order, so dh and dW can differ
-between runs in the last bits of fp32 (relative ~1e-7 per addition; the accumulation itself is always fp32).
-A deterministic Triton variant would need either an [N/BLOCK_N, V, H] partial buffer or a recompute of z per H
-chunk; neither is worth it here. For bit-identical gradients use `backend="torch"`, whose tiles are summed in a
-fixed order.
+vocab block, dW from each row block). On a GPU those adds land in an unspecified order, so dh, dW and db can
+differ between runs in the last bits of fp32 (relative ~1e-7 per addition; the accumulation is always fp32).
+`deterministic=True` trades speed for bit-identical runs: two ordered sweeps, one program per row block owning its
+dh rows (vocab tiles added in order) and one per vocab block owning its dW rows and db (row blocks added in order),
+plain loads and stores instead of atomics. Each recomputes dz, so the z product runs twice: 10·N·H·V matmul flops
+instead of 8, and each sweep has fewer, longer programs (N/64 and V/128 of them).
 
 Numerics: dz is rounded to the input dtype before the two products (tensor cores take bf16/fp16 operands, as in
 the materializing path whose logits' gradient is in the input dtype), products accumulate in fp32.
@@ -41,17 +42,11 @@ GRAD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_
 
 
 @triton.jit
-def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh, p_dw, p_db,
-                       N, H, V, stride_hn, stride_wv, inv_temp,
-                       HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, NEED_DH: tl.constexpr,
-                       NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DOT_FP32: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_HZ: tl.constexpr):
-    i_n, i_v = tl.program_id(0), tl.program_id(1)
-    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_v = i_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    m_n, m_v = o_n < N, o_v < V
+def _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv,
+             inv_temp, HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+             DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HZ: tl.constexpr):
+    """dL/dz / τ for rows o_n and columns o_v: [BLOCK_N, BLOCK_V] fp32, 0 outside [0, N) × [0, V)."""
     # [BN, BV]
     b_z = logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_temp,
                      HAS_BIAS, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_HZ)
@@ -73,12 +68,38 @@ def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh
         b_ge = tl.load(p_ge + o_n, mask=m_n, other=0.0)
         b_ent = tl.load(p_ent + o_n, mask=m_n, other=0.0)
         b_dz -= b_ge[:, None] * b_p * (b_logp + b_ent[:, None])
-    b_dz = tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0) * inv_temp
+    return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0) * inv_temp
+
+
+@triton.jit
+def _dot_operand(b_x, p_like, DOT_FP32: tl.constexpr):
+    """A tile rounded to the input dtype for the tensor cores (upcast again only under the interpreter)."""
+    b_x = b_x.to(p_like.dtype.element_ty)
+    if DOT_FP32:
+        b_x = b_x.to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh, p_dw, p_db,
+                       N, H, V, stride_hn, stride_wv, inv_temp,
+                       HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                       DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_HZ: tl.constexpr):
+    """2-D grid (row block, vocab block): one dz tile, its products added into dh, dW, db with fp32 atomics."""
+    i_n, i_v = tl.program_id(0), tl.program_id(1)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_v = i_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_n, m_v = o_n < N, o_v < V
+    # [BN, BV]
+    b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn,
+                    stride_wv, inv_temp, HAS_BIAS, HAS_LOGP, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+                    BLOCK_N, BLOCK_V, BLOCK_HZ)
     if NEED_DB:
         tl.atomic_add(p_db + o_v, tl.sum(b_dz, axis=0), mask=m_v)
-    b_dz_op = b_dz.to(p_h.dtype.element_ty)
-    if DOT_FP32:
-        b_dz_op = b_dz_op.to(tl.float32)
+    b_dz_op = _dot_operand(b_dz, p_h, DOT_FP32)
     for h0 in range(0, H, BLOCK_H):
         o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
         m_h = o_h < H
@@ -102,36 +123,122 @@ def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh
             tl.atomic_add(p_dw + o_v[:, None] * H + o_h[None, :], b_dw, mask=m_v[:, None] & m_h[None, :])
 
 
+@triton.jit
+def _grad_hidden_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh,
+                                N, H, V, stride_hn, stride_wv, inv_temp,
+                                HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                                DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                                BLOCK_HZ: tl.constexpr):
+    """Deterministic dh: one program per row block owns its dh rows and adds the vocab tiles in order."""
+    i_n = tl.program_id(0)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        m_v = o_v < V
+        # [BN, BV]
+        b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn,
+                        stride_wv, inv_temp, HAS_BIAS, HAS_LOGP, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+                        BLOCK_N, BLOCK_V, BLOCK_HZ)
+        b_dz_op = _dot_operand(b_dz, p_h, DOT_FP32)
+        for h0 in range(0, H, BLOCK_H):
+            o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+            m_h = o_h < H
+            p_out = p_dh + o_n[:, None] * H + o_h[None, :]
+            m_out = m_n[:, None] & m_h[None, :]
+            # [BV, BH]
+            b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :], mask=m_v[:, None] & m_h[None, :],
+                          other=0.0)
+            if DOT_FP32:
+                b_w = b_w.to(tl.float32)
+            # [BN, BV] @ [BV, BH] -> [BN, BH], added to this program's own rows: no other program writes them
+            b_dh = tl.dot(b_dz_op, b_w, tl.load(p_out, mask=m_out, other=0.0), input_precision=DOT_PRECISION)
+            tl.store(p_out, b_dh, mask=m_out)
+        tl.debug_barrier()  # the next vocab tile reads back what every thread just stored
+
+
+@triton.jit
+def _grad_weight_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dw, p_db,
+                                N, H, V, stride_hn, stride_wv, inv_temp,
+                                HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                                NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                                DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                                BLOCK_HZ: tl.constexpr):
+    """Deterministic dW, db: one program per vocab block owns its dW rows and adds the row blocks in order."""
+    i_v = tl.program_id(0)
+    o_v = i_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    b_db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        m_n = o_n < N
+        # [BN, BV]
+        b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn,
+                        stride_wv, inv_temp, HAS_BIAS, HAS_LOGP, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+                        BLOCK_N, BLOCK_V, BLOCK_HZ)
+        b_db += tl.sum(b_dz, axis=0)
+        if NEED_DW:
+            b_dz_op = _dot_operand(b_dz, p_h, DOT_FP32)
+            for h0 in range(0, H, BLOCK_H):
+                o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+                m_h = o_h < H
+                p_out = p_dw + o_v[:, None] * H + o_h[None, :]
+                m_out = m_v[:, None] & m_h[None, :]
+                # [BN, BH]
+                b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :], mask=m_n[:, None] & m_h[None, :],
+                              other=0.0)
+                if DOT_FP32:
+                    b_h = b_h.to(tl.float32)
+                # [BV, BN] @ [BN, BH] -> [BV, BH], added to this program's own dW rows
+                b_dw = tl.dot(tl.trans(b_dz_op), b_h, tl.load(p_out, mask=m_out, other=0.0),
+                              input_precision=DOT_PRECISION)
+                tl.store(p_out, b_dw, mask=m_out)
+            tl.debug_barrier()  # the next row block reads back what every thread just stored
+    if NEED_DB:
+        tl.store(p_db + o_v, b_db, mask=m_v)
+
+
 def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entropy, logp, entropy,
-               need_hidden_grad, need_weight_grad, need_bias_grad):
+               need_hidden_grad, need_weight_grad, need_bias_grad, deterministic=False):
     """(grad_hidden [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None), fp32, carrying the 1/τ.
 
     `logp` (optional) is used for the target column, where it is more accurate than z − lse.
+    `deterministic=True` replaces the atomics by two ordered sweeps (see the module docstring).
     """
     if g_entropy is not None and entropy is None:
         raise ValueError("entropy: needed (shape [N]) when g_entropy is given")
     hidden, weight = hidden.contiguous(), weight.contiguous()
     n, h = hidden.shape
     v = weight.shape[0]
-    dev = hidden.device
-    grad_h = torch.zeros(n, h, dtype=torch.float32, device=dev) if need_hidden_grad else None
-    grad_w = torch.zeros(v, h, dtype=torch.float32, device=dev) if need_weight_grad else None
-    grad_b = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias_grad else None
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    grad_h = torch.zeros(n, h, **f32) if need_hidden_grad else None
+    grad_w = torch.zeros(v, h, **f32) if need_weight_grad else None
+    grad_b = torch.zeros(v, **f32) if need_bias_grad else None
     if n == 0 or not (need_hidden_grad or need_weight_grad or need_bias_grad):
         return grad_h, grad_w, grad_b
     cfg = GRAD_CONFIG
     dot_fp32, precision = dot_settings(hidden.dtype)
     has_ent = g_entropy is not None
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
-    _grad_sweep_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse.contiguous(),
-        logp.contiguous() if logp is not None else lse, g_logp.contiguous(), g_entropy.contiguous() if has_ent else lse, entropy.contiguous() if has_ent else lse,
-        grad_h if grad_h is not None else lse, grad_w if grad_w is not None else lse,
-        grad_b if grad_b is not None else lse,
-        n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-        HAS_BIAS=bias is not None, HAS_LOGP=logp is not None, HAS_ENTROPY_GRAD=has_ent, NEED_DH=need_hidden_grad,
-        NEED_DW=need_weight_grad, NEED_DB=need_bias_grad, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, BLOCK_HZ=FORWARD_CONFIG.block_h,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    stand_in = lse  # any fp32 tensor, passed where an optional pointer is unused (its flag is off)
+    inputs = (hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse.contiguous(),
+              logp.contiguous() if logp is not None else stand_in, g_logp.contiguous(),
+              g_entropy.contiguous() if has_ent else stand_in, entropy.contiguous() if has_ent else stand_in)
+    sizes = (n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature)
+    flags = dict(HAS_BIAS=bias is not None, HAS_LOGP=logp is not None, HAS_ENTROPY_GRAD=has_ent,
+                 DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                 BLOCK_H=cfg.block_h, BLOCK_HZ=FORWARD_CONFIG.block_h, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages)
+    out = lambda t: t if t is not None else stand_in  # noqa: E731
+    if not deterministic:
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
+        _grad_sweep_kernel[grid](*inputs, out(grad_h), out(grad_w), out(grad_b), *sizes, NEED_DH=need_hidden_grad,
+                                 NEED_DW=need_weight_grad, NEED_DB=need_bias_grad, **flags)
+        return grad_h, grad_w, grad_b
+    if need_hidden_grad:
+        _grad_hidden_ordered_kernel[(triton.cdiv(n, cfg.block_n),)](*inputs, grad_h, *sizes, **flags)
+    if need_weight_grad or need_bias_grad:
+        _grad_weight_ordered_kernel[(triton.cdiv(v, cfg.block_v),)](
+            *inputs, out(grad_w), out(grad_b), *sizes, NEED_DW=need_weight_grad, NEED_DB=need_bias_grad, **flags)
     return grad_h, grad_w, grad_b

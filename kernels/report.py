@@ -30,7 +30,7 @@ ARCHS = (80, 90)
 HIDDEN_SIZES = (896, 4096)
 N_ROWS = 8192  # B·T of a typical GRPO micro-batch (e.g. 16 completions × 512 tokens)
 VOCAB = 151936  # Qwen2/2.5 vocabulary
-_BIN = None
+GRAD_VARIANTS = ("grad_sweep", "grad_sweep_frozen_head", "grad_hidden_ordered", "grad_weight_ordered")
 
 
 @dataclass
@@ -76,25 +76,36 @@ def _forward_spec(h: int) -> KernelSpec:
                       {"H": h, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
-def _grad_spec(h: int, need_weight_grad: bool) -> KernelSpec:
+def _grad_spec(h: int, variant: str) -> KernelSpec:
+    """variant: "grad_sweep" (atomics, dh + dW), "grad_sweep_frozen_head" (atomics, dh only), or the
+    deterministic pair "grad_hidden_ordered" / "grad_weight_ordered"."""
     from .forward_sweep_triton import FORWARD_CONFIG
-    from .grad_sweep_triton import GRAD_CONFIG as c, _grad_sweep_kernel
+    from . import grad_sweep_triton as g
 
-    ptrs = ["p_lse", "p_logp", "p_g", "p_ge", "p_ent", "p_dh", "p_dw", "p_db"]
+    c = g.GRAD_CONFIG
+    fn, outputs, needs = {
+        "grad_sweep": (g._grad_sweep_kernel, ["p_dh", "p_dw", "p_db"], {"NEED_DH": True, "NEED_DW": True}),
+        "grad_sweep_frozen_head": (g._grad_sweep_kernel, ["p_dh", "p_dw", "p_db"],
+                                   {"NEED_DH": True, "NEED_DW": False}),
+        "grad_hidden_ordered": (g._grad_hidden_ordered_kernel, ["p_dh"], {}),
+        "grad_weight_ordered": (g._grad_weight_ordered_kernel, ["p_dw", "p_db"], {"NEED_DW": True}),
+    }[variant]
+    if "p_db" in outputs:
+        needs["NEED_DB"] = False  # Qwen-style heads have no bias
+    ptrs = ["p_lse", "p_logp", "p_g", "p_ge", "p_ent", *outputs]
     args = {"p_h": ("*bf16", None), "p_w": ("*bf16", None), "p_b": ("*bf16", None), "p_y": ("*i64", None),
             **{p: ("*fp32", None) for p in ptrs}, **_sweep_args(h)}
-    const = {"HAS_BIAS": False, "HAS_LOGP": True, "HAS_ENTROPY_GRAD": False, "NEED_DH": True, "NEED_DW": need_weight_grad,
-             "NEED_DB": False, "DOT_FP32": False, "DOT_PRECISION": "ieee",
-             "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h, "BLOCK_HZ": FORWARD_CONFIG.block_h}
-    name = "grad_sweep" if need_weight_grad else "grad_sweep_frozen_head"
-    return KernelSpec(name, _grad_sweep_kernel, args, const, c.num_warps, c.num_stages,
+    const = {"HAS_BIAS": False, "HAS_LOGP": True, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
+             "DOT_PRECISION": "ieee", "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
+             "BLOCK_HZ": FORWARD_CONFIG.block_h}
+    return KernelSpec(variant, fn, args, const, c.num_warps, c.num_stages,
                       {"H": h, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
 def kernel_specs() -> list[KernelSpec]:
     specs = []
     for h in HIDDEN_SIZES:
-        specs += [_forward_spec(h), _grad_spec(h, True), _grad_spec(h, False)]
+        specs += [_forward_spec(h)] + [_grad_spec(h, variant) for variant in GRAD_VARIANTS]
     specs += _epilogue_specs()
     return specs
 

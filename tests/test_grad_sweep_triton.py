@@ -61,18 +61,27 @@ def _assert_close(ours, plain, truth, dtype, extra, what):
                                                 f"{slack:.2g} + {extra:.2g}"
 
 
-def _run(h, w, b, y, tau, g_logp, g_ent, need=(True, True, True)):
+def _run(h, w, b, y, tau, g_logp, g_ent, need=(True, True, True), deterministic=False):
     hd, wd, bd = h.detach(), w.detach(), None if b is None else b.detach()
     lse, logp, ent = forward_sweep(hd, wd, y, bd, tau, g_ent is not None)
     g_ent32 = None if g_ent is None else g_ent.float()
     return grad_sweep(hd, wd, y, bd, tau, lse, g_logp.float(), g_ent32, logp, ent, need[0], need[1],
-                      need[2] and b is not None)
+                      need[2] and b is not None, deterministic=deterministic)
+
+
+ORDERED_CASES = [pytest.param((130, 80, 520), True, torch.float32, id="N130-H80-V520-logp+entropy-fp32"),
+                 pytest.param((64, 64, 257), False, torch.bfloat16, id="N64-H64-V257-logp-bf16")]
+
+
+@pytest.mark.parametrize("shape,entropy_term,dtype", ORDERED_CASES)
+def test_deterministic_sweeps_match_reference(shape, entropy_term, dtype):
+    test_grad_sweep_matches_reference(shape, entropy_term, dtype, deterministic=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("entropy_term", [False, True], ids=["logp", "logp+entropy"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
-def test_grad_sweep_matches_reference(shape, entropy_term, dtype):
+def test_grad_sweep_matches_reference(shape, entropy_term, dtype, deterministic=False):
     n, hs, v = shape
     seed = torch.seed() % 2**31
     h, w, y, b = make_linear_inputs(n, hs, v, dtype, seed, bias=entropy_term, peaked=True)
@@ -81,7 +90,7 @@ def test_grad_sweep_matches_reference(shape, entropy_term, dtype):
     g = torch.Generator().manual_seed(seed)
     g_logp = torch.randn(n, dtype=torch.float64, generator=g)
     g_ent = torch.randn(n, dtype=torch.float64, generator=g) if entropy_term else None
-    got = [t for t in _run(h, w, b, y, tau, g_logp, g_ent) if t is not None]
+    got = [t for t in _run(h, w, b, y, tau, g_logp, g_ent, deterministic=deterministic) if t is not None]
     truth = _objective_grads(h, w, b, y, tau, g_logp, g_ent, torch.float64)
     plain = _objective_grads(h, w, b, y, tau, g_logp, g_ent, dtype)
     bounds = _lse_rounding_bound(h, w, b, tau, g_logp, g_ent)
@@ -104,6 +113,30 @@ def test_flags_skip_work_and_keep_the_rest_exact(need):
             assert torch.allclose(a, ref, rtol=1e-6, atol=1e-7)
         else:
             assert a is None
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)],
+                         ids=["hidden-only", "weight-only", "bias-only"])
+def test_deterministic_flags_match_atomic_sweep(need):
+    h, w, y, b = make_linear_inputs(64, 64, 257, torch.float32, 12, bias=True)
+    g_logp = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    atomic = _run(h, w, b, y, 1.0, g_logp, None)
+    ordered = _run(h, w, b, y, 1.0, g_logp, None, need, deterministic=True)
+    for wanted, a, ref in zip(need, ordered, atomic):
+        assert (a is None) != wanted
+        if wanted:
+            assert torch.allclose(a, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_deterministic_sweep_is_bitwise_reproducible_on_gpu():
+    """Only meaningful on a GPU (the interpreter runs atomics in program order): two runs, identical bits."""
+    h, w, y, b = (None if t is None else t.cuda() for t in make_linear_inputs(512, 256, 4099, torch.bfloat16, 5,
+                                                                             bias=True))
+    g_logp = torch.randn(512, dtype=torch.float64, device="cuda")
+    first = _run(h, w, b, y, 1.0, g_logp, None, deterministic=True)
+    second = _run(h, w, b, y, 1.0, g_logp, None, deterministic=True)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
 
 
 def test_masked_rows_give_zero_hidden_grad():

@@ -10,7 +10,7 @@ import pytest
 
 from fastrl.kernels.report import ARCHS, HIDDEN_SIZES, format_table
 
-SWEEPS = ("forward_sweep", "grad_sweep", "grad_sweep_frozen_head")
+SWEEPS = ("forward_sweep", "grad_sweep", "grad_sweep_frozen_head", "grad_hidden_ordered", "grad_weight_ordered")
 # Largest dynamic shared memory a block may request (CUDA programming guide, compute capabilities table).
 MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
