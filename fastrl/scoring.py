@@ -35,15 +35,19 @@ def resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
 
 
 def import_reward(spec: str) -> Callable:
-    """'package.module:function' -> the function; a bare name is looked up in fastrl.rewards."""
+    """'package.module:function' -> that function; a bare name -> fastrl.rewards.REGISTRY[name]."""
     module_name, sep, attr = spec.partition(":")
     if not sep:
-        module_name, attr = "fastrl.rewards", spec
+        from fastrl.rewards import REGISTRY
+
+        if spec not in REGISTRY:
+            raise ValueError(f"rewards: unknown reward {spec!r}; built-in names are {sorted(REGISTRY)}, "
+                             "or give 'module:function'")
+        return REGISTRY[spec]
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"rewards: could not import reward {spec!r} ({e}); use 'module:function' "
-                         "or the name of a built-in reward") from None
+        raise ValueError(f"rewards: could not import reward {spec!r} ({e})") from None
 
 
 def check_reward_output(name: str, values, expected: int) -> list[float]:

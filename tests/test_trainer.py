@@ -211,3 +211,30 @@ def test_reused_batches_compute_old_logprobs(model_dir, tmp_path):
     assert trainer.state.log_history[1]["clip_ratio/region_mean"] is not None
     # the transformers generator samples from the policy itself: its logprobs are the trainer's (fp32)
     assert trainer.state.log_history[0]["rollout/logprob_abs_diff"] < 1e-4
+
+
+# ---------------------------------------------------------------- reward functions: async, by name
+def test_async_reward_functions_are_awaited(model_dir, tmp_path):
+    calls = []
+
+    async def async_len(completions, **kwargs):
+        calls.append(len(completions))
+        return [len(c) / 8 for c in completions]
+
+    trainer = GRPOTrainer(model_dir, [async_len, tiny.first_char_reward], small_args(tmp_path, max_steps=1),
+                          train_dataset=Dataset.from_list(tiny.addition_rows(8)))
+    trainer.train()
+    assert calls == [8]
+    assert trainer.state.log_history[0]["rewards/async_len/mean"] > 0
+
+
+def test_rewards_by_name_and_by_module_path():
+    from fastrl.rewards import REGISTRY
+    from fastrl.scoring import import_reward
+
+    assert import_reward("accuracy_reward") is REGISTRY["accuracy_reward"]
+    assert import_reward("helpers_tiny:short_reward") is tiny.short_reward
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        import_reward("nope")
+    with pytest.raises(ValueError, match="could not import reward 'helpers_tiny:nope'"):
+        import_reward("helpers_tiny:nope")
