@@ -1,0 +1,214 @@
+"""The end-to-end suite: steps/s, completion tokens/s and peak memory of fastrl's GRPOTrainer against TRL's, on
+the same model, data and config, transformers generation for both, each trainer in fresh processes.
+
+The two runs differ by one import (`trainer_module`): the script below is TRL's documented shape (a dataset with
+a `prompt` column, reward functions taking completions as keywords, GRPOConfig fields, GRPOTrainer(...).train()).
+
+What is measured, per (trainer, size):
+- a timing process (no allocator setting): the reward function is called once per optimizer step (one
+  generation batch per step), so the gaps between its calls are whole steps (generate → reward → loss → update);
+  the first gap is warm-up and dropped. steps/s and step time come from the remaining gaps; completion tokens/s
+  is the completion tokens scored in those steps (counted from `completion_ids`) over the same time.
+- a memory process (MALLOC_MMAP_THRESHOLD_=65536): peak RSS during train() above the RSS after the trainer (policy,
+  reference model, tokenizer, data) is built, so it covers generation, activations, gradients, optimizer state.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+
+TRAINERS = ("fastrl", "trl")
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+@dataclass(frozen=True)
+class E2ECase:
+    size: str  # a name for the model size
+    vocab_size: int
+    hidden_size: int = 64
+    num_layers: int = 2
+    head_dim: int = 32
+    per_device_train_batch_size: int = 8  # completions per step
+    num_generations: int = 4
+    max_completion_length: int = 16
+    max_steps: int = 6  # the first step is warm-up
+    learning_rate: float = 1e-3
+    beta: float = 0.04
+    loss_type: str = "dapo"
+    seed: int = 0
+
+    def config(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "E2ECase":
+        return E2ECase(**{k: v for k, v in d.items() if k in E2ECase.__dataclass_fields__})
+
+
+def e2e_cases(quick: bool) -> list[E2ECase]:
+    if quick:
+        return [E2ECase("tiny-v32k", vocab_size=32768, max_steps=4)]
+    return [E2ECase("tiny-v32k", vocab_size=32768, max_steps=8),
+            E2ECase("small-v32k", vocab_size=32768, hidden_size=256, num_layers=4, head_dim=64, max_steps=8,
+                    per_device_train_batch_size=16, max_completion_length=32),
+            E2ECase("small-v152k", vocab_size=151936, hidden_size=256, num_layers=4, head_dim=64, max_steps=8,
+                    per_device_train_batch_size=16, max_completion_length=32)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model both trainers load
+
+def model_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "fastrl", "bench_models")
+
+
+def build_model(case: E2ECase, root: str | None = None) -> str:
+    """The tiny random-init Llama + character tokenizer (fastrl.tasks.tiny_model), built once per size and reused
+    (the builder is idempotent)."""
+    from fastrl.tasks.tiny_model import build_tiny_model
+
+    name = f"llama-L{case.num_layers}-H{case.hidden_size}-V{case.vocab_size}-s{case.seed}"
+    return build_tiny_model(os.path.join(root or model_cache_dir(), name), num_layers=case.num_layers,
+                            hidden_size=case.hidden_size, head_dim=case.head_dim, vocab_size=case.vocab_size,
+                            seed=case.seed)
+
+
+def prompts() -> list[dict]:
+    return [{"prompt": f"{a}+{b}="} for a in range(10) for b in range(10)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inside the worker process
+
+def trainer_module(name: str):
+    """The one line that differs between the two runs."""
+    if name == "fastrl":
+        import fastrl as module
+    elif name == "trl":
+        import trl as module
+    else:
+        raise ValueError(f"trainer: expected one of {TRAINERS}, got {name!r}")
+    return module
+
+
+class StepClock:
+    """A reward function (TRL's signature) that scores nothing useful but notes when each step's completions
+    arrive and how many completion tokens they hold."""
+
+    __name__ = "step_clock"
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs):
+        self.times.append(time.perf_counter())
+        self.tokens.append(sum(len(ids) for ids in completion_ids) if completion_ids is not None else 0)
+        # a cheap reward with some variance, so advantages are not all zero
+        return [float(len(c) % 3) / 2 if isinstance(c, str) else 0.0 for c in completions]
+
+
+def run_e2e_job(job: dict) -> dict:
+    from datasets import Dataset
+
+    from .measure import _status_kib, can_reset_peak_rss
+
+    case = E2ECase.from_dict(job["case"])
+    module = trainer_module(job["trainer"])
+    clock = StepClock()
+    with tempfile.TemporaryDirectory(prefix="fastrl-bench-e2e-") as out:
+        args = module.GRPOConfig(
+            output_dir=out, per_device_train_batch_size=case.per_device_train_batch_size,
+            num_generations=case.num_generations, max_completion_length=case.max_completion_length,
+            max_steps=case.max_steps, learning_rate=case.learning_rate, beta=case.beta, loss_type=case.loss_type,
+            logging_steps=1, use_cpu=job.get("device", "cpu") == "cpu", bf16=False, save_strategy="no",
+            report_to="none", disable_tqdm=True, seed=case.seed)
+        trainer = module.GRPOTrainer(model=job["model_dir"], reward_funcs=[clock], args=args,
+                                     train_dataset=Dataset.from_list(prompts()))
+        memory = job.get("memory", False)
+        if memory:
+            if not can_reset_peak_rss():
+                raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs not writable)")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        trainer.train()
+        runtime = time.perf_counter() - t0
+        peak_mib = (_status_kib("VmHWM") - before) / 1024.0 if memory else None
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    if len(gaps) < 1:
+        raise RuntimeError(f"need at least 2 steps to time one, got {len(clock.times)} reward calls")
+    return {"step_s": gaps, "tokens": clock.tokens, "reward_calls": len(clock.times), "train_runtime_s": runtime,
+            "peak_mib": peak_mib, "interval_s": clock.times[-1] - clock.times[0],
+            "interval_tokens": sum(clock.tokens[1:])}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the suite (parent process)
+
+def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases: list[E2ECase] | None = None,
+                  trainers: tuple[str, ...] = TRAINERS, progress: bool = True, model_root: str | None = None,
+                  timeout_s: float = 3600.0) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from .measure import quantiles
+    from .results import JobFailed, row, run_job
+
+    cases = cases if cases is not None else e2e_cases(quick)
+    rows: list[dict] = []
+    bar = tqdm(total=len(cases) * len(trainers) * 2, desc="e2e", unit="proc", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for case in cases:
+            bar.set_postfix_str(f"{case.size}: building the model", refresh=True)
+            model_dir = build_model(case, model_root)
+            cfg = case.config()
+            base = dict(operation="grpo_train_step", mode="transformers-generation", x_name="V",
+                        x_value=case.vocab_size, run=run)
+            for trainer in trainers:
+                job = {"kind": "e2e", "trainer": trainer, "case": cfg, "model_dir": model_dir, "device": device}
+                bar.set_postfix_str(f"{case.size} {trainer} time", refresh=True)
+                try:
+                    timed = run_job(job, timeout=timeout_s)
+                except JobFailed as e:
+                    rows.append(row(provider=trainer, metric="skipped", unit="", config={**cfg, "reason": str(e)},
+                                    **base))
+                    bar.update(2)
+                    continue
+                bar.update(1)
+                step_ms = [1e3 * s for s in timed["step_s"][1:] or timed["step_s"]]  # first gap: warm-up
+                q = quantiles(step_ms)
+                info = {**cfg, "timed_steps": len(step_ms), "train_runtime_s": round(timed["train_runtime_s"], 3)}
+                rows.append(row(provider=trainer, metric="step_time", unit="ms", values=q, config=info, **base))
+                rows.append(row(provider=trainer, metric="steps_per_s", unit="1/s",
+                                values=[1e3 / q[2], 1e3 / q[1], 1e3 / q[0]], config=info, **base))
+                timed_s = sum(step_ms) / 1e3
+                tokens = sum(timed["tokens"][-len(step_ms):])
+                tps = tokens / timed_s
+                rows.append(row(provider=trainer, metric="tokens_per_s", unit="tok/s", values=[tps, tps, tps],
+                                config={**info, "completion_tokens": tokens}, **base))
+                bar.set_postfix_str(f"{case.size} {trainer} memory", refresh=True)
+                try:
+                    mem = run_job({**job, "memory": True}, env_extra=MEMORY_ENV, timeout=timeout_s)
+                    m = mem["peak_mib"]
+                    rows.append(row(provider=trainer, metric="memory", unit="MiB", values=[m, m, m],
+                                    config={**cfg, "env": MEMORY_ENV,
+                                            "method": "VmHWM during train() - VmRSS after the trainer is built"},
+                                    **base))
+                except JobFailed as e:
+                    rows.append(row(provider=trainer, metric="memory_skipped", unit="",
+                                    config={**cfg, "reason": str(e)}, **base))
+                bar.update(1)
+    finally:
+        bar.close()
+    return rows
+
+
+def tiny_case() -> E2ECase:
+    """Seconds-long, for tests of the harness (not a result)."""
+    return replace(E2ECase("test", vocab_size=512), per_device_train_batch_size=4, num_generations=2,
+                   max_completion_length=4, max_steps=3)
