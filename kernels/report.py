@@ -123,7 +123,8 @@ def _epilogue_spec(sequence_level: bool) -> KernelSpec:
              "HAS_OLD": True, "HAS_KL": True, "BIAS_KL": False, "HAS_DELTA": False, "HAS_IS": True,
              "HAS_ENT": True, "ENT_MASK": False, "BLOCK_T": block_t(length)}
     name = "grpo_epilogue_sequence" if sequence_level else "grpo_epilogue"
-    return KernelSpec(name, _grpo_epilogue_kernel, args, const, NUM_WARPS, 1, {"T": length, "blocks": [block_t(length)]})
+    return KernelSpec(name, _grpo_epilogue_kernel, args, const, NUM_WARPS, 1,
+                      {"T": length, "blocks": [block_t(length)]})
 
 
 def _epilogue_specs() -> list[KernelSpec]:

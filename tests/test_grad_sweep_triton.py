@@ -8,9 +8,10 @@ nearest, a worse case than the GPU's that the slack still has to cover.
 
 One error term the plain path does not have is added to the bound: the contract hands the sweep lse as one fp32
 number, rounded at |lse|·2^-24, while PyTorch's log_softmax subtracts the row max exactly before adding log Σe.
-So p_ij = exp(z_ij − lse_i) carries a relative error up to |lse_i|·2^-23 (lse and the recomputed z both rounded),
-i.e. |δdz_ij| ≤ |g_i|·p_ij·|lse_i|·2^-23/τ (plus the like term of the entropy gradient): visible in fp32 on peaked rows (|z| ≈ 70 gives ~1e-5), negligible
-next to the bf16/fp16 slack. `_lse_rounding_bound` propagates it through each product with float64 p."""
+So p_ij = exp(z_ij − lse_i) carries a relative error up to ~|lse_i|·2^-24 (bounded here by twice that), i.e.
+|δdz_ij| ≤ |g_i|·p_ij·|lse_i|·2^-23/τ plus the like term of the entropy gradient: visible in fp32 on peaked rows
+(|z| ≈ 70 gives ~1e-5), negligible next to the bf16/fp16 slack. `_lse_rounding_bound` propagates it through each
+product with float64 p."""
 import pytest
 import torch
 
