@@ -74,6 +74,10 @@ class GRPOTrainer:
             processing_class = load_tokenizer(model if isinstance(model, str) else model.config._name_or_path)
         self.processing_class = processing_class
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError("processing_class: the tokenizer has neither a pad nor an eos token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # padding is always masked out; TRL does the same
         self.model = prepare_for_training(load_policy(model, args, self.device), args, self.device, peft_config)
         self.head = lm_head(self.model)  # rejects heads the fused loss can not reproduce, before any work
         self.ref_model = frozen_reference(self.model) if args.beta != 0.0 else None
