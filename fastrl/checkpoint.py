@@ -7,6 +7,7 @@ OUTPUT_DIR/checkpoint-<step>/ holds:
   rng_state.pt                                       python, numpy, torch (and CUDA) generator states
   rollout_buffer.pt                                  the generation batch still being trained on, if any
   trainer_state.json                                 global step, log history, data position, micro-step counter
+  <name> for each of extra_files                     other torch-saved state (e.g. a synced reference model)
 
 Atomicity: everything is written into a hidden temporary folder next to the target, files fsynced, then the
 folder is renamed into place (a rename within one file system is atomic). A crash mid-save leaves only the
@@ -75,7 +76,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    rollout_buffer: dict | None, save_total_limit: int | None) -> str:
+                    rollout_buffer: dict | None, save_total_limit: int | None,
+                    extra_files: dict[str, object] | None = None) -> str:
     """Write checkpoint-<step> atomically and prune old ones beyond save_total_limit. Returns its path."""
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, f"{PREFIX}{step}")
@@ -91,6 +93,8 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
     torch.save(capture_rng(), os.path.join(tmp, "rng_state.pt"))
     if rollout_buffer is not None:
         torch.save(rollout_buffer, os.path.join(tmp, "rollout_buffer.pt"))
+    for name, obj in (extra_files or {}).items():
+        torch.save(obj, os.path.join(tmp, name))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(trainer_state, f, indent=1)
     _fsync_tree(tmp)

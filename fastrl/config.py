@@ -28,7 +28,6 @@ UNSUPPORTED = {
     "multi_objective_aggregation": ("sum_then_normalize", "only TRL's default aggregation is implemented"),
     "entropy_coef": (0.0, "the entropy bonus is not in the fused loss"),
     "use_adaptive_entropy": (False, "the entropy bonus is not in the fused loss"),
-    "sync_ref_model": (False, "reference-model syncing (TR-DPO) is not implemented"),
     "off_policy_mask_threshold": (None, "off-policy sequence masking is not implemented"),
     "cast_lm_head_to_fp32": (False, "the fused loss accumulates in fp32 already; casting the head is not implemented"),
     "router_aux_loss_coef": (None, "MoE router auxiliary losses are not implemented"),
@@ -175,7 +174,11 @@ class GRPOConfig:
     scale_rewards: str = "group"
     loss_type: str = "dapo"
     mask_truncated_completions: bool = False
-    sync_ref_model: bool = False
+    sync_ref_model: bool = False  # TR-DPO reference resets (fastrl.ref_sync); needs beta > 0
+    ref_model_mixup_alpha: float = 0.6  # every ref_model_sync_steps steps: ref = alpha·policy + (1 − alpha)·ref
+    ref_model_sync_steps: int = 512
+    dynamic_sampling: bool = False  # fastrl, DAPO: drop groups whose rewards are all equal (fastrl.dynamic_sampling)
+    dynamic_sampling_max_attempts: int = 10  # generation rounds per batch before it is topped up with such groups
     top_entropy_quantile: float = 1.0
     entropy_coef: float = 0.0
     use_adaptive_entropy: bool = False
@@ -272,6 +275,11 @@ class GRPOConfig:
              f"one of {VLLM_IS_MODES}")
         need(self.vllm_sleep_level in (1, 2), "vllm_sleep_level", "1 or 2")
         need(self.warmup_ratio is None or 0 <= self.warmup_ratio <= 1, "warmup_ratio", "None or in [0, 1]")
+        need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", "a number in [0, 1]")
+        need(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", "an integer >= 1")
+        need(not self.sync_ref_model or self.beta > 0, "sync_ref_model",
+             "False when beta=0 (no reference model is used, so there is nothing to sync; TRL refuses it too)")
+        need(self.dynamic_sampling_max_attempts >= 1, "dynamic_sampling_max_attempts", "an integer >= 1")
         if self.loss_type == "dr_grpo":
             need(self.max_completion_length is not None, "max_completion_length", "set for loss_type='dr_grpo'")
         lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max

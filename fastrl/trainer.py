@@ -7,10 +7,11 @@ One optimizer step, read top to bottom in `_training_step`:
   for each of gradient_accumulation_steps micro-batches:
       when due (every steps_per_generation × num_iterations micro-batches), build a new generation batch:
           sample prompts -> G completions each -> rewards (weighted nansum; None = NaN, excluded)
+          (dynamic_sampling: drop groups with equal rewards, sample more prompts until the batch is full)
           -> group advantages -> old logprobs (only if the batch is reused) -> reference logprobs (beta > 0)
           -> shuffle, split into steps_per_generation micro-batches
       final hidden states of the policy -> fused_linear_grpo_loss -> backward
-  clip gradients -> AdamW step -> scheduler step
+  clip gradients -> AdamW step -> scheduler step (-> reference model mixed towards the policy, sync_ref_model)
 then log, and checkpoint every save_steps.
 
 Batch sizes are TRL's: per_device_train_batch_size counts completions; a generation batch holds
@@ -33,12 +34,15 @@ from transformers.optimization import get_scheduler
 from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_seed
 from fastrl.config import GRPOConfig
 from fastrl.data import PromptSampler, check_dataset, completions_for_rewards, tokenize_prompts
+from fastrl.dynamic_sampling import ScoredGroups, fill_generation_batch
 from fastrl.generation.base import SamplingConfig
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
 from fastrl.logging_utils import MetricsLogger
 from fastrl.policy import (completion_hidden, frozen_reference, lm_head, load_policy, load_tokenizer,
                            prepare_for_training, training_device)
+from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_reference, reference_state,
+                             restore_reference)
 from fastrl.rollout_batch import RolloutBatch
 from fastrl.scoring import combine, resolve_reward_funcs, score
 
@@ -66,6 +70,7 @@ class GRPOTrainer:
         self.args = args = args if args is not None else GRPOConfig()
         set_seed(args.seed)
         check_dataset(train_dataset)
+        check_sync_supported(args, peft_config)
         self.train_dataset = train_dataset
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
         self.reward_weights = self._reward_weights()
@@ -111,6 +116,7 @@ class GRPOTrainer:
         while self.state.global_step < self.state.max_steps:
             metrics = self._training_step()
             self.state.global_step += 1
+            maybe_sync_reference(args, self.state.global_step, self.model, self.ref_model)  # TR-DPO resets
             self.state.epoch = self.sampler.epoch + self.sampler.position / max(1, self.sampler.size)
             losses.append(metrics["loss"])
             self._log_step(metrics, logger)
@@ -182,6 +188,39 @@ class GRPOTrainer:
     def _generate_and_score(self) -> tuple[RolloutBatch, dict]:
         """Prompts -> completions -> rewards -> advantages -> (old, reference) logprobs, as one RolloutBatch."""
         args, G = self.args, self.args.num_generations
+        if args.dynamic_sampling:  # DAPO: only groups whose rewards differ, sampling more prompts until full
+            scored, sampling_metrics = fill_generation_batch(self._sample_and_score, args.prompts_per_generation, G,
+                                                             args.dynamic_sampling_max_attempts)
+        else:
+            scored, sampling_metrics = self._sample_and_score(), {}
+        prompt_ids, rollout, rewards_per_func, rewards = (scored.prompt_ids, scored.rollout, scored.rewards_per_func,
+                                                           scored.rewards)
+        advantages = group_advantages(rewards.to(self.device), G, scale_rewards=args.scale_rewards)  # [B]
+
+        batch = self._to_tensors([ids for ids in prompt_ids for _ in range(G)], rollout, advantages)
+        with torch.no_grad():
+            if self._needs_old_logprobs():
+                batch.old_logprobs = self._completion_logprobs(self.model, batch)  # [B, T]
+            if args.use_vllm and args.vllm_importance_sampling_correction:
+                batch.is_ratio = sampling_ratio(batch.old_logprobs, self._padded(rollout.logprobs, batch),
+                                                batch.completion_mask, args.vllm_importance_sampling_mode,
+                                                args.vllm_importance_sampling_clip_min,
+                                                args.vllm_importance_sampling_clip_max)
+            if args.beta != 0.0:
+                batch.ref_logprobs = self._completion_logprobs(self.ref_model, batch)  # [B, T]
+        num_items = float(batch.completion_mask.sum())  # global token count (one process)
+        # dapo/cispo: the generation batch's tokens, rescaled to one accumulation window (TRL's normalizer)
+        normalizer = num_items / args.world_size * args.gradient_accumulation_steps / args.steps_per_generation
+        metrics = {**self._generation_metrics(rewards_per_func, rewards, rollout, G), **sampling_metrics}
+        if batch.old_logprobs is not None and rollout.logprobs is not None:
+            # a push that did not land (stale generator weights) shows up here at once
+            sampled, m = self._padded(rollout.logprobs, batch), batch.completion_attention.bool()
+            metrics["rollout/logprob_abs_diff"] = (batch.old_logprobs - sampled)[m].abs().nanmean().item()
+        return batch, {"num_items_in_batch": normalizer, "metrics": metrics}
+
+    def _sample_and_score(self) -> ScoredGroups:
+        """P prompts from the sampler -> G completions each -> rewards (weighted nansum; None = NaN, excluded)."""
+        args, G = self.args, self.args.num_generations
         rows = [self.train_dataset[i] for i in self.sampler.next_batch()]  # P prompts
         prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], args.max_prompt_length,
                                       args.chat_template_kwargs)
@@ -200,28 +239,7 @@ class GRPOTrainer:
         rewards_per_func = score(self.reward_funcs, self.reward_func_names, prompts,
                                  completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
         rewards = combine(rewards_per_func, self.reward_weights)  # [B], NaN = unscorable
-        advantages = group_advantages(rewards.to(self.device), G, scale_rewards=args.scale_rewards)  # [B]
-
-        batch = self._to_tensors([ids for ids in prompt_ids for _ in range(G)], rollout, advantages)
-        with torch.no_grad():
-            if self._needs_old_logprobs():
-                batch.old_logprobs = self._completion_logprobs(self.model, batch)  # [B, T]
-            if args.use_vllm and args.vllm_importance_sampling_correction:
-                batch.is_ratio = sampling_ratio(batch.old_logprobs, self._padded(rollout.logprobs, batch),
-                                                batch.completion_mask, args.vllm_importance_sampling_mode,
-                                                args.vllm_importance_sampling_clip_min,
-                                                args.vllm_importance_sampling_clip_max)
-            if args.beta != 0.0:
-                batch.ref_logprobs = self._completion_logprobs(self.ref_model, batch)  # [B, T]
-        num_items = float(batch.completion_mask.sum())  # global token count (one process)
-        # dapo/cispo: the generation batch's tokens, rescaled to one accumulation window (TRL's normalizer)
-        normalizer = num_items / args.world_size * args.gradient_accumulation_steps / args.steps_per_generation
-        metrics = self._generation_metrics(rewards_per_func, rewards, rollout, G)
-        if batch.old_logprobs is not None and rollout.logprobs is not None:
-            # a push that did not land (stale generator weights) shows up here at once
-            sampled, m = self._padded(rollout.logprobs, batch), batch.completion_attention.bool()
-            metrics["rollout/logprob_abs_diff"] = (batch.old_logprobs - sampled)[m].abs().nanmean().item()
-        return batch, {"num_items_in_batch": normalizer, "metrics": metrics}
+        return ScoredGroups(rows, prompt_ids, rollout, rewards_per_func, rewards)
 
     def _to_tensors(self, prompt_ids: list[list[int]], rollout, advantages: torch.Tensor) -> RolloutBatch:
         pad = self.tokenizer.pad_token_id
@@ -349,12 +367,16 @@ class GRPOTrainer:
         return save_checkpoint(self.args.output_dir, self.state.global_step, model=self.model,
                                tokenizer=self.processing_class, optimizer=self.optimizer,
                                scheduler=self.lr_scheduler, trainer_state=state, rollout_buffer=buffer,
-                               save_total_limit=self.args.save_total_limit)
+                               save_total_limit=self.args.save_total_limit,
+                               extra_files={REFERENCE_FILE: reference_state(self.ref_model)}
+                               if self.args.sync_ref_model else None)
 
     def _load_checkpoint(self, path: str) -> None:
         state, buffer = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                         scheduler=self.lr_scheduler)
         self.sampler.load_state_dict(state.pop("sampler"))
+        if self.args.sync_ref_model:
+            restore_reference(path, self.ref_model)
         self._window = state.pop("window")
         state["max_steps"] = self.state.max_steps  # this run's setting: a resumed run may train longer
         self.state = TrainerState(**state)
