@@ -32,7 +32,10 @@ class MetricsLogger:
         self.backends = self._open_backends(report_to, run_name, config)
 
     def _open_backends(self, report_to, run_name, config) -> list:
-        wanted = {"tensorboard", "wandb"} if "all" in report_to else set(report_to)
+        if "all" in report_to:  # transformers' meaning: every supported integration that is installed
+            wanted = {name for name in ("tensorboard", "wandb") if importlib.util.find_spec(name) is not None}
+        else:
+            wanted = set(report_to)
         unknown = wanted - {"tensorboard", "wandb"}
         if unknown:
             raise ValueError(f"report_to: {sorted(unknown)} not supported; use 'tensorboard', 'wandb' or 'none'")
