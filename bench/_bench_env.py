@@ -1,0 +1,13 @@
+"""Settings shared by the bench_*.py files (a module of its own: `conftest` is a name tests/ uses too)."""
+import os
+
+import torch
+
+
+def quick() -> bool:
+    """FASTRL_BENCH=quick (default) or full."""
+    return os.environ.get("FASTRL_BENCH", "quick") != "full"
+
+
+def device() -> str:
+    return os.environ.get("FASTRL_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

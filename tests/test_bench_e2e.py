@@ -1,0 +1,73 @@
+"""The end-to-end benchmark harness (fastrl.bench.e2e): the same script trains under TRL and fastrl, steps are
+timed from the reward-call gaps, and the rows say what was measured."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fastrl.bench import e2e
+from fastrl.bench.results import JobFailed
+
+RUN = {"device": "cpu: test", "versions": "{}", "timestamp": "2026-01-01T00:00:00+00:00", "command": "pytest"}
+
+
+def test_rows_drop_the_warm_up_step_and_divide_tokens_by_the_timed_steps(monkeypatch, tmp_path):
+    def fake_job(job, env_extra=None, timeout=None):
+        if job.get("memory"):
+            assert env_extra == e2e.MEMORY_ENV
+            return {"peak_mib": 123.0}
+        # 4 reward calls: gaps 10 s (warm-up, dropped), 1 s, 2 s; tokens 8 per step
+        return {"step_s": [10.0, 1.0, 2.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 14.0}
+
+    monkeypatch.setattr("fastrl.bench.results.run_job", fake_job)
+    monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
+    rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], trainers=("trl",), progress=False)
+    got = {r["metric"]: r for r in rows}
+    assert got["step_time"]["p50"] == pytest.approx(1500.0)
+    assert got["steps_per_s"]["p50"] == pytest.approx(1 / 1.5)
+    assert got["tokens_per_s"]["p50"] == pytest.approx(16 / 3.0)
+    assert got["memory"]["p50"] == 123.0
+    assert {r["x_value"] for r in rows} == {e2e.tiny_case().vocab_size}
+
+
+def test_a_failed_run_is_listed_as_skipped_with_its_reason(monkeypatch, tmp_path):
+    def failing(job, env_extra=None, timeout=None):
+        raise JobFailed("ImportError: no trainer")
+
+    monkeypatch.setattr("fastrl.bench.results.run_job", failing)
+    monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
+    rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], trainers=("fastrl",), progress=False)
+    assert [(r["provider"], r["metric"]) for r in rows] == [("fastrl", "skipped")]
+    assert "no trainer" in rows[0]["config"]
+
+
+def test_one_import_apart():
+    import fastrl
+    import trl
+
+    assert e2e.trainer_module("fastrl") is fastrl and e2e.trainer_module("trl") is trl
+    with pytest.raises(ValueError, match="trainer"):
+        e2e.trainer_module("other")
+
+
+@pytest.mark.parametrize("trainer", ["trl", "fastrl"])
+def test_the_same_job_trains_under_each_trainer(trainer, tmp_path):
+    """In this process (the suite uses fresh ones): 3 steps of the tiny case, 3 reward calls, memory read."""
+    pytest.importorskip(trainer)
+    case = e2e.tiny_case()
+    model_dir = e2e.build_model(case, str(tmp_path / "models"))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out = e2e.run_e2e_job({"trainer": trainer, "case": case.config(), "model_dir": model_dir, "memory": True})
+    finally:
+        torch.set_num_threads(n)
+    assert out["reward_calls"] == case.max_steps and len(out["step_s"]) == case.max_steps - 1
+    assert all(t > 0 for t in out["step_s"]) and out["peak_mib"] >= 0
+    assert 0 < sum(out["tokens"]) <= case.max_steps * case.per_device_train_batch_size * case.max_completion_length
+
+
+def test_suites_include_a_32k_vocabulary():
+    for quick in (True, False):
+        assert 32768 in {c.vocab_size for c in e2e.e2e_cases(quick)}
+    assert replace(e2e.tiny_case(), size="x").size == "x"
