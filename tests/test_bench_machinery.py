@@ -178,3 +178,22 @@ def test_a_tiny_suite_end_to_end_through_worker_processes(tmp_path):
         assert ("fastrl-triton", "skipped") in got
     path = write_csv(rows, str(tmp_path / "kernels.csv"))
     assert "fastrl-torch" in render_table(path)
+
+
+def test_goal_lines_state_the_ratio_and_the_miss():
+    from fastrl.bench.cases import HEADLINE
+    from fastrl.bench.goals import goal_lines
+
+    base = dict(operation="grpo_loss", mode="full", x_name="V", x_value=32768, run=RUN, config=HEADLINE.config())
+    rows = [row(provider="fastrl-torch", metric="time", unit="ms", values=[1.0, 1.0, 1.0], **base),
+            row(provider="fastrl-torch", metric="floor_ratio", unit="x", values=[1.5, 1.5, 1.5], **base),
+            row(provider="fastrl-torch", metric="memory", unit="MiB", values=[40.0] * 3, **base),
+            row(provider="liger", metric="time", unit="ms", values=[2.0, 2.0, 2.0], **base),
+            row(provider="torch-materialize", metric="time", unit="ms", values=[1.6, 1.6, 1.6], **base),
+            row(provider="torch-materialize", metric="memory", unit="MiB", values=[800.0] * 3, **base)]
+    for r in rows:
+        r["config"] = json.loads(r["config"])
+    text = "\n".join(goal_lines(rows))
+    assert "fastest peer (torch-materialize, 1.6 ms): 0.62× (goal ≤ 1.00, aim 0.90): met" in text
+    assert "GEMM floor: 1.50× (goal ≤ 1.30): missed by 1.15×" in text
+    assert "= 5.0% (goal ≤ 10%): met" in text

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     import torch
 
+    from .goals import goal_lines
     from .plots import write_plots
     from .results import command_line, run_facts, write_csv
     from .table import render_table
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         path = write_csv(rows, os.path.join(args.out, f"{suite}{suffix}.csv"))
         plots = write_plots(rows_from(path), args.out, f"{suite}{suffix}")
         print(render_table(path))
+        print("\n".join(goal_lines(rows_from(path))))
         print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in plots))
     return 0
 

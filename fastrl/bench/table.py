@@ -116,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode")
     ap.add_argument("--dtype")
     ap.add_argument("--sweep")
+    ap.add_argument("--goals", action="store_true", help="only the issue's goals: measured ratios, met or missed")
     args = ap.parse_args(argv)
+    if args.goals:
+        from .goals import goal_lines
+
+        sys.stdout.write("\n".join(goal_lines(read_csv(args.csv))) + "\n")
+        return 0
     sys.stdout.write(render_table(args.csv, operation=args.operation, mode=args.mode, dtype=args.dtype,
                                   sweep=args.sweep))
     return 0
