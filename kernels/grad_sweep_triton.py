@@ -41,6 +41,12 @@ from .forward_sweep_triton import FORWARD_CONFIG, SweepConfig, dot_settings, log
 GRAD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
 
 
+def ordered_num_stages(dtype: torch.dtype) -> int:
+    """Pipeline stages of the deterministic kernels: the read-modify-write dW tile (128·32 fp32) stays live across
+    the H loop; with fp32 operands and 2 stages sm_80 ran out of registers (64 bytes spilled), with 1 none spill."""
+    return 1 if dtype == torch.float32 else GRAD_CONFIG.num_stages
+
+
 @triton.jit
 def _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv,
              inv_temp, HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
@@ -228,17 +234,20 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     sizes = (n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature)
     flags = dict(HAS_BIAS=bias is not None, HAS_LOGP=logp is not None, HAS_ENTROPY_GRAD=has_ent,
                  DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-                 BLOCK_H=cfg.block_h, BLOCK_HZ=FORWARD_CONFIG.block_h, num_warps=cfg.num_warps,
-                 num_stages=cfg.num_stages)
+                 BLOCK_H=cfg.block_h, BLOCK_HZ=FORWARD_CONFIG.block_h, num_warps=cfg.num_warps)
     out = lambda t: t if t is not None else stand_in  # noqa: E731
     if not deterministic:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
         _grad_sweep_kernel[grid](*inputs, out(grad_h), out(grad_w), out(grad_b), *sizes, NEED_DH=need_hidden_grad,
-                                 NEED_DW=need_weight_grad, NEED_DB=need_bias_grad, **flags)
+                                 NEED_DW=need_weight_grad, NEED_DB=need_bias_grad, num_stages=cfg.num_stages,
+                                 **flags)
         return grad_h, grad_w, grad_b
+    stages = ordered_num_stages(hidden.dtype)
     if need_hidden_grad:
-        _grad_hidden_ordered_kernel[(triton.cdiv(n, cfg.block_n),)](*inputs, grad_h, *sizes, **flags)
+        _grad_hidden_ordered_kernel[(triton.cdiv(n, cfg.block_n),)](*inputs, grad_h, *sizes, num_stages=stages,
+                                                                     **flags)
     if need_weight_grad or need_bias_grad:
         _grad_weight_ordered_kernel[(triton.cdiv(v, cfg.block_v),)](
-            *inputs, out(grad_w), out(grad_b), *sizes, NEED_DW=need_weight_grad, NEED_DB=need_bias_grad, **flags)
+            *inputs, out(grad_w), out(grad_b), *sizes, NEED_DW=need_weight_grad, NEED_DB=need_bias_grad,
+            num_stages=stages, **flags)
     return grad_h, grad_w, grad_b

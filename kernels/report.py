@@ -6,7 +6,8 @@
 No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))` runs the whole compiler
 down to a cubin. Each kernel is compiled with the tile sizes, warps and stages its launcher uses, at a
 representative shape (bf16, N 8192, H 896 and 4096, V 151936: Qwen2.5-0.5B and a 7B-class hidden size over the
-Qwen vocabulary), with the same 16-divisibility specialization a real launch would give those sizes.
+Qwen vocabulary), with the same 16-divisibility specialization a real launch would give those sizes; the sweeps
+also with fp32 inputs at H 4096 (TF32 tensor cores, twice the operand bytes).
 
 Per record:
 - registers, stack_bytes, shared_bytes (dynamic shared memory the launch requests; static shared from the cubin
@@ -65,22 +66,36 @@ def _sweep_args(h: int) -> dict:
             "stride_wv": ("i32", h), "inv_temp": ("fp32", None)}
 
 
-def _forward_spec(h: int) -> KernelSpec:
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _operand_args(dtype: str) -> dict:
+    return {"p_h": (f"*{dtype}", None), "p_w": (f"*{dtype}", None), "p_b": (f"*{dtype}", None),
+            "p_y": ("*i64", None)}
+
+
+def _dot_precision(dtype: str) -> str:
+    return "tf32" if dtype == "fp32" else "ieee"  # fp32 inputs under torch's default matmul precision on a GPU
+
+
+def _forward_spec(h: int, dtype: str = "bf16") -> KernelSpec:
     from .forward_sweep_triton import FORWARD_CONFIG as c, _forward_sweep_kernel
 
-    args = {"p_h": ("*bf16", None), "p_w": ("*bf16", None), "p_b": ("*bf16", None), "p_y": ("*i64", None),
-            "p_lse": ("*fp32", None), "p_logp": ("*fp32", None), "p_ent": ("*fp32", None), **_sweep_args(h)}
-    const = {"HAS_BIAS": False, "WITH_ENTROPY": True, "DOT_FP32": False, "DOT_PRECISION": "ieee",
+    args = {**_operand_args(dtype), "p_lse": ("*fp32", None), "p_logp": ("*fp32", None), "p_ent": ("*fp32", None),
+            **_sweep_args(h)}
+    const = {"HAS_BIAS": False, "WITH_ENTROPY": True, "DOT_FP32": False, "DOT_PRECISION": _dot_precision(dtype),
              "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h}
     return KernelSpec("forward_sweep", _forward_sweep_kernel, args, const, c.num_warps, c.num_stages,
-                      {"H": h, "blocks": [c.block_n, c.block_v, c.block_h]})
+                      {"H": h, "dtype": dtype, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
-def _grad_spec(h: int, variant: str) -> KernelSpec:
+def _grad_spec(h: int, variant: str, dtype: str = "bf16") -> KernelSpec:
     """variant: "grad_sweep" (atomics, dh + dW), "grad_sweep_frozen_head" (atomics, dh only), or the
     deterministic pair "grad_hidden_ordered" / "grad_weight_ordered"."""
-    from .forward_sweep_triton import FORWARD_CONFIG
+    import torch
+
     from . import grad_sweep_triton as g
+    from .forward_sweep_triton import FORWARD_CONFIG
 
     c = g.GRAD_CONFIG
     fn, outputs, needs = {
@@ -93,19 +108,22 @@ def _grad_spec(h: int, variant: str) -> KernelSpec:
     if "p_db" in outputs:
         needs["NEED_DB"] = False  # Qwen-style heads have no bias
     ptrs = ["p_lse", "p_logp", "p_g", "p_ge", "p_ent", *outputs]
-    args = {"p_h": ("*bf16", None), "p_w": ("*bf16", None), "p_b": ("*bf16", None), "p_y": ("*i64", None),
-            **{p: ("*fp32", None) for p in ptrs}, **_sweep_args(h)}
+    args = {**_operand_args(dtype), **{p: ("*fp32", None) for p in ptrs}, **_sweep_args(h)}
     const = {"HAS_BIAS": False, "HAS_LOGP": True, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
-             "DOT_PRECISION": "ieee", "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
+             "DOT_PRECISION": _dot_precision(dtype), "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
              "BLOCK_HZ": FORWARD_CONFIG.block_h}
-    return KernelSpec(variant, fn, args, const, c.num_warps, c.num_stages,
-                      {"H": h, "blocks": [c.block_n, c.block_v, c.block_h]})
+    stages = g.ordered_num_stages(getattr(torch, TORCH_DTYPES[dtype])) if "ordered" in variant else c.num_stages
+    return KernelSpec(variant, fn, args, const, c.num_warps, stages,
+                      {"H": h, "dtype": dtype, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
 def kernel_specs() -> list[KernelSpec]:
     specs = []
     for h in HIDDEN_SIZES:
         specs += [_forward_spec(h)] + [_grad_spec(h, variant) for variant in GRAD_VARIANTS]
+    # fp32 inputs (TF32 tensor cores) at the larger H: twice the operand bytes, the tightest fit
+    specs += [_forward_spec(max(HIDDEN_SIZES), "fp32")]
+    specs += [_grad_spec(max(HIDDEN_SIZES), variant, "fp32") for variant in GRAD_VARIANTS]
     specs += _epilogue_specs()
     return specs
 
@@ -192,7 +210,7 @@ def run_report() -> list[dict]:
 
 
 def format_table(records: list[dict]) -> str:
-    cols = ["kernel", "arch", "H", "registers", "spills", "shared_bytes", "tensor_core_instructions", "num_warps",
+    cols = ["kernel", "arch", "dtype", "H", "registers", "spills", "shared_bytes", "tensor_core_instructions", "num_warps",
             "blocks"]
     rows = [[str(r.get(c, "")) for c in cols] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]

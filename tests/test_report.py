@@ -24,12 +24,13 @@ def records():
     return json.loads(out.stdout)
 
 
-def test_every_sweep_is_reported_for_both_archs_and_hidden_sizes(records):
-    seen = {(r["kernel"], r["arch"], r.get("H")) for r in records}
+def test_every_kernel_is_reported_for_both_archs_hidden_sizes_and_dtypes(records):
+    seen = {(r["kernel"], r["arch"], r.get("H"), r.get("dtype")) for r in records}
     for kernel in SWEEPS:
         for arch in ARCHS:
             for h in HIDDEN_SIZES:
-                assert (kernel, f"sm_{arch}", h) in seen
+                assert (kernel, f"sm_{arch}", h, "bf16") in seen
+            assert (kernel, f"sm_{arch}", max(HIDDEN_SIZES), "fp32") in seen
     assert {r["arch"] for r in records if r["kernel"] == "grpo_epilogue"} == {f"sm_{a}" for a in ARCHS}
     for r in records:
         assert {"kernel", "arch", "registers", "spills", "shared_bytes", "tensor_core_instructions"} <= r.keys()
