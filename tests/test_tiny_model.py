@@ -111,6 +111,7 @@ def test_padded_vocabulary_and_untied_qwen2(tmp_path):
     (dict(num_heads=3), "num_heads"),
     (dict(num_layers=0), "num_layers"),
     (dict(vocab_size=50), "vocab_size"),
+    (dict(initializer_range=0.0), "initializer_range"),
 ])
 def test_bad_arguments_name_the_argument(tmp_path, kwargs, argument):
     with pytest.raises(ValueError, match=argument):

@@ -60,7 +60,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def _check_args(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, base_vocab) -> None:
+def _check_args(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, initializer_range,
+                base_vocab) -> None:
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     if num_layers < 1:
@@ -72,11 +73,14 @@ def _check_args(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, 
             f"num_heads * head_dim must equal hidden_size: num_heads={num_heads}, head_dim={head_dim}, "
             f"hidden_size={hidden_size}"
         )
+    if not initializer_range > 0:
+        raise ValueError(f"initializer_range must be > 0, got {initializer_range}")
     if vocab_size is not None and vocab_size < base_vocab:
         raise ValueError(f"vocab_size must be >= the tokenizer's {base_vocab} tokens, got {vocab_size}")
 
 
-def _model_config(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, tie_word_embeddings, tokenizer):
+def _model_config(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, tie_word_embeddings,
+                  initializer_range, tokenizer):
     return ARCHITECTURES[arch](
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -86,11 +90,12 @@ def _model_config(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size
         num_key_value_heads=num_heads,
         head_dim=head_dim,
         max_position_embeddings=512,
+        initializer_range=initializer_range,
         tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
@@ -112,20 +117,23 @@ def build_tiny_model(
     head_dim: int = 32,
     vocab_size: int | None = None,
     tie_word_embeddings: bool = True,
+    initializer_range: float = 0.02,
     seed: int = 0,
 ) -> str:
     """Write a random-init causal LM and its character tokenizer to `output_dir`; return the path.
 
-    num_heads defaults to hidden_size // head_dim. vocab_size defaults to the tokenizer's size (99 tokens);
-    a larger value (e.g. 32768, for benchmarks) pads the embedding and lm_head with rows no text maps to.
+    num_heads defaults to hidden_size // head_dim; initializer_range is the std of the random weights.
+    vocab_size defaults to the tokenizer's size (100 tokens); a larger value (e.g. 32768, for benchmarks)
+    pads the embedding and lm_head with rows no text maps to.
     An existing folder built with the same arguments is reused as it is.
     """
     tokenizer = build_tokenizer()
     num_heads = num_heads if num_heads is not None else hidden_size // head_dim
-    _check_args(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, len(tokenizer))
+    _check_args(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, initializer_range, len(tokenizer))
     vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
     build_args = dict(arch=arch, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
-                      head_dim=head_dim, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings, seed=seed)
+                      head_dim=head_dim, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
+                      initializer_range=initializer_range, seed=seed)
     output_dir = os.path.abspath(output_dir)
     if _already_built(output_dir, build_args):
         return output_dir
@@ -135,7 +143,7 @@ def build_tiny_model(
                          "refusing to overwrite it")
 
     config = _model_config(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, tie_word_embeddings,
-                           tokenizer)
+                           initializer_range, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
 
