@@ -105,12 +105,11 @@ def plot_curves(jsonl_path: str, png_path: str) -> str | None:
     rows = read_jsonl(jsonl_path)
     if not rows:
         return None
-    import matplotlib
+    # The Figure API renders with Agg and skips importing pyplot (seconds on a busy machine) and its global state.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.2))
+    fig = Figure(figsize=(4.2 * len(CURVES), 3.2))
+    axes = fig.subplots(1, len(CURVES))
     for ax, (key, title) in zip(axes, CURVES):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if points:
@@ -123,5 +122,4 @@ def plot_curves(jsonl_path: str, png_path: str) -> str | None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
     return png_path

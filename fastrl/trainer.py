@@ -122,8 +122,8 @@ class GRPOTrainer:
             self._log_step(metrics, logger)
             if self._should_save():
                 self._save_checkpoint()
+        runtime = time.time() - started  # the training loop; drawing curves.png below is not training
         logger.close()
-        runtime = time.time() - started
         summary = {"train_runtime": runtime, "train_steps_per_second": (self.state.global_step - first_step)
                    / max(runtime, 1e-9), "train_loss": sum(losses) / max(1, len(losses))}
         self.state.log_history.append({"step": self.state.global_step, "epoch": self.state.epoch, **summary})
