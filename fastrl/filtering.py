@@ -68,6 +68,8 @@ def run_filter(args: argparse.Namespace) -> int:
     run, config = split_run_config(raw)
     raw["use_vllm"] = _vllm_usable(config.use_vllm)
     out = args.out or default_output(run, config.output_dir)
+    if run["dataset"] is not None and os.path.abspath(out) == os.path.abspath(run["dataset"]):
+        raise ValueError(f"--out: {out!r} is the input dataset itself; write the filtered rows elsewhere")
     summary = filter_dataset(raw, args, out)
     print(f"fastrl filter: {summary['kept']} of {summary['rows']} rows kept -> {out} "
           f"(never solved {summary['never']}, always solved {summary['always']}, "

@@ -146,3 +146,11 @@ def test_bad_options_name_the_option(setup, capsys, options, message):
     tmp_path, config, _ = setup
     assert filter_main([config, "--out", str(tmp_path / "f.jsonl"), *options]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_output_must_not_overwrite_the_input(setup, capsys):
+    tmp_path, config, _ = setup
+    before = (tmp_path / "prompts.jsonl").read_text()
+    assert filter_main([config, "--out", str(tmp_path / "prompts.jsonl")]) == 2
+    assert "is the input dataset itself" in capsys.readouterr().err
+    assert (tmp_path / "prompts.jsonl").read_text() == before
