@@ -197,3 +197,22 @@ def test_goal_lines_state_the_ratio_and_the_miss():
     assert "fastest peer (torch-materialize, 1.6 ms): 0.62× (goal ≤ 1.00, aim 0.90): met" in text
     assert "GEMM floor: 1.50× (goal ≤ 1.30): missed by 1.15×" in text
     assert "= 5.0% (goal ≤ 10%): met" in text
+
+
+def test_cli_writes_csv_plots_and_tables_with_the_command(monkeypatch, tmp_path, capsys):
+    from fastrl.bench import cli, kernels
+
+    def fake_suite(run, *, settings, quick, progress):
+        assert quick and settings.quick and settings.providers == ["fastrl-torch"]
+        rows = []
+        for v in (64, 128):
+            rows += _rows(KernelCase("grpo_loss", "full", B=2, T=8, H=16, V=v))
+        return [{**r, "command": run["command"]} for r in rows]
+
+    monkeypatch.setattr(kernels, "run_kernel_suite", fake_suite)
+    argv = ["--suite", "kernels", "--quick", "--providers", "fastrl-torch", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    rows = read_csv(str(tmp_path / "kernels-quick.csv"))
+    assert rows[0]["command"] == "fastrl bench " + " ".join(argv)
+    assert (tmp_path / "kernels-quick_grpo_loss_full_float32_vocab.png").exists()
+    assert "| fastrl-torch |" in capsys.readouterr().out
