@@ -40,8 +40,14 @@ class Plan:
     model: ModelShape
     run: RunShape
     phases: list[Phase]
-    materializing_peak: int  # the policy phase if the loss materialized [N, V] logits (TRL without kernels)
+    materializing_policy: int  # the policy phase if the loss materialized [N, V] logits (TRL without kernels)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def materializing_peak(self) -> int:
+        """The run's peak with the materializing loss: its policy phase grows, the other phases stay."""
+        return max([p.total for p in self.phases if p.name != "policy forward+backward"]
+                   + [self.materializing_policy])
 
     @property
     def peak_phase(self) -> Phase:
@@ -62,7 +68,7 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {"device": self.device, "peak": self.peak, "peak_phase": self.peak_phase.name,
-                "materializing_peak": self.materializing_peak,
+                "materializing_peak": self.materializing_peak, "materializing_policy": self.materializing_policy,
                 "phases": {p.name: {"total": p.total, "parts": p.parts, "host": p.host} for p in self.phases}}
 
 
@@ -92,6 +98,7 @@ def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory:
         if device == "cuda":
             p.parts["CUDA context (typical, not measured)"] = CUDA_CONTEXT_BYTES
         p.host.update({k: v for k, v in host.items() if not (p.name == "generation" and "vLLM" in k)})
+    # the same run if the loss materialized the logits: its policy phase grows, the other phases stay
     materializing = policy_phase(model, run, resident, materializing_loss_bytes).total + (
         CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     return Plan(device, model, run, phases, materializing, notes(model, run, device, device_memory))
@@ -138,7 +145,10 @@ def generation_phase(model, run, device, device_memory, resident) -> Phase:
     # prefill: one layer's no-grad intermediates (gate, up, silu, q, k, v, attention out) and its mask
     phase.parts["prefill working set (one layer)"] = prompt_tokens * (3 * model.intermediate + 4 * model.hidden
                                                                       + run.prompt_len) * a
-    phase.parts["next-token logits [B_gen, V] fp32 ×3"] = 3 * run.generation_batch * model.vocab * FP32
+    # fastrl/generation/transformers.py asks generate for output_scores: T per-step [B_gen, V] fp32 scores, then
+    # stacks them [B_gen, T, V] and takes their log_softmax, to read the sampled tokens' logprobs.
+    phase.parts["sampler scores kept: 3×[B_gen,T,V] fp32"] = (3 * run.generation_batch * run.completion_len
+                                                               * model.vocab * FP32)
     return phase
 
 
@@ -240,7 +250,8 @@ def format_plan(plan: Plan, budget: int | None = None) -> str:
             lines.append(f"    host: {k:<52}{fmt(v):>12}")
     lines.append(f"{'peak':<34}{fmt(plan.peak):>12}  ({plan.peak_phase.name})")
     lines.append(f"{'materializing path (TRL, no kernels)':<34}{fmt(plan.materializing_peak):>12}  "
-                 "(policy phase with [N,V] fp32 logits, log_softmax and their grads)")
+                 f"(policy phase {fmt(plan.materializing_policy)} with [N,V] fp32 logits, log_softmax and their "
+                 "grads)")
     if budget is not None:
         verdict = "fits" if plan.fits(budget) else "does NOT fit"
         lines.append(f"budget {fmt(budget)}: {verdict} ({fmt(budget - plan.peak)} to spare)" if plan.fits(budget)

@@ -45,10 +45,13 @@ def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
         if not run.vllm_sleep or run.vllm_sleep_level != 2:
             out.append(("vllm_enable_sleep_mode: true, vllm_sleep_level: 2",
                         {"vllm_sleep": True, "vllm_sleep_level": 2}))
-        floor = _vllm_floor(plan, budget)
-        if floor < run.vllm_utilization:
-            out.append((f"vllm_gpu_memory_utilization: {floor:.2f} (weights + this batch's KV cache)",
-                        {"vllm_utilization": floor}))
+        full, start = _vllm_floor(plan, budget, run.generation_batch), _vllm_floor(plan, budget, 1)
+        if full < run.vllm_utilization:
+            out.append((f"vllm_gpu_memory_utilization: {full:.2f} (weights + this batch's KV cache)",
+                        {"vllm_utilization": full}))
+        elif start > run.vllm_utilization:  # vLLM can not hold its weights and one sequence's KV cache
+            out.append((f"vllm_gpu_memory_utilization: {start:.2f} (needed for vLLM to start at all)",
+                        {"vllm_utilization": start}))
     if run.has_reference_copy and plan.device == "cuda" and not run.offload_reference:
         out.append(("reference model in host memory between uses (offload)", {"offload_reference": True}))
     if run.micro_batch > 1:
@@ -58,11 +61,18 @@ def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
     return out
 
 
-def _vllm_floor(plan: Plan, budget: int) -> float:
-    """The smallest utilization (a multiple of 0.05) holding vLLM's weights and the batch's KV cache."""
+def _vllm_floor(plan: Plan, budget: int, sequences: int) -> float:
+    """The smallest utilization (a multiple of 0.05) holding vLLM's weights and `sequences` sequences' KV cache."""
     m = plan.model
-    need = m.total_params() * m.weight_bytes + kv_cache_bytes(m, plan.run, m.weight_bytes)
-    return min(1.0, math.ceil(need / budget / 0.05) * 0.05)
+    kv = kv_cache_bytes(m, plan.run.replace(generation_batch=sequences), m.weight_bytes)
+    need = m.total_params() * m.weight_bytes + kv
+    return min(1.0, round(math.ceil(need / budget / 0.05) * 0.05, 2))
+
+
+def _stack(run: RunShape, levers: list[tuple[str, dict]]) -> RunShape:
+    for _, changes in levers:
+        run = run.replace(**changes)
+    return run
 
 
 def _predict(plan: Plan, run: RunShape, budget: int) -> Plan:
@@ -84,29 +94,39 @@ def recommend(plan: Plan, budget: int) -> Advice:
     advice = Advice(fits=plan.fits(budget))
     if advice.fits:
         return advice
-    stacked, labels = plan.run, []
-    for label, changes in _levers(plan, budget):
-        alone = plan.run.replace(**changes)
+    levers = _levers(plan, budget)
+    for label, changes in levers:  # each lever alone
+        run = plan.run.replace(**changes)
         if "micro_batch" in changes:
-            alone, label = _best_micro_batch(plan, plan.run, budget)
-        p = _predict(plan, alone, budget)
+            run, label = _best_micro_batch(plan, plan.run, budget)
+        p = _predict(plan, run, budget)
         advice.single.append(Option(label, p.peak, p.fits(budget)))
-        if advice.combined is None:
-            stacked = stacked.replace(**changes)
-            if "micro_batch" in changes:
-                stacked, label = _best_micro_batch(plan, stacked.replace(micro_batch=plan.run.micro_batch),
-                                                   budget)
+    stacked, used = plan.run, []
+    for label, changes in levers:  # stacked in order until the run fits (micro-batch at its floor of 1)
+        stacked, used = stacked.replace(**changes), used + [(label, changes)]
+        if _predict(plan, stacked, budget).fits(budget):
+            break
+    else:
+        advice.impossible = _why_impossible(plan, stacked, budget)
+        return advice
+    for lever in reversed(used[:-1]):  # drop levers a later one made unnecessary (offload once LoRA is on)
+        fewer = [u for u in used if u is not lever]
+        if _predict(plan, _stack(plan.run, fewer), budget).fits(budget):
+            used = fewer
+    stacked = _stack(plan.run, used)
+    labels = [label for label, changes in used if "micro_batch" not in changes]
+    if len(labels) < len(used):  # then the largest micro-batch that fits with the other levers
+        stacked, label = _best_micro_batch(plan, stacked.replace(micro_batch=plan.run.micro_batch), budget)
+        if stacked.micro_batch != plan.run.micro_batch:
             labels.append(label)
-            p = _predict(plan, stacked, budget)
-            if p.fits(budget):
-                advice.combined = Option(" + ".join(labels), p.peak, True)
-    if advice.combined is None:
-        advice.impossible = _why_impossible(plan, stacked.replace(micro_batch=1), budget)
+    p = _predict(plan, stacked, budget)
+    advice.combined = Option(" + ".join(labels), p.peak, p.fits(budget))
     return advice
 
 
 def _why_impossible(plan: Plan, floor_run: RunShape, budget: int) -> str:
-    floor = _predict(plan, floor_run, budget)
+    """floor_run: every lever applied, one completion per micro-batch."""
+    floor = _predict(plan, floor_run.replace(micro_batch=1), budget)
     weights = plan.model.total_params() * plan.model.weight_bytes
     if weights > budget:
         return (f"the model's weights alone ({fmt(weights)}) exceed the budget ({fmt(budget)}); "
@@ -123,10 +143,10 @@ def format_advice(advice: Advice, plan: Plan, budget: int) -> str:
         return ""
     lines = ["", "to make it fit:" if advice.single else "no lever applies to this run:"]
     for o in advice.single:
-        lines.append(f"  {o.label:<78} peak {fmt(o.peak):>11}  {'fits' if o.fits else 'still over'}")
+        lines.append(f"  {o.label:<88} peak {fmt(o.peak):>11}  {'fits' if o.fits else 'still over'}")
     if advice.combined is not None:
         lines.append(f"  together: {advice.combined.label}")
-        lines.append(f"  {'':<78} peak {fmt(advice.combined.peak):>11}  fits")
+        lines.append(f"  {'':<88} peak {fmt(advice.combined.peak):>11}  fits")
     if advice.impossible:
         lines.append(f"no setting fits {fmt(budget)}: {advice.impossible}")
     return "\n".join(lines)

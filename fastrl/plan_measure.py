@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,13 +53,33 @@ CASES = {
 }
 
 
+# Whole GRPOTrainer steps (generation with transformers, rewards, reference, loss, AdamW) on the built-in tiny
+# model at the issue's benchmark size. Digit-task prompts are longer than 12 characters, so left-truncation
+# makes every prompt exactly max_prompt_length tokens; a random model almost never samples eos among 32768
+# ids, so completions run to max_completion_length: the shapes the plan assumes.
+TINY_BENCH = {"hidden_size": 256, "vocab_size": 32768, "num_layers": 2}
+TRAINER_CASES = {
+    "trainer_full_beta": (TINY_BENCH, {"per_device_train_batch_size": 8, "num_generations": 8, "beta": 0.04,
+                                       "max_prompt_length": 12, "max_completion_length": 128,
+                                       "gradient_checkpointing": False}),
+    "trainer_lora_beta": (TINY_BENCH, {"per_device_train_batch_size": 8, "num_generations": 8, "beta": 0.04,
+                                       "max_prompt_length": 12, "max_completion_length": 128,
+                                       "peft": LORA_ALL}),
+}
+
+
 def case_inputs(name: str) -> tuple[dict, dict]:
     """A case name, or a JSON list [model config, run overrides] (tests pass their own cases this way)."""
     if name.startswith("["):
         model, run = json.loads(name)
         return dict(model), {**BASE_RUN, **run}
+    if name in TRAINER_CASES:
+        from fastrl.plan import tiny_model_config
+
+        tiny, run = TRAINER_CASES[name]
+        return tiny_model_config(tiny), {**BASE_RUN, **run}
     if name not in CASES:
-        raise ValueError(f"case {name!r}: known cases are {sorted(CASES)}")
+        raise ValueError(f"case {name!r}: known cases are {sorted(CASES) + sorted(TRAINER_CASES)}")
     model, run = CASES[name]
     return dict(model), {**BASE_RUN, **run}
 
@@ -131,13 +152,15 @@ def _autocast(args):
     return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
 
-def _step(model, ref, opt, args, ids, attention, completion, p):
+def _step(model, ref, opt, args, ids, attention, completion, p, marks):
+    """One micro-step + optimizer step; `marks(phase)` is called at the end of each phase."""
     import torch
 
     from fastrl.kernels import fused_linear_grpo_loss
     from fastrl.policy import completion_hidden, lm_head
 
     ref_logp = _reference_logprobs(model, ref, ids, attention, completion, p, args) if args.beta > 0 else None
+    marks("logprob passes (reference/old)")
     with _autocast(args):
         hidden = completion_hidden(model, ids, attention, p)  # [b, T, H]
     weight = lm_head(model).weight
@@ -146,22 +169,22 @@ def _step(model, ref, opt, args, ids, attention, completion, p):
                                      advantages, ref_logprobs=ref_logp, beta=args.beta, backend="torch")
     del hidden
     loss.backward()
+    marks("policy forward+backward")
     torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    marks("optimizer step")
 
 
-def _warm_up() -> None:
-    """Run every code path once on a throw-away model, so library pages and one-time buffers are in the baseline."""
+def _warm_up(run: dict) -> None:
+    """The case's code paths once on a throw-away model, so library pages and one-time buffers (oneDNN, the
+    autograd engine's thread) are in the baseline rather than in the measured peak."""
     small = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
              "num_attention_heads": 2, "vocab_size": 256, "tie_word_embeddings": True}
-    for run in ({**BASE_RUN, "beta": 0.04, "max_prompt_length": 8, "max_completion_length": 8},
-                {**BASE_RUN, "bf16": True, "gradient_checkpointing": True, "beta": 0.04, "peft": LORA_ALL,
-                 "max_prompt_length": 8, "max_completion_length": 8}):
-        _run_steps(small, run, steps=1)
+    _run_steps(small, {**run, "max_prompt_length": 8, "max_completion_length": 8}, steps=1)
 
 
-def _run_steps(model_config: dict, run: dict, steps: int) -> None:
+def _run_steps(model_config: dict, run: dict, steps: int, marks=lambda phase: None) -> None:
     import torch
 
     model, ref, args = _build(model_config, run)
@@ -169,7 +192,7 @@ def _run_steps(model_config: dict, run: dict, steps: int) -> None:
     ids, attention, completion = _batch(model_config["vocab_size"], args.per_device_train_batch_size,
                                         args.max_prompt_length, args.max_completion_length)
     for _ in range(steps):
-        _step(model, ref, opt, args, ids, attention, completion, args.max_prompt_length)
+        _step(model, ref, opt, args, ids, attention, completion, args.max_prompt_length, marks)
 
 
 def child(name: str) -> dict:
@@ -179,17 +202,69 @@ def child(name: str) -> dict:
 
     torch.set_num_threads(1)
     model_config, run = case_inputs(name)
-    if run.get("peft"):
-        import peft  # noqa: F401
-    _warm_up()
+    _warm_up(run)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    _reset_peak()
     baseline = _status_kib("VmRSS") * 1024
+    phases: dict[str, int] = {}  # each phase's peak above the baseline, the last step's
+    overall = [0]  # the whole run's peak (building the model and step 1 included)
+
+    def marks(phase: str) -> None:
+        phases[phase] = _status_kib("VmHWM") * 1024 - baseline
+        overall[0] = max(overall[0], phases[phase])
+        _reset_peak()
+
     t0 = time.perf_counter()
-    _run_steps(model_config, run, steps=2)
-    return {"case": name, "baseline": baseline, "peak": _status_kib("VmHWM") * 1024 - baseline,
+    _run_steps(model_config, run, steps=2, marks=marks)
+    return {"case": name, "baseline": baseline, "peak": overall[0], "phases": phases,
             "seconds": time.perf_counter() - t0}
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+
+
+def _train(model_path: str, run: dict, steps: int) -> None:
+    from fastrl import GRPOConfig, GRPOTrainer
+    from fastrl.tasks import get_task
+
+    task = get_task("reverse", num_examples=256)
+    peft_config = None
+    if run.get("peft"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**run["peft"])
+    args = GRPOConfig(**{k: v for k, v in run.items() if k != "peft"}, output_dir="/tmp/fastrl_plan_measure",
+                      max_steps=steps, save_strategy="no", logging_steps=1, report_to="none",
+                      reward_weights=task.reward_weights, disable_tqdm=True)
+    GRPOTrainer(model_path, task.reward_funcs, args=args, train_dataset=task.train_dataset,
+                peft_config=peft_config).train()
+
+
+def trainer_child(name: str) -> dict:
+    """Two real GRPOTrainer steps; the peak covers generation, rewards, reference, loss and optimizer."""
+    import gc
+    import tempfile
+
+    import torch
+
+    from fastrl.tasks.tiny_model import build_tiny_model
+
+    torch.set_num_threads(1)
+    tiny, run = TRAINER_CASES[name]
+    run = {**BASE_RUN, **run}
+    with tempfile.TemporaryDirectory(prefix="fastrl_plan_") as tmp:
+        warm = build_tiny_model(os.path.join(tmp, "warm"))
+        path = build_tiny_model(os.path.join(tmp, "bench"), **tiny)
+        _train(warm, {**run, "max_completion_length": 8}, steps=1)
+        gc.collect()
+        _reset_peak()
+        baseline = _status_kib("VmRSS") * 1024
+        t0 = time.perf_counter()
+        _train(path, run, steps=2)
+        return {"case": name, "baseline": baseline, "peak": _status_kib("VmHWM") * 1024 - baseline, "phases": {},
+                "seconds": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------------------- the parent
@@ -222,8 +297,16 @@ def compare(name: str) -> dict:
             "predicted_mib": round(plan.peak / 2**20, 1), "predicted_phase": plan.peak_phase.name,
             "measured_mib": round(m["peak"] / 2**20, 1),
             "error_pct": round(100 * (plan.peak - m["peak"]) / m["peak"], 1),
+            "policy_phase_predicted_mib": _mib(plan.phase("policy forward+backward").total),
+            "policy_phase_measured_mib": _mib(m["phases"].get("policy forward+backward", math.nan)),
+            "optimizer_phase_predicted_mib": _mib(plan.phase("optimizer step").total),
+            "optimizer_phase_measured_mib": _mib(m["phases"].get("optimizer step", math.nan)),
             "materializing_predicted_mib": round(plan.materializing_peak / 2**20, 1),
             "seconds": round(m["seconds"], 1)}
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
 
 
 def write_csv(path: str, rows: list[dict], command: str) -> None:
@@ -239,14 +322,15 @@ def write_csv(path: str, rows: list[dict], command: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="measured vs predicted peak memory of GRPO steps on CPU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--case", action="append", help=f"one of {sorted(CASES)} (default: all)")
+    parser.add_argument("--case", action="append",
+                        help=f"one of {sorted(CASES) + sorted(TRAINER_CASES)} (default: all)")
     parser.add_argument("--csv", help="write the comparison to this CSV file")
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(trainer_child(args.child) if args.child in TRAINER_CASES else child(args.child)))
         return 0
     rows = []
-    for name in args.case or list(CASES):
+    for name in args.case or list(CASES) + list(TRAINER_CASES):
         rows.append(compare(name))
         print(json.dumps(rows[-1]), flush=True)
     if args.csv:

@@ -95,10 +95,11 @@ def checkpointed_bytes_per_token(model: ModelShape, run: RunShape) -> int:
 
 
 def layer_backward_transient(model: ModelShape, run: RunShape, tokens: int) -> int:
-    """Gradients in flight inside one layer's backward: the MLP's three [S, I] and a few [S, H] (residual,
-    normed, attention output, input)."""
+    """The largest gradient burst inside one layer's backward: the SwiGLU product's backward makes the
+    gradients of both its [S, I] operands while they are still saved (seen on an RSS timeline per autograd
+    node: +2·S·I·4 bytes at MulBackward0 in fp32)."""
     a = BF16 if (_autocast(model, run) or model.weight_bytes == BF16) else FP32
-    return tokens * (3 * model.intermediate + 4 * model.hidden) * a
+    return tokens * 2 * model.intermediate * a
 
 
 def tile_rows(vocab: int, n_rows: int) -> int:
@@ -107,26 +108,30 @@ def tile_rows(vocab: int, n_rows: int) -> int:
     return min(rows, max(n_rows, 1))
 
 
-def fused_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, int]:
-    """The fused loss at the start of backward: dh [N, H] and dW [V, H] in fp32 computed in forward, their
-    scaled copies made in backward (× 2), the [S, H] gradient of the sliced hidden states; the tile buffers
-    (2 · rows · V fp32) are freed by then but bound the forward's working set."""
+def fused_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, dict[str, int]]:
+    """The fused loss's working set at its two high points (grpo_single_pass + FusedLinearGRPOLoss):
+
+    forward:  the rows copy [N, H], dh [N, H] fp32, dW [V, H] fp32 (if the head trains) and the two tile
+              buffers 2 · rows · V fp32 (bounded: 2^21 logits each)
+    backward: dh and dW stored by forward plus their copies scaled by the incoming gradient (× 2 each), and
+              with 16-bit weights those copies cast back to 16 bits
+    """
     v, h = model.vocab, model.hidden
-    head_trains = run.lora is None
-    grad_h = 2 * n_rows * h * FP32
-    grad_w = 2 * v * h * FP32 if head_trains else 0
-    out = {"loss: dh [N,H] fp32 ×2": grad_h, "loss: dW [V,H] fp32 ×2": grad_w,
-           "loss: d(hidden) [S,H]": tokens * h * FP32}
+    head = v * h if run.lora is None else 0
+    a = BF16 if (_autocast(model, run) or model.weight_bytes == BF16) else FP32
+    forward = {"loss: rows [N,H] + dh [N,H] fp32": n_rows * h * (a + FP32), "loss: dW [V,H] fp32": head * FP32,
+               "loss: tiles 2×[rows,V] fp32": 2 * tile_rows(v, n_rows) * v * FP32}
+    backward = {"loss: dh [N,H] fp32 ×2": 2 * n_rows * h * FP32, "loss: dW [V,H] fp32 ×2": 2 * head * FP32}
     if model.weight_bytes == BF16:  # backward casts the scaled gradients to the 16-bit inputs' dtype
-        out["loss: 16-bit grad copies"] = (n_rows * h + (v * h if head_trains else 0)) * BF16
-    return out
+        backward["loss: 16-bit grad copies"] = (n_rows * h + head) * BF16
+    return {"forward": forward, "backward": backward}
 
 
-def materializing_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, int]:
+def materializing_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, dict]:
     """The materializing path (TRL without kernels): logits [N, V] fp32, log_softmax [N, V] fp32 and the
-    gradients of both, held together at the start of backward, plus the same dh, dW and d(hidden)."""
+    gradients of both, held together at the start of backward, plus the same dh and dW."""
     out = fused_loss_bytes(model, run, n_rows, tokens)
-    out["loss: logits, log_softmax + grads [N,V] fp32 ×4"] = 4 * n_rows * model.vocab * FP32
+    out["backward"]["loss: logits, log_softmax + grads [N,V] fp32 ×4"] = 4 * n_rows * model.vocab * FP32
     return out
 
 
@@ -134,33 +139,32 @@ def trainable_params(model: ModelShape, run: RunShape) -> int:
     return model.total_params() if run.lora is None else run.lora.params(model)
 
 
-def grad_timeline(model: ModelShape, run: RunShape, tokens: int, loss: dict[str, int]) -> tuple[int, str]:
-    """The largest (activations + gradients) point of backward, walking the layers top to bottom.
+def grad_timeline(model: ModelShape, run: RunShape, tokens: int, loss: dict[str, dict[str, int]]) -> tuple[int, str]:
+    """The largest (activations + loss working set + gradients) point of forward+backward. Returns (bytes, where).
 
-    Backward frees a layer's saved tensors as it produces that layer's gradients, so the sum peaks either at
-    the start (activations dominate) or at the end (gradients dominate): both ends and every layer between are
-    evaluated. Returns (bytes, where)."""
+    Points: the loss's forward (all activations saved, its tiles and dW live); the loss's backward (dh, dW and
+    their scaled copies); each layer's backward, top to bottom (a layer's saved tensors are freed as its
+    gradients appear, so the sum can grow or shrink layer by layer; with checkpointing the layer in flight is
+    recomputed first); the end (the embedding's dense [V, H] gradient, added into the tied head's or its own).
+    """
     p = model.weight_bytes
     seq_len = run.prompt_len + run.completion_len
     per_layer_act = activation_bytes_per_token(model, run, seq_len) * tokens
     per_layer_grad = (model.layer_params() if run.lora is None else run.lora.params(model) // model.layers) * p
     head_grad = model.head_params() * p if run.lora is None else 0
     top = top_activation_bytes_per_token(model, run) * tokens + autocast_weight_copies(model, run)
-    transient = layer_backward_transient(model, run, tokens)
-    saved_per_layer = checkpointed_bytes_per_token(model, run) * tokens if run.checkpointing else per_layer_act
-    start = top + model.layers * saved_per_layer + sum(loss.values())
-    best, where = start, "start of backward"
-    for k in range(model.layers):  # k layers done; layer k (from the top) in flight
-        live = (top + (model.layers - k) * saved_per_layer + head_grad + k * per_layer_grad + transient
-                + (per_layer_act if run.checkpointing else 0))
-        if live > best:
-            best, where = live, f"backward of layer {model.layers - k} of {model.layers}"
-    # last: the embedding's dense gradient [V, H] (added into the tied head's gradient, or its own)
+    saved = checkpointed_bytes_per_token(model, run) * tokens if run.checkpointing else per_layer_act
+    all_saved = top + model.layers * saved
+    points = {"loss forward": all_saved + sum(loss["forward"].values()),
+              "loss backward": all_saved + sum(loss["backward"].values())}
+    transient = layer_backward_transient(model, run, tokens) + (per_layer_act if run.checkpointing else 0)
+    for k in range(model.layers):  # k layers done, the next one in flight
+        points[f"backward of layer {model.layers - k} of {model.layers}"] = (
+            top + (model.layers - k) * saved + head_grad + k * per_layer_grad + transient)
     emb = model.head_params() * p if run.lora is None else 0
-    end = head_grad + model.layers * per_layer_grad + emb  # tied: new [V, H] added into the head's gradient
-    if end > best:
-        best, where = end, "end of backward (embedding gradient)"
-    return best, where
+    points["end of backward (embedding gradient)"] = head_grad + model.layers * per_layer_grad + emb
+    where = max(points, key=points.get)
+    return points[where], where
 
 
 def kv_cache_bytes(model: ModelShape, run: RunShape, dtype_bytes: int) -> int:
