@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward_sweep_triton import FORWARD_CONFIG, SweepConfig, dot_settings, logit_tile
+from .forward_sweep_triton import SweepConfig, dot_settings, forward_config, logit_tile
 
 # BLOCK_N 64, BLOCK_V 128, 8 warps (256 threads): the fp32 z/dz tile is 64·128 / 256 = 32 registers per thread,
 # and it stays live through the whole H loop (both products reuse it). BLOCK_H 32: the per-chunk fp32 results are
@@ -39,12 +39,20 @@ from .forward_sweep_triton import FORWARD_CONFIG, SweepConfig, dot_settings, log
 # chunks as the forward's z: exp(z − lse) then sees the rounding of lse only, not a second rounding of z (on peaked
 # fp32 rows, |z| ≈ 70, a different chunking tripled the error of dh).
 GRAD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
+# IEEE fp32 dots (fp32 inputs, torch's default "highest" precision) run on FMA units with register-resident
+# operands: the tiles above spilled 912 bytes on sm_80. 64×64 tiles: ≤ 250 registers, 0 spills in all four kernels.
+GRAD_CONFIG_FP32_IEEE = SweepConfig(block_n=64, block_v=64, block_h=32, num_warps=8, num_stages=2)
+
+
+def grad_config(dtype: torch.dtype, precision: str) -> SweepConfig:
+    """The gradient sweep's tiles for these inputs (`precision` from `dot_settings`)."""
+    return GRAD_CONFIG_FP32_IEEE if dtype == torch.float32 and precision == "ieee" else GRAD_CONFIG
 
 
 def ordered_num_stages(dtype: torch.dtype) -> int:
     """Pipeline stages of the deterministic kernels: the read-modify-write dW tile (128·32 fp32) stays live across
     the H loop; with fp32 operands and 2 stages sm_80 ran out of registers (64 bytes spilled), with 1 none spill."""
-    return 1 if dtype == torch.float32 else GRAD_CONFIG.num_stages
+    return 1 if dtype == torch.float32 else GRAD_CONFIG.num_stages  # GRAD_CONFIG_FP32_IEEE: 1 as well
 
 
 @triton.jit
@@ -224,8 +232,8 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     grad_b = torch.zeros(v, **f32) if need_bias_grad else None
     if n == 0 or not (need_hidden_grad or need_weight_grad or need_bias_grad):
         return grad_h, grad_w, grad_b
-    cfg = GRAD_CONFIG
     dot_fp32, precision = dot_settings(hidden.dtype)
+    cfg = grad_config(hidden.dtype, precision)
     has_ent = g_entropy is not None
     stand_in = lse  # any fp32 tensor, passed where an optional pointer is unused (its flag is off)
     inputs = (hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse.contiguous(),
@@ -234,7 +242,8 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     sizes = (n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature)
     flags = dict(HAS_BIAS=bias is not None, HAS_LOGP=logp is not None, HAS_ENTROPY_GRAD=has_ent,
                  DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-                 BLOCK_H=cfg.block_h, BLOCK_HZ=FORWARD_CONFIG.block_h, num_warps=cfg.num_warps)
+                 BLOCK_H=cfg.block_h, BLOCK_HZ=forward_config(hidden.dtype, precision).block_h,
+                 num_warps=cfg.num_warps)
     out = lambda t: t if t is not None else stand_in  # noqa: E731
     if not deterministic:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))

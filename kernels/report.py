@@ -6,8 +6,9 @@
 No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))` runs the whole compiler
 down to a cubin. Each kernel is compiled with the tile sizes, warps and stages its launcher uses, at a
 representative shape (bf16, N 8192, H 896 and 4096, V 151936: Qwen2.5-0.5B and a 7B-class hidden size over the
-Qwen vocabulary), with the same 16-divisibility specialization a real launch would give those sizes; the sweeps
-also with fp32 inputs at H 4096 (TF32 tensor cores, twice the operand bytes).
+Qwen vocabulary), with the same 16-divisibility specialization a real launch would give those sizes. The sweeps
+are also compiled for fp32 inputs at H 4096, both ways a launch runs them ("dot"): "tf32" (tensor cores, when
+torch allows TF32) and "fp32-fma" (IEEE fp32 on FMA units, torch's default; no tensor cores by nature).
 
 Per record:
 - registers, stack_bytes, shared_bytes (dynamic shared memory the launch requests; static shared from the cubin
@@ -15,7 +16,7 @@ Per record:
 - spills: bytes of spill stores + loads reported by the bundled `ptxas -v` on the same PTX, plus cuobjdump's
   LOCAL bytes (local memory is where spills go). The goal is 0 for every kernel;
 - tensor_core_instructions: `mma` instructions in the PTX on sm_80, `wgmma.mma_async` on sm_90. The goal is > 0
-  for both vocabulary sweeps.
+  for both vocabulary sweeps (bf16 and tf32 dots).
 """
 from __future__ import annotations
 
@@ -66,7 +67,10 @@ def _sweep_args(h: int) -> dict:
             "stride_wv": ("i32", h), "inv_temp": ("fp32", None)}
 
 
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# How the dots run: bf16 operands; fp32 operands as TF32 (torch.set_float32_matmul_precision("high"/"medium"));
+# fp32 operands as IEEE fp32 on FMA units (torch's default "highest"). name -> (pointer dtype, DOT_PRECISION).
+DOTS = {"bf16": ("bf16", "ieee"), "tf32": ("fp32", "tf32"), "fp32-fma": ("fp32", "ieee")}
+TENSOR_CORE_DOTS = ("bf16", "tf32")
 
 
 def _operand_args(dtype: str) -> dict:
@@ -74,30 +78,33 @@ def _operand_args(dtype: str) -> dict:
             "p_y": ("*i64", None)}
 
 
-def _dot_precision(dtype: str) -> str:
-    return "tf32" if dtype == "fp32" else "ieee"  # fp32 inputs under torch's default matmul precision on a GPU
-
-
-def _forward_spec(h: int, dtype: str = "bf16") -> KernelSpec:
-    from .forward_sweep_triton import FORWARD_CONFIG as c, _forward_sweep_kernel
-
-    args = {**_operand_args(dtype), "p_lse": ("*fp32", None), "p_logp": ("*fp32", None), "p_ent": ("*fp32", None),
-            **_sweep_args(h)}
-    const = {"HAS_BIAS": False, "WITH_ENTROPY": True, "DOT_FP32": False, "DOT_PRECISION": _dot_precision(dtype),
-             "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h}
-    return KernelSpec("forward_sweep", _forward_sweep_kernel, args, const, c.num_warps, c.num_stages,
-                      {"H": h, "dtype": dtype, "blocks": [c.block_n, c.block_v, c.block_h]})
-
-
-def _grad_spec(h: int, variant: str, dtype: str = "bf16") -> KernelSpec:
-    """variant: "grad_sweep" (atomics, dh + dW), "grad_sweep_frozen_head" (atomics, dh only), or the
-    deterministic pair "grad_hidden_ordered" / "grad_weight_ordered"."""
+def _torch_dtype(dtype: str):
     import torch
 
-    from . import grad_sweep_triton as g
-    from .forward_sweep_triton import FORWARD_CONFIG
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
-    c = g.GRAD_CONFIG
+
+def _forward_spec(h: int, dot: str = "bf16") -> KernelSpec:
+    from .forward_sweep_triton import _forward_sweep_kernel, forward_config
+
+    dtype, precision = DOTS[dot]
+    c = forward_config(_torch_dtype(dtype), precision)
+    args = {**_operand_args(dtype), "p_lse": ("*fp32", None), "p_logp": ("*fp32", None), "p_ent": ("*fp32", None),
+            **_sweep_args(h)}
+    const = {"HAS_BIAS": False, "WITH_ENTROPY": True, "DOT_FP32": False, "DOT_PRECISION": precision,
+             "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h}
+    return KernelSpec("forward_sweep", _forward_sweep_kernel, args, const, c.num_warps, c.num_stages,
+                      {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
+
+
+def _grad_spec(h: int, variant: str, dot: str = "bf16") -> KernelSpec:
+    """variant: "grad_sweep" (atomics, dh + dW), "grad_sweep_frozen_head" (atomics, dh only), or the
+    deterministic pair "grad_hidden_ordered" / "grad_weight_ordered"."""
+    from . import grad_sweep_triton as g
+    from .forward_sweep_triton import forward_config
+
+    dtype, precision = DOTS[dot]
+    c = g.grad_config(_torch_dtype(dtype), precision)
     fn, outputs, needs = {
         "grad_sweep": (g._grad_sweep_kernel, ["p_dh", "p_dw", "p_db"], {"NEED_DH": True, "NEED_DW": True}),
         "grad_sweep_frozen_head": (g._grad_sweep_kernel, ["p_dh", "p_dw", "p_db"],
@@ -110,20 +117,20 @@ def _grad_spec(h: int, variant: str, dtype: str = "bf16") -> KernelSpec:
     ptrs = ["p_lse", "p_logp", "p_g", "p_ge", "p_ent", *outputs]
     args = {**_operand_args(dtype), **{p: ("*fp32", None) for p in ptrs}, **_sweep_args(h)}
     const = {"HAS_BIAS": False, "HAS_LOGP": True, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
-             "DOT_PRECISION": _dot_precision(dtype), "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
-             "BLOCK_HZ": FORWARD_CONFIG.block_h}
-    stages = g.ordered_num_stages(getattr(torch, TORCH_DTYPES[dtype])) if "ordered" in variant else c.num_stages
+             "DOT_PRECISION": precision, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
+             "BLOCK_HZ": forward_config(_torch_dtype(dtype), precision).block_h}
+    stages = g.ordered_num_stages(_torch_dtype(dtype)) if "ordered" in variant else c.num_stages
     return KernelSpec(variant, fn, args, const, c.num_warps, stages,
-                      {"H": h, "dtype": dtype, "blocks": [c.block_n, c.block_v, c.block_h]})
+                      {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
 def kernel_specs() -> list[KernelSpec]:
     specs = []
     for h in HIDDEN_SIZES:
         specs += [_forward_spec(h)] + [_grad_spec(h, variant) for variant in GRAD_VARIANTS]
-    # fp32 inputs (TF32 tensor cores) at the larger H: twice the operand bytes, the tightest fit
-    specs += [_forward_spec(max(HIDDEN_SIZES), "fp32")]
-    specs += [_grad_spec(max(HIDDEN_SIZES), variant, "fp32") for variant in GRAD_VARIANTS]
+    for dot in ("tf32", "fp32-fma"):  # fp32 inputs at the larger H: twice the operand bytes, the tightest fit
+        specs += [_forward_spec(max(HIDDEN_SIZES), dot)] + [_grad_spec(max(HIDDEN_SIZES), v, dot)
+                                                             for v in GRAD_VARIANTS]
     specs += _epilogue_specs()
     return specs
 
@@ -210,7 +217,7 @@ def run_report() -> list[dict]:
 
 
 def format_table(records: list[dict]) -> str:
-    cols = ["kernel", "arch", "dtype", "H", "registers", "spills", "shared_bytes", "tensor_core_instructions", "num_warps",
+    cols = ["kernel", "arch", "dot", "H", "registers", "spills", "shared_bytes", "tensor_core_instructions", "num_warps",
             "blocks"]
     rows = [[str(r.get(c, "")) for c in cols] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]

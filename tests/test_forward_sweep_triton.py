@@ -6,7 +6,7 @@ so it is usually far below the bound; bf16 gets no special treatment."""
 import pytest
 import torch
 
-from fastrl.kernels.forward_sweep_triton import FORWARD_CONFIG, forward_sweep
+from fastrl.kernels.forward_sweep_triton import FORWARD_CONFIG, FORWARD_CONFIG_FP32_IEEE, forward_sweep
 from fastrl.kernels.reference import reference_logprobs
 from kernel_cases import assert_no_worse_than, make_linear_inputs
 
@@ -67,9 +67,10 @@ def test_sharply_peaked_rows_stay_finite():
 
 
 def test_block_sizes_are_tensor_core_shapes():
-    c = FORWARD_CONFIG
-    for size in (c.block_n, c.block_v, c.block_h):
-        assert size >= 16 and size & (size - 1) == 0, size
+    """The fp32 tests above run FORWARD_CONFIG_FP32_IEEE (torch's default precision), bf16/fp16 FORWARD_CONFIG."""
+    for c in (FORWARD_CONFIG, FORWARD_CONFIG_FP32_IEEE):
+        for size in (c.block_n, c.block_v, c.block_h):
+            assert size >= 16 and size & (size - 1) == 0, size
 
 
 def test_empty_input():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastrl.kernels.forward_sweep_triton import forward_sweep
-from fastrl.kernels.grad_sweep_triton import GRAD_CONFIG, grad_sweep
+from fastrl.kernels.grad_sweep_triton import GRAD_CONFIG, GRAD_CONFIG_FP32_IEEE, grad_sweep
 from fastrl.kernels.reference import reference_logprobs
 from kernel_cases import MAX_FACTOR, MEAN_FACTOR, RELATIVE_SLACK, make_linear_inputs
 
@@ -160,6 +160,7 @@ def test_entropy_grad_needs_entropy():
 
 
 def test_block_sizes_are_tensor_core_shapes():
-    c = GRAD_CONFIG
-    for size in (c.block_n, c.block_v, c.block_h):
-        assert size >= 16 and size & (size - 1) == 0, size
+    """The fp32 tests above run GRAD_CONFIG_FP32_IEEE (torch's default precision), bf16/fp16 GRAD_CONFIG."""
+    for c in (GRAD_CONFIG, GRAD_CONFIG_FP32_IEEE):
+        for size in (c.block_n, c.block_v, c.block_h):
+            assert size >= 16 and size & (size - 1) == 0, size

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fastrl.kernels.report import ARCHS, HIDDEN_SIZES, format_table
+from fastrl.kernels.report import ARCHS, HIDDEN_SIZES, TENSOR_CORE_DOTS, format_table
 
 SWEEPS = ("forward_sweep", "grad_sweep", "grad_sweep_frozen_head", "grad_hidden_ordered", "grad_weight_ordered")
 # Largest dynamic shared memory a block may request (CUDA programming guide, compute capabilities table).
@@ -25,12 +25,13 @@ def records():
 
 
 def test_every_kernel_is_reported_for_both_archs_hidden_sizes_and_dtypes(records):
-    seen = {(r["kernel"], r["arch"], r.get("H"), r.get("dtype")) for r in records}
+    seen = {(r["kernel"], r["arch"], r.get("H"), r.get("dot")) for r in records}
     for kernel in SWEEPS:
         for arch in ARCHS:
             for h in HIDDEN_SIZES:
                 assert (kernel, f"sm_{arch}", h, "bf16") in seen
-            assert (kernel, f"sm_{arch}", max(HIDDEN_SIZES), "fp32") in seen
+            for dot in ("tf32", "fp32-fma"):
+                assert (kernel, f"sm_{arch}", max(HIDDEN_SIZES), dot) in seen
     assert {r["arch"] for r in records if r["kernel"] == "grpo_epilogue"} == {f"sm_{a}" for a in ARCHS}
     for r in records:
         assert {"kernel", "arch", "registers", "spills", "shared_bytes", "tensor_core_instructions"} <= r.keys()
@@ -42,9 +43,11 @@ def test_no_kernel_spills(records):
 
 
 def test_sweeps_use_tensor_cores(records):
-    for r in records:
-        if r["kernel"] in SWEEPS:
-            assert r["tensor_core_instructions"] > 0, r
+    """Every sweep with bf16 or TF32 dots (IEEE fp32 dots run on FMA units by definition)."""
+    checked = [r for r in records if r["kernel"] in SWEEPS and r["dot"] in TENSOR_CORE_DOTS]
+    assert len(checked) == len(SWEEPS) * len(ARCHS) * (len(HIDDEN_SIZES) + 1)
+    for r in checked:
+        assert r["tensor_core_instructions"] > 0, r
 
 
 def test_resources_fit_the_hardware(records):
