@@ -36,6 +36,7 @@ from fastrl.config import GRPOConfig
 from fastrl.data import PromptSampler, check_dataset, completions_for_rewards, tokenize_prompts
 from fastrl.dynamic_sampling import ScoredGroups, fill_generation_batch
 from fastrl.generation.base import SamplingConfig
+from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
 from fastrl.logging_utils import MetricsLogger
@@ -214,8 +215,8 @@ class GRPOTrainer:
         metrics = {**self._generation_metrics(rewards_per_func, rewards, rollout, G), **sampling_metrics}
         if batch.old_logprobs is not None and rollout.logprobs is not None:
             # a push that did not land (stale generator weights) shows up here at once
-            sampled, m = self._padded(rollout.logprobs, batch), batch.completion_attention.bool()
-            metrics["rollout/logprob_abs_diff"] = (batch.old_logprobs - sampled)[m].abs().nanmean().item()
+            metrics["rollout/logprob_abs_diff"] = logprob_abs_diff(
+                self._padded(rollout.logprobs, batch), batch.old_logprobs, batch.completion_attention)
         return batch, {"num_items_in_batch": normalizer, "metrics": metrics}
 
     def _sample_and_score(self) -> ScoredGroups:
@@ -224,7 +225,7 @@ class GRPOTrainer:
         rows = [self.train_dataset[i] for i in self.sampler.next_batch()]  # P prompts
         prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], args.max_prompt_length,
                                       args.chat_template_kwargs)
-        self.generator.wake_up()
+        # each backend wakes what it needs itself: the weights for the push, then the KV cache to generate
         self.generator.push_weights(self.model)
         with self._autocast():
             rollout = self.generator.generate(prompt_ids, G, self._sampling())
