@@ -49,7 +49,7 @@ class E2ECase:
 
 def e2e_cases(quick: bool) -> list[E2ECase]:
     if quick:
-        return [E2ECase("tiny-v32k", vocab_size=32768, max_steps=4)]
+        return [E2ECase("tiny-v32k", vocab_size=32768, max_steps=4)]  # 4 reward calls: 3 gaps, the first dropped
     return [E2ECase("tiny-v32k", vocab_size=32768, max_steps=8),
             E2ECase("small-v32k", vocab_size=32768, hidden_size=256, num_layers=4, head_dim=64, max_steps=8,
                     per_device_train_batch_size=16, max_completion_length=32),
