@@ -1,5 +1,6 @@
 """PNG plots next to a results CSV: for every (operation, mode, dtype, sweep), each metric against the sweep's
-x (vocabulary size for the vocab sweep), one line per provider with its p20–p80 band; the GEMM floor dashed."""
+x (vocabulary size for the vocab sweep), one line per provider with its p20–p80 band; the GEMM floor dashed.
+Groups with a single x (the headline case) get no plot: the table shows them."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,8 @@ def write_plots(rows_or_path, out_dir: str, prefix: str) -> list[str]:
             groups.setdefault(key, []).append(r)
     paths = []
     for (operation, mode, dtype, sweep, x_name), group in groups.items():
+        if len({r["x_value"] for r in group}) < 2:  # a single case (the headline) is a table, not a curve
+            continue
         metrics = [m for m in PLOTTED if any(r["metric"] == m for r in group)]
         fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
@@ -45,8 +48,7 @@ def write_plots(rows_or_path, out_dir: str, prefix: str) -> list[str]:
             ax.set_title(f"{LABELS.get(metric, metric)}")
             ax.set_xlabel(x_name)
             ax.set_ylabel(unit)
-            if len({r["x_value"] for r in group}) > 1:
-                ax.set_xscale("log", base=2)
+            ax.set_xscale("log", base=2)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
