@@ -97,15 +97,21 @@ def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory:
     for p in phases:
         if device == "cuda":
             p.parts["CUDA context (typical, not measured)"] = CUDA_CONTEXT_BYTES
-        p.host.update({k: v for k, v in host.items() if not (p.name == "generation" and "vLLM" in k)})
+        awake = p.name in ("generation", "weight push")  # vLLM's weights are on the device then
+        p.host.update({k: v for k, v in host.items() if not (awake and "vLLM" in k)})
     # the same run if the loss materialized the logits: its policy phase grows, the other phases stay
     materializing = policy_phase(model, run, resident, materializing_loss_bytes).total + (
         CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     return Plan(device, model, run, phases, materializing, notes(model, run, device, device_memory))
 
 
-def _vllm_weights(model: ModelShape) -> int:
-    return model.total_params() * model.weight_bytes
+# fastrl/generation/vllm.py: on CPU the KV cache is kv_cache_memory_bytes, 64 MiB unless the caller passes more.
+CPU_VLLM_KV_CACHE_BYTES = 64 << 20
+
+
+def _vllm_weights(model: ModelShape, run: RunShape) -> int:
+    """vLLM samples in bf16 when the run is bf16, else in the policy's dtype (generation/vllm.py, _vllm_dtype)."""
+    return model.total_params() * (BF16 if run.bf16 else model.weight_bytes)
 
 
 def resident_parts(model: ModelShape, run: RunShape, device: str, device_memory) -> tuple[dict, dict]:
@@ -122,12 +128,12 @@ def resident_parts(model: ModelShape, run: RunShape, device: str, device_memory)
             parts["reference copy"] = model.total_params() * p
     parts["AdamW states (2 per trainable param)"] = 2 * trainable_params(model, run) * p
     if run.use_vllm and device == "cpu":  # no sleep mode on CPU: the generator keeps weights and KV cache
-        parts["vLLM weights"] = _vllm_weights(model)
-        parts["vLLM KV cache"] = kv_cache_bytes(model, run, model.weight_bytes)
+        parts["vLLM weights"] = _vllm_weights(model, run)
+        parts["vLLM KV cache (kv_cache_memory_bytes)"] = CPU_VLLM_KV_CACHE_BYTES
     elif run.use_vllm and not run.vllm_sleep:  # awake all the time: its whole share stays allocated
         parts["vLLM pool (no sleep mode)"] = int(run.vllm_utilization * device_memory)
     elif run.use_vllm and run.vllm_sleep_level == 1:  # level 1 keeps the weights in host memory while asleep
-        host["vLLM weights (asleep, level 1)"] = _vllm_weights(model)
+        host["vLLM weights (asleep, level 1)"] = _vllm_weights(model, run)
     return parts, host
 
 
@@ -157,7 +163,7 @@ def weight_push_phase(model, run, device, device_memory, resident) -> Phase:
     parameters stream in one at a time."""
     phase = Phase("weight push", dict(resident))
     if device == "cuda" and run.vllm_sleep:
-        phase.parts["vLLM weights (awake)"] = _vllm_weights(model)
+        phase.parts["vLLM weights (awake)"] = _vllm_weights(model, run)
     phase.parts["one parameter in flight"] = model.largest_param() * model.weight_bytes
     return phase
 
@@ -203,8 +209,8 @@ def notes(model, run, device, device_memory) -> list[str]:
     out = []
     if run.use_vllm and device == "cuda":
         share = run.vllm_utilization * device_memory
-        need = _vllm_weights(model)
-        kv = kv_cache_bytes(model, run, model.weight_bytes)
+        need = _vllm_weights(model, run)
+        kv = kv_cache_bytes(model, run, BF16 if run.bf16 else model.weight_bytes)
         if share < need:
             out.append(f"vLLM's share ({fmt(share)}) is smaller than its weights ({fmt(need)}): it will not start")
         elif share < need + kv:

@@ -64,8 +64,9 @@ def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
 def _vllm_floor(plan: Plan, budget: int, sequences: int) -> float:
     """The smallest utilization (a multiple of 0.05) holding vLLM's weights and `sequences` sequences' KV cache."""
     m = plan.model
-    kv = kv_cache_bytes(m, plan.run.replace(generation_batch=sequences), m.weight_bytes)
-    need = m.total_params() * m.weight_bytes + kv
+    dtype_bytes = 2 if plan.run.bf16 else m.weight_bytes  # vLLM's dtype (generation/vllm.py)
+    kv = kv_cache_bytes(m, plan.run.replace(generation_batch=sequences), dtype_bytes)
+    need = m.total_params() * dtype_bytes + kv
     return min(1.0, round(math.ceil(need / budget / 0.05) * 0.05, 2))
 
 

@@ -286,17 +286,29 @@ def predicted(name: str):
     return predict(model_config, run, device="cpu")
 
 
+STEP_PHASES = ("logprob passes (reference/old)", "policy forward+backward", "optimizer step")
+
+
+def predicted_peak(name: str, plan) -> tuple[int, str]:
+    """The prediction a case is compared with: the whole plan for GRPOTrainer cases; for the training-step
+    cases, which run no generation, the largest of the phases they run."""
+    if name in TRAINER_CASES:
+        return plan.peak, "whole step"
+    phases = [p for p in plan.phases if p.name in STEP_PHASES]
+    return max(p.total for p in phases), "training phases (no generation)"
+
+
 def compare(name: str) -> dict:
     m, plan = measure(name), predicted(name)
+    peak, compared = predicted_peak(name, plan)
     model_config, run = case_inputs(name)
     return {"case": name, "layers": model_config["num_hidden_layers"], "hidden": model_config["hidden_size"],
             "vocab": model_config["vocab_size"], "micro_batch": run["per_device_train_batch_size"],
             "prompt_len": run["max_prompt_length"], "completion_len": run["max_completion_length"],
             "checkpointing": run["gradient_checkpointing"], "bf16": run["bf16"], "beta": run["beta"],
             "lora": json.dumps(run.get("peft")) if run.get("peft") else "",
-            "predicted_mib": round(plan.peak / 2**20, 1), "predicted_phase": plan.peak_phase.name,
-            "measured_mib": round(m["peak"] / 2**20, 1),
-            "error_pct": round(100 * (plan.peak - m["peak"]) / m["peak"], 1),
+            "compared": compared, "predicted_mib": _mib(peak), "measured_mib": _mib(m["peak"]),
+            "error_pct": round(100 * (peak - m["peak"]) / m["peak"], 1), "plan_peak_phase": plan.peak_phase.name,
             "policy_phase_predicted_mib": _mib(plan.phase("policy forward+backward").total),
             "policy_phase_measured_mib": _mib(m["phases"].get("policy forward+backward", math.nan)),
             "optimizer_phase_predicted_mib": _mib(plan.phase("optimizer step").total),

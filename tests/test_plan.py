@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fastrl.plan import parse_memory, plan_main, predict
-from fastrl.plan_measure import SMALL, WIDER, measure, predicted
+from fastrl.plan_measure import SMALL, WIDER, measure, predicted, predicted_peak
 
 GiB = 1 << 30
 
@@ -42,9 +42,10 @@ def measured_peaks():
 @pytest.mark.parametrize("case", list(MEASURED))
 def test_prediction_within_15_percent_of_measured_peak(case, measured_peaks):
     measured = measured_peaks[case]
-    plan = predicted(json.dumps(MEASURED[case]))
-    error = (plan.peak - measured) / measured
-    assert abs(error) <= 0.15, (f"{case}: predicted {plan.peak / 2**20:.1f} MiB, measured {measured / 2**20:.1f} "
+    spec = json.dumps(MEASURED[case])
+    peak, _ = predicted_peak(spec, predicted(spec))  # the phases the measurement runs (no generation)
+    error = (peak - measured) / measured
+    assert abs(error) <= 0.15, (f"{case}: predicted {peak / 2**20:.1f} MiB, measured {measured / 2**20:.1f} "
                                 f"MiB ({100 * error:+.1f}%)")
 
 
