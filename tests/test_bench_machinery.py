@@ -216,3 +216,10 @@ def test_cli_writes_csv_plots_and_tables_with_the_command(monkeypatch, tmp_path,
     assert rows[0]["command"] == "fastrl bench " + " ".join(argv)
     assert (tmp_path / "kernels-quick_grpo_loss_full_float32_vocab.png").exists()
     assert "| fastrl-torch |" in capsys.readouterr().out
+
+
+def test_memory_beyond_grads_subtracts_dh_and_dw_in_the_input_dtype():
+    c = KernelCase("grpo_loss", "full", B=2, T=8, H=16, V=64)
+    assert c.grad_mib() == pytest.approx((16 * 16 + 64 * 16) * 4 / 2**20)
+    assert KernelCase("grpo_loss", "forward", B=2, T=8, H=16, V=64).grad_mib() == 0.0
+    assert KernelCase("grpo_loss", "full", B=2, T=8, H=16, V=64, dtype="bfloat16").grad_mib() == c.grad_mib() / 2

@@ -53,6 +53,13 @@ class KernelCase:
         unit = 2.0 * self.N * self.H * self.V
         return {"forward": 1, "backward": 3, "full": 4}[mode or self.mode] * unit
 
+    def grad_mib(self) -> float:
+        """Size of what backward/full return, the gradients of hidden [N, H] and weight [V, H] in the input dtype:
+        the same for every provider, and growing with V (dW)."""
+        if self.mode == "forward":
+            return 0.0
+        return (self.N + self.V) * self.H * DTYPES[self.dtype].itemsize / 2**20
+
     def config(self) -> dict:
         d = asdict(self)
         d["N"] = self.N

@@ -104,9 +104,12 @@ def measure_case(case: KernelCase, settings: Settings, run: dict, step=lambda la
             continue
         m = sorted(mem["memory_mib"])
         values = [m[0], m[len(m) // 2], m[-1]]
-        rows.append(row(provider=name, metric="memory", unit="MiB", values=values,
-                        config={**cfg, "method": mem["method"], "inputs_mib": round(mem["inputs_mib"], 3),
-                                "repeats": len(m), "env": MEMORY_ENV}, **base))
+        info = {**cfg, "method": mem["method"], "inputs_mib": round(mem["inputs_mib"], 3), "repeats": len(m),
+                "env": MEMORY_ENV, "grad_mib": round(case.grad_mib(), 3)}
+        rows.append(row(provider=name, metric="memory", unit="MiB", values=values, config=info, **base))
+        # what the algorithm holds besides its unavoidable outputs: the quantity that should stay flat in V
+        rows.append(row(provider=name, metric="memory_beyond_grads", unit="MiB",
+                        values=[v - case.grad_mib() for v in values], config=info, **base))
     return rows
 
 

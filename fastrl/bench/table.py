@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from .results import read_csv
 
-METRIC_ORDER = ("time", "floor_ratio", "memory", "steps_per_s", "tokens_per_s", "step_time")
+METRIC_ORDER = ("time", "floor_ratio", "memory", "memory_beyond_grads", "steps_per_s", "tokens_per_s", "step_time")
 HIDDEN_METRICS = ("gemm_rate",)
 REFERENCES = ("fastrl-triton", "fastrl-torch", "fastrl")  # the first present is the "× fastrl" reference
 HIGHER_IS_BETTER = ("steps_per_s", "tokens_per_s", "gemm_rate")
@@ -93,7 +93,7 @@ def _render_group(group: list[dict]) -> str:
             r = value.get((p, m))
             if r is None or r["p50"] is None:
                 cells.append("–")
-            elif m in ("time", "memory") and r["p20"] is not None and r["p80"] is not None and r["p20"] != r["p80"]:
+            elif m in ("time", "memory", "memory_beyond_grads") and r["p20"] is not None and r["p80"] is not None and r["p20"] != r["p80"]:
                 cells.append(f"{_num(r['p50'])} [{_num(r['p20'])}–{_num(r['p80'])}]")
             else:
                 cells.append(_num(r["p50"]))
