@@ -28,6 +28,12 @@ def test_rows_drop_the_warm_up_step_and_divide_tokens_by_the_timed_steps(monkeyp
     assert got["tokens_per_s"]["p50"] == pytest.approx(16 / 3.0)
     assert got["memory"]["p50"] == 123.0
     assert {r["x_value"] for r in rows} == {e2e.tiny_case().vocab_size}
+    from fastrl.bench.results import read_csv, write_csv
+    from fastrl.bench.table import render_table
+
+    md = render_table(read_csv(write_csv(rows, str(tmp_path / "e2e.csv"))))
+    assert "grpo_train_step · transformers-generation · size=test" in md
+    assert "| trl | 0.667 | 1,500 [1,200–1,800] | 5.33 | 123 |" in md, md  # no fastrl row: no ratio columns
 
 
 def test_a_failed_run_is_listed_as_skipped_with_its_reason(monkeypatch, tmp_path):

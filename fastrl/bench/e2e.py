@@ -166,7 +166,7 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
         for case in cases:
             bar.set_postfix_str(f"{case.size}: building the model", refresh=True)
             model_dir = build_model(case, model_root)
-            cfg = case.config()
+            cfg = {**case.config(), "sweep": f"L{case.num_layers}-H{case.hidden_size}"}  # plots: one per shape
             base = dict(operation="grpo_train_step", mode="transformers-generation", x_name="V",
                         x_value=case.vocab_size, run=run)
             for trainer in trainers:

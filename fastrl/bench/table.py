@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from .results import read_csv
 
-METRIC_ORDER = ("time", "floor_ratio", "memory", "memory_beyond_grads", "steps_per_s", "tokens_per_s", "step_time")
+METRIC_ORDER = ("time", "floor_ratio", "steps_per_s", "step_time", "tokens_per_s", "memory", "memory_beyond_grads")
 HIDDEN_METRICS = ("gemm_rate",)
 REFERENCES = ("fastrl-triton", "fastrl-torch", "fastrl")  # the first present is the "× fastrl" reference
 HIGHER_IS_BETTER = ("steps_per_s", "tokens_per_s", "gemm_rate")
@@ -37,7 +37,9 @@ def _heading(r: dict) -> str:
     parts = [r["operation"], r["mode"]]
     if "dtype" in c:
         parts.append(c["dtype"])
-    shape = " ".join(f"{k}={c[k]}" for k in ("B", "T", "H", "V") if k in c)
+    shape = " ".join(f"{k}={c[k]}" for k in ("size", "B", "T", "H", "V", "vocab_size", "hidden_size", "num_layers",
+                                              "per_device_train_batch_size", "num_generations",
+                                              "max_completion_length") if k in c)
     if "N" in c:
         shape += f" (N={c['N']})"
     for k in ("loss_type", "beta"):
@@ -93,7 +95,7 @@ def _render_group(group: list[dict]) -> str:
             r = value.get((p, m))
             if r is None or r["p50"] is None:
                 cells.append("–")
-            elif m in ("time", "memory", "memory_beyond_grads") and r["p20"] is not None and r["p80"] is not None and r["p20"] != r["p80"]:
+            elif m in ("time", "step_time", "memory", "memory_beyond_grads") and r["p20"] is not None and r["p80"] is not None and r["p20"] != r["p80"]:
                 cells.append(f"{_num(r['p50'])} [{_num(r['p20'])}–{_num(r['p80'])}]")
             else:
                 cells.append(_num(r["p50"]))
