@@ -130,3 +130,23 @@ def test_unknown_task_lists_the_known_ones():
 def test_bad_task_args_name_the_argument(task_args, argument):
     with pytest.raises(ValueError, match=argument):
         get_task("copy", **task_args)
+
+
+# ---------------------------------------------------------------- the demo config
+
+
+def test_demo_config_names_a_real_task_and_valid_fields():
+    import inspect
+    import os
+
+    from fastrl.run_config import load_run_config, split_run_config
+    from fastrl.tasks.tiny_model import build_tiny_model
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "demo.yaml")
+    run, config = split_run_config(load_run_config(path))
+    assert run["model"] == "tiny"
+    task = get_task(run["task"], **run["task_args"])
+    assert config.per_device_train_batch_size % config.num_generations == 0
+    longest = max(len(a) for a in task.train_dataset["answer"])
+    assert config.max_completion_length >= longest  # room for the whole answer
+    assert set(run["tiny_model"]) <= set(inspect.signature(build_tiny_model).parameters)
