@@ -8,8 +8,8 @@ messages whose last one holds the text. Leading and trailing whitespace is ignor
 - digit_accuracy: partial credit, the share of positions where completion and answer hold the same
   character, over the longer of the two (so extra or missing characters cost credit).
 - digits_only: the format reward, the number of digits among the completion's first len(answer) characters,
-  over the longer of completion and answer: 1 for a run of digits exactly as long as the answer. It pays for staying in the answer's
-  alphabet and stopping in time, not for being right.
+  over the longer of completion and answer: 1 for a run of digits exactly as long as the answer. It pays
+  for staying in the answer's alphabet and stopping in time, not for being right.
 """
 from __future__ import annotations
 
