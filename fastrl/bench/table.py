@@ -65,7 +65,8 @@ def render_table(rows_or_path, *, operation: str | None = None, mode: str | None
     if keep:
         r0 = keep[0]
         out.append(f"Device: {r0['device']}. Measured {r0['timestamp']} by `{r0['command']}`. "
-                   "Time and memory: p50 [p20–p80]; memory is peak above the inputs.")
+                   "Values: p50 [p20–p80]. Memory: peak RSS (CUDA: allocated) above the inputs for kernels, "
+                   "above the built trainer for training steps.")
     return "\n\n".join(out) + "\n"
 
 
