@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastrl.generation.is_correction import IS_MODES, importance_sampling_ratio, logprob_abs_diff
+from fastrl.importance_sampling import sampling_ratio
 
 SAMPLER = torch.tensor([[-1.0, -2.0, -3.0]])
 TRAINER = torch.tensor([[-1.5, -1.0, -7.0]])
@@ -85,3 +86,48 @@ def test_bad_input():
     nan_trainer[0, 1] = math.nan
     with pytest.raises(ValueError, match="trainer_logprobs holds NaN"):
         logprob_abs_diff(SAMPLER, nan_trainer, MASK)
+
+
+# -- the trainer's function itself (fastrl.importance_sampling.sampling_ratio) --------------------------------------
+
+def trl_ratio(old, sampler, mask, mode, clip_min, clip_max):
+    """TRL 1.16's code (GRPOTrainer._generate_and_score_completions), copied as is."""
+    per_token_logps_diff = torch.nan_to_num((old - sampler) * mask, nan=0.0)
+    if mode in ["sequence_mask", "sequence_truncate"]:
+        per_token_logps_diff = per_token_logps_diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(per_token_logps_diff)
+    if mode in ["sequence_truncate", "token_truncate"]:
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    min_val = clip_min if clip_min is not None else -math.inf
+    max_val = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < min_val) | (ratio > max_val), value=0.0)
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+@pytest.mark.parametrize("clip_min, clip_max", [(None, 3.0), (0.5, 2.0), (0.9, None)])
+def test_sampling_ratio_is_trls(mode, clip_min, clip_max):
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3
+    sampler = old + torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.5
+    sampler[0, 1] = math.nan
+    mask = (torch.rand(4, 6, generator=g) < 0.7).double()
+    got = sampling_ratio(old, sampler, mask, mode, clip_min, clip_max)
+    torch.testing.assert_close(got, trl_ratio(old, sampler, mask, mode, clip_min, clip_max), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_sampling_ratio_without_bounds_is_the_plain_ratio(mode):
+    # TRL's torch.clamp(min=None, max=None) raises; here no bound means nothing is clamped or masked
+    old, sampler, mask = TRAINER.double(), SAMPLER.double(), MASK.double()
+    got = sampling_ratio(old, sampler, mask, mode, None, None)
+    diff = torch.tensor([[-0.5, 1.0, 0.0]], dtype=torch.float64)
+    expected = diff.sum(-1, keepdim=True).exp() if mode.startswith("sequence") else diff.exp()
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence", "mask", "token_clip", ""])
+def test_sampling_ratio_unknown_mode_is_refused(mode):
+    # it used to fall through to the *_mask branch
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode must be one of token_truncate, token_mask, "
+                                         "sequence_truncate, sequence_mask"):
+        sampling_ratio(TRAINER, SAMPLER, MASK, mode, None, 3.0)

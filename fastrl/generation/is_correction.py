@@ -10,13 +10,11 @@ the inputs of, so there is a single implementation.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastrl.importance_sampling import sampling_ratio
+from fastrl.importance_sampling import IS_MODES, sampling_ratio
 
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+__all__ = ["IS_MODES", "importance_sampling_ratio", "logprob_abs_diff"]
 
 
 def _check(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> None:
@@ -54,6 +52,4 @@ def importance_sampling_ratio(sampler_logprobs: torch.Tensor, trainer_logprobs: 
     if clip_min is not None and clip_max is not None and clip_min >= clip_max:
         raise ValueError(f"clip_min ({clip_min}) must be less than clip_max ({clip_max})")
     _check(sampler_logprobs, trainer_logprobs, mask)
-    if clip_min is None and clip_max is None:
-        clip_max = math.inf  # no bounds: nothing to truncate or mask (torch.clamp refuses two None bounds)
     return sampling_ratio(trainer_logprobs, sampler_logprobs, mask, mode, clip_min, clip_max)
