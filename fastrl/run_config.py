@@ -7,25 +7,92 @@ Schema (top-level keys):
   task_args    dict of keyword arguments for the task          }
   dataset      a local .jsonl/.json/.parquet/.csv file with a `prompt` column
   rewards      list of reward functions, "module:function" or built-in names; default: the task's rewards
+  peft         dict of peft.LoraConfig keyword arguments: train a LoRA adapter (needs `pip install fastrl[peft]`)
   anything else: a GRPOConfig field.
+
+`seed` seeds everything: tiny_model.seed and task_args.seed default to it (set them to pin one part).
+`--field value` overrides are YAML values; a mapping merges into the config's mapping key by key
+(`--task_args '{num_examples: 64}'` keeps the other task_args), anything else replaces the value.
+YAML 1.1 reads yes/no/on/off as booleans; a string field keeps the word (`save_strategy: no` is "no"), and on the
+command line a string field takes the value as written (`--run_name 2024` is "2024").
 
 Everything is checked (unknown keys, config values, files) before any model or dataset is loaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib.util
 import os
 
 import yaml
 
 from fastrl.config import GRPOConfig
 
-RUN_KEYS = ("model", "tiny_model", "task", "task_args", "dataset", "rewards")
+RUN_KEYS = ("model", "tiny_model", "task", "task_args", "dataset", "rewards", "peft")
+MAPPING_RUN_KEYS = ("tiny_model", "task_args", "peft")
+TEXT_RUN_KEYS = ("model", "task", "dataset")
+
+
+# ------------------------------------------------------------------ reading YAML with the fields' types in mind
+class YesNoWord(str):
+    """yes/no/on/off as written, where YAML 1.1 (yaml.safe_load) would have read a bool: settled by the key's type."""
+
+    def as_bool(self) -> bool:
+        return self.lower() in ("yes", "on")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_bool(loader: _Loader, node) -> bool | YesNoWord:
+    text = loader.construct_scalar(node)
+    return text.lower() == "true" if text.lower() in ("true", "false") else YesNoWord(text)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _field_types() -> dict[str, set[str]]:
+    """GRPOConfig field -> the names in its annotation ("str | None" -> {"str", "None"})."""
+    return {f.name: {part.strip() for part in str(f.type).split("|")} for f in dataclasses.fields(GRPOConfig)}
+
+
+def _is_text(key: str, types: dict[str, set[str]]) -> bool:
+    """A key whose value is a string and never a bool, number or container."""
+    return key in TEXT_RUN_KEYS or (key in types and types[key] <= {"str", "None"})
+
+
+def _settle(value, text: bool):
+    """Resolve the YesNoWords left by _Loader: the word for a text key, YAML 1.1's bool anywhere else."""
+    if isinstance(value, YesNoWord):
+        return str(value) if text else value.as_bool()
+    if text and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, dict):
+        return {_settle(k, False): _settle(v, False) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_settle(v, False) for v in value]
+    return value
+
+
+def _settle_all(raw: dict) -> dict:
+    types = _field_types()
+    return {k: _settle(v, _is_text(k, types)) for k, v in raw.items()}
 
 
 def parse_overrides(tokens: list[str]) -> dict:
-    """["--lr", "0.1", "--max_steps=3"] -> {"lr": 0.1, "max_steps": 3}; values parsed as YAML."""
-    out, i = {}, 0
+    """["--lr", "0.1", "--max_steps=3"] -> {"lr": 0.1, "max_steps": 3}.
+
+    Values are YAML, except for string fields (save_strategy, run_name, ...), which take the text as written
+    (`--save_strategy no` is "no", not False); `null` still gives None where the field allows it.
+    """
+    types, out, i = _field_types(), {}, 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or len(token) == 2:
@@ -35,19 +102,32 @@ def parse_overrides(tokens: list[str]) -> dict:
             if i + 1 >= len(tokens):
                 raise ValueError(f"override --{key}: missing a value")
             value, i = tokens[i + 1], i + 1
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+        key = key.replace("-", "_")
+        parsed = _yaml(value)
+        if _is_text(key, types) and not (parsed is None and "None" in types.get(key, {"None"})):
+            parsed = value
+        out[key] = _settle(parsed, _is_text(key, types))
         i += 1
     return out
+
+
+def merge_overrides(raw: dict, overrides: dict) -> dict:
+    """Overrides win; a mapping given for a mapping merges into it key by key (recursively)."""
+    merged = dict(raw)
+    for key, value in overrides.items():
+        old = merged.get(key)
+        merged[key] = merge_overrides(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
 
 
 def load_run_config(path: str, overrides: dict | None = None) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"config: file {path!r} does not exist")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = _yaml(f) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of keys to values, got {type(raw).__name__}")
-    raw.update(overrides or {})
+    raw = merge_overrides(_settle_all(raw), _settle_all(overrides or {}))
     check_keys(raw)
     return raw
 
@@ -77,12 +157,28 @@ def split_run_config(raw: dict) -> tuple[dict, GRPOConfig]:
         raise ValueError("rewards: required with dataset (only built-in tasks bring their own rewards)")
     if run["model"] != "tiny" and _looks_like_path(run["model"]) and not os.path.exists(run["model"]):
         raise ValueError(f"model: path {run['model']!r} does not exist")
-    for key in ("tiny_model", "task_args"):
+    for key in MAPPING_RUN_KEYS:
         if run[key] is not None and not isinstance(run[key], dict):
             raise ValueError(f"{key}: expected a mapping, got {run[key]!r}")
     if run["rewards"] is not None and not isinstance(run["rewards"], list):
         run["rewards"] = [run["rewards"]]
+    if run["peft"] is not None and importlib.util.find_spec("peft") is None:
+        raise ValueError("peft: LoRA training needs the peft package: pip install 'fastrl[peft]' (or peft)")
+    _fill_seeds(run, config.seed)
     return run, config
+
+
+def _fill_seeds(run: dict, seed: int) -> None:
+    """`seed` seeds the tiny model's init and the task's data too, unless they are given their own."""
+    if run["model"] == "tiny":
+        run["tiny_model"] = {"seed": seed, **(run["tiny_model"] or {})}
+    if run["task"] is not None:
+        from fastrl.tasks import check_task_args
+
+        task_args = run["task_args"] or {}
+        if "seed" in check_task_args(run["task"], task_args):
+            task_args = {"seed": seed, **task_args}
+        run["task_args"] = task_args
 
 
 def _looks_like_path(name: str) -> bool:
@@ -97,6 +193,7 @@ def build_trainer(raw: dict):
     from fastrl.trainer import GRPOTrainer
 
     run, config = split_run_config(raw)
+    peft_config = lora_config(run["peft"]) if run["peft"] is not None else None
     model = run["model"]
     if model == "tiny":
         from fastrl.tasks.tiny_model import build_tiny_model
@@ -114,4 +211,17 @@ def build_trainer(raw: dict):
         reward_funcs, weights = [import_reward(r) for r in run["rewards"]], None
     if config.reward_weights is None and weights is not None:
         config.reward_weights = list(weights)
-    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=dataset)
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
+                       peft_config=peft_config)
+
+
+def lora_config(kwargs: dict):
+    """The `peft:` mapping -> peft.LoraConfig(**kwargs), with an error naming the key peft refused."""
+    try:
+        from peft import LoraConfig
+    except ImportError as e:
+        raise ValueError(f"peft: LoRA training needs the peft package: pip install 'fastrl[peft]' ({e})") from None
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"peft: peft.LoraConfig refused {kwargs!r}: {e}") from None

@@ -10,7 +10,7 @@ import yaml
 
 import helpers_tiny as tiny
 from fastrl import cli
-from fastrl.run_config import load_run_config, parse_overrides, split_run_config
+from fastrl.run_config import build_trainer, load_run_config, parse_overrides, split_run_config
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,6 +60,106 @@ def test_command_line_overrides_win(run_files):
     assert (cfg.max_steps, cfg.learning_rate) == (7, 1e-3)
 
 
+def test_string_fields_keep_yes_no_words(tmp_path):
+    # YAML 1.1 reads no/yes/on/off as booleans: a string field must keep the word, from the file and the command line
+    got = parse_overrides(["--save_strategy", "no", "--run_name", "2024", "--hub_model_id", "on",
+                           "--use_vllm", "no", "--bf16", "yes", "--resume_from_checkpoint", "no",
+                           "--output_dir", "null", "--task_args", "{flag: off}"])
+    assert got == {"save_strategy": "no", "run_name": "2024", "hub_model_id": "on", "use_vllm": False,
+                   "bf16": True, "resume_from_checkpoint": False, "output_dir": None, "task_args": {"flag": False}}
+    assert all(type(v) is str for v in (got["save_strategy"], got["run_name"], got["hub_model_id"]))
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\ntask: copy\nsave_strategy: no\nlog_level: off\nbf16: no\nuse_vllm: Off\n"
+                    "run_name: 7\ntiny_model: {tie_word_embeddings: no}\n")
+    raw = load_run_config(str(path))
+    assert (raw["save_strategy"], raw["log_level"], raw["bf16"], raw["use_vllm"], raw["run_name"]) == \
+        ("no", "off", False, False, "7")
+    assert raw["tiny_model"] == {"tie_word_embeddings": False}
+    run, cfg = split_run_config(load_run_config(str(path), parse_overrides(["--save_strategy", "no"])))
+    assert cfg.save_strategy == "no" and cfg.bf16 is False
+
+
+def test_mapping_overrides_merge_into_the_config(tmp_path):
+    path = write(tmp_path, {"model": "tiny", "task": "copy", "tiny_model": {"num_layers": 1, "hidden_size": 32},
+                            "task_args": {"min_digits": 2, "max_digits": 2, "num_examples": 50},
+                            "lr_scheduler_kwargs": {"a": {"b": 1, "c": 2}}})
+    raw = load_run_config(path, parse_overrides(["--tiny_model", "{hidden_size: 64}", "--task_args={seed: 5}",
+                                                 "--lr_scheduler_kwargs", "{a: {c: 3}}"]))
+    assert raw["tiny_model"] == {"num_layers": 1, "hidden_size": 64}
+    assert raw["task_args"] == {"min_digits": 2, "max_digits": 2, "num_examples": 50, "seed": 5}
+    assert raw["lr_scheduler_kwargs"] == {"a": {"b": 1, "c": 3}}
+    # anything but a mapping replaces the value
+    raw = load_run_config(path, parse_overrides(["--task_args", "null"]))
+    assert raw["task_args"] is None
+
+
+def test_seed_seeds_the_tiny_model_and_the_task(tmp_path):
+    demo = os.path.join(TESTS_DIR, "..", "examples", "demo.yaml")
+    run, cfg = split_run_config(load_run_config(demo, parse_overrides(["--seed", "3"])))
+    assert cfg.seed == 3 and run["tiny_model"]["seed"] == 3 and run["task_args"]["seed"] == 3
+    run0, _ = split_run_config(load_run_config(demo))
+    assert run0["tiny_model"]["seed"] == 0 and run0["task_args"]["seed"] == 0  # demo.yaml's seed: 0
+    # their own seeds win over `seed`
+    run, _ = split_run_config(load_run_config(demo, parse_overrides(
+        ["--seed", "3", "--tiny_model", "{seed: 1}", "--task_args", "{seed: 2}"])))
+    assert (run["tiny_model"]["seed"], run["task_args"]["seed"]) == (1, 2)
+    # the task's data really changes with the seed
+    from fastrl.tasks import get_task
+    prompts = [get_task(r["task"], **{**r["task_args"], "num_examples": 20}).train_dataset["prompt"]
+               for r in (run0, split_run_config(load_run_config(demo, {"seed": 3}))[0])]
+    assert prompts[0] != prompts[1]
+    # and so do the tiny model's weights
+    from fastrl.tasks.tiny_model import build_tiny_model
+    from safetensors.torch import load_file
+    weights = [load_file(os.path.join(build_tiny_model(str(tmp_path / f"m{s}"), num_layers=1, hidden_size=32,
+                                                       seed=s), "model.safetensors")) for s in (0, 3)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_seed_is_not_given_to_a_dataset_run(run_files):
+    tmp_path, config = run_files
+    run, _ = split_run_config(load_run_config(write(tmp_path, {**config, "seed": 4})))
+    assert run["tiny_model"] is None and run["task_args"] is None
+
+
+def test_peft_builds_a_lora_config_for_the_trainer(run_files, monkeypatch):
+    pytest.importorskip("peft")
+    tmp_path, config = run_files
+    seen = {}
+
+    class Trainer:  # stands in for GRPOTrainer: only what it is given matters here
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr("fastrl.trainer.GRPOTrainer", Trainer)
+    peft = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    build_trainer(load_run_config(write(tmp_path, {**config, "peft": peft})))
+    lora = seen["peft_config"]
+    assert type(lora).__name__ == "LoraConfig" and (lora.r, lora.lora_alpha) == (4, 8)
+    assert set(lora.target_modules) == {"q_proj", "v_proj"}
+    with pytest.raises(ValueError, match="peft: peft.LoraConfig refused .*rank"):
+        build_trainer(load_run_config(write(tmp_path, {**config, "peft": {"rank": 4}})))
+
+
+def test_peft_runs_a_lora_training_step(run_files):
+    pytest.importorskip("peft")
+    tmp_path, config = run_files
+    peft = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    assert cli.main(["train", write(tmp_path, {**config, "peft": peft, "max_steps": 1, "save_strategy": "no"})]) == 0
+    rows = [json.loads(x) for x in open(os.path.join(config["output_dir"], "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1]
+
+
+def test_peft_without_the_package_names_the_extra(run_files, monkeypatch, capsys):
+    import importlib.util
+    tmp_path, config = run_files
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    assert cli.main(["train", write(tmp_path, {**config, "peft": {"r": 4}})]) == 2
+    assert "pip install 'fastrl[peft]'" in capsys.readouterr().err
+    assert not os.path.exists(config["output_dir"])
+
+
 @pytest.mark.parametrize("change, message", [
     ({"learnin_rate": 0.1}, "unknown key(s) 'learnin_rate' (did you mean 'learning_rate'?)"),
     ({"model": "./does/not/exist"}, "model: path './does/not/exist' does not exist"),
@@ -70,8 +170,11 @@ def test_command_line_overrides_win(run_files):
     ({"num_generations": 3}, "divisible by num_generations"),
     ({"max_completion_length": 0}, "max_completion_length"),
     ({"entropy_coef": 0.1}, "entropy_coef=0.1 is not supported"),
+    ({"peft": "lora"}, "peft: expected a mapping"),
+    ({"model": "tiny", "dataset": None, "rewards": None, "task": "copy", "task_args": {"digits": 3}},
+     "unknown argument(s) ['digits']"),
 ], ids=["unknown-key", "model-path", "dataset-file", "task-and-dataset", "no-rewards", "G<2", "G-not-dividing",
-        "max-completion-0", "unsupported-field"])
+        "max-completion-0", "unsupported-field", "peft-not-a-mapping", "unknown-task-arg"])
 def test_bad_config_fails_before_anything_loads(run_files, capsys, change, message):
     tmp_path, config = run_files
     path = write(tmp_path, {**config, **change})

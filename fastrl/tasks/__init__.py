@@ -45,20 +45,22 @@ def digit_task(operation: str, *, num_examples: int = 5000, min_digits: int = 3,
 TASKS: dict[str, Callable[..., Task]] = {name: partial(digit_task, name) for name in OPERATIONS}
 
 
-def _check_task_args(name: str, factory: Callable, task_args: dict) -> None:
-    accepted = set(inspect.signature(factory).parameters)
+def check_task_args(name: str, task_args: dict) -> set[str]:
+    """Refuse an unknown task or argument (before anything is built); return the arguments the task accepts."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+    accepted = set(inspect.signature(TASKS[name]).parameters)
     unknown = sorted(set(task_args) - accepted)
     if unknown:
         raise ValueError(f"task_args for task {name!r} got unknown argument(s) {unknown}; "
                          f"accepted: {sorted(accepted)}")
+    return accepted
 
 
 def get_task(name: str, **task_args) -> Task:
     """The built-in task `name` (one of TASKS), built with `task_args`."""
-    if name not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
-    _check_task_args(name, TASKS[name], task_args)
+    check_task_args(name, task_args)
     return TASKS[name](**task_args)
 
 
-__all__ = ["TASKS", "Task", "get_task", "digit_task"]
+__all__ = ["TASKS", "Task", "check_task_args", "get_task", "digit_task"]
