@@ -1,11 +1,14 @@
 """The `fastrl` command.
 
     fastrl train CONFIG.yaml [--field value ...]
+    fastrl filter CONFIG.yaml --k 8
+    fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu]
+    fastrl bench [--suite kernels|e2e|all] [--quick]
 
 Each subcommand is one entry of COMMANDS: the module holding it and the names of two functions there,
 `add(parser)` to declare its arguments and `run(args) -> int` to execute it. Keep a command module's top level
 light (import torch, transformers, vLLM inside `run`), since building the parser imports every command module.
-To add one (bench, plan, filter, ...), add an entry; nothing else changes. A ValueError from `run` is printed
+To add one, add an entry; nothing else changes. A ValueError from `run` is printed
 as `fastrl <command>: error: ...` with exit code 2.
 """
 from __future__ import annotations
@@ -28,6 +31,10 @@ COMMANDS: dict[str, Command] = {
                      "train with GRPO from a YAML config; --field value overrides any key"),
     "filter": Command("fastrl.filtering", "add_filter_arguments", "run_filter",
                       "difficulty filtering: keep the prompts the starting policy solves sometimes, not always"),
+    "plan": Command("fastrl.plan", "add_plan_arguments", "run_plan",
+                    "predict a run's peak memory from its config and say whether it fits (exit 0 fits, 1 not)"),
+    "bench": Command("fastrl.bench.cli", "add_arguments", "run",
+                     "benchmark kernels and whole training steps against their peers; writes CSV + PNG"),
 }
 
 

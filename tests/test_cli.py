@@ -226,3 +226,32 @@ def test_console_script_help():
     out = subprocess.run([exe if os.path.exists(exe) else sys.executable, *([] if os.path.exists(exe) else
                           ["-m", "fastrl.cli"]), "train", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "CONFIG" in out.stdout.upper()
+
+
+def fastrl_command(*args, timeout=300):
+    exe = os.path.join(os.path.dirname(sys.executable), "fastrl")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fastrl.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(TESTS_DIR))
+
+
+def test_console_script_lists_every_command():
+    out = fastrl_command("--help")
+    assert out.returncode == 0
+    for name in ("train", "filter", "plan", "bench"):
+        assert f"    {name} " in out.stdout, name
+    bench = fastrl_command("bench", "--help")
+    assert bench.returncode == 0 and "--suite" in bench.stdout and "--quick" in bench.stdout
+
+
+def test_plan_from_the_console_script():
+    out = fastrl_command("plan", "examples/demo.yaml", "--memory", "24GB")
+    assert out.returncode == 0, out.stderr
+    assert "peak" in out.stdout and "fits" in out.stdout
+    out = fastrl_command("plan", "examples/demo.yaml", "--memory", "lots")
+    assert out.returncode == 2 and "fastrl plan: error:" in out.stderr
+
+
+def test_bench_and_plan_entries_point_at_real_functions():
+    for name in ("plan", "bench"):
+        for which in ("add", "run"):
+            assert callable(cli._function(cli.COMMANDS[name], which))
