@@ -92,6 +92,9 @@ class GRPOConfig:
     tf32: bool | None = None
     gradient_checkpointing: bool = True  # TRL's default
     gradient_checkpointing_kwargs: dict | None = None
+    # fastrl: the tensors autograd keeps from the checkpointed forward (each layer's input) wait in host memory
+    # (pinned on CUDA) until backward; needs gradient_checkpointing. Costs a copy each way per micro-batch.
+    gradient_checkpointing_offload: bool = False
     use_liger_kernel: bool = False
     use_cpu: bool = False
     dataloader_num_workers: int = 0
@@ -177,6 +180,10 @@ class GRPOConfig:
     sync_ref_model: bool = False  # TR-DPO reference resets (fastrl.ref_sync); needs beta > 0
     ref_model_mixup_alpha: float = 0.6  # every ref_model_sync_steps steps: ref = alpha·policy + (1 − alpha)·ref
     ref_model_sync_steps: int = 512
+    # fastrl: full fine-tuning with beta > 0 keeps the frozen reference model in host memory and moves it to the
+    # device only for its logprob pass (once per generation batch). No effect without a reference model
+    # (beta = 0, or LoRA, whose reference is the same model with the adapter disabled) or on a CPU run.
+    ref_model_offload: bool = False
     dynamic_sampling: bool = False  # fastrl, DAPO: drop groups whose rewards are all equal (fastrl.dynamic_sampling)
     dynamic_sampling_max_attempts: int = 10  # generation rounds per batch before it is topped up with such groups
     top_entropy_quantile: float = 1.0
@@ -279,6 +286,9 @@ class GRPOConfig:
         need(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", "an integer >= 1")
         need(not self.sync_ref_model or self.beta > 0, "sync_ref_model",
              "False when beta=0 (no reference model is used, so there is nothing to sync; TRL refuses it too)")
+        need(not self.gradient_checkpointing_offload or self.gradient_checkpointing, "gradient_checkpointing_offload",
+             "False when gradient_checkpointing=False (it offloads the checkpointed activations; without "
+             "checkpointing every activation and weight autograd saves would be copied)")
         need(self.dynamic_sampling_max_attempts >= 1, "dynamic_sampling_max_attempts", "an integer >= 1")
         if self.loss_type == "dr_grpo":
             need(self.max_completion_length is not None, "max_completion_length", "set for loss_type='dr_grpo'")

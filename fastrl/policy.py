@@ -5,6 +5,7 @@ hidden states (after the final norm) and hands them with the head's weight to th
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -68,9 +69,7 @@ def prepare_for_training(model: PreTrainedModel, args, device: torch.device, pef
             raise ValueError("use_liger_kernel=True needs a CUDA device (Liger's kernels are Triton GPU kernels)")
         apply_liger(model)
     if peft_config is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config)
+        model = apply_peft(model, peft_config)
     if args.disable_dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -88,9 +87,33 @@ def prepare_for_training(model: PreTrainedModel, args, device: torch.device, pef
     return model
 
 
+def apply_peft(model: PreTrainedModel, peft_config) -> torch.nn.Module:
+    """The model wrapped by peft. Target modules the model does not have are refused by name, before any work:
+    peft itself only refuses a list none of whose names match, and trains the rest silently."""
+    from peft import get_peft_model
+
+    targets = getattr(peft_config, "target_modules", None)
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    names = {name for name, _ in model.named_modules()}
+    if isinstance(targets, (list, tuple, set)):  # a string is a regex or "all-linear": peft checks it below
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise ValueError(f"peft_config.target_modules: {missing} match no module of the model; its linear "
+                             f"layers are {linear} (or use 'all-linear')")
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:
+        raise ValueError(f"peft_config.target_modules={targets!r} could not be applied to the model ({e}); "
+                         f"its linear layers are {linear} (or use 'all-linear')") from None
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "get_base_model")
+
+
 def base_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model under a PEFT wrapper (LoRA layers stay injected in it), else the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.get_base_model() if is_peft(model) else model
 
 
 class Head(NamedTuple):
@@ -131,9 +154,43 @@ def completion_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention
     return out.last_hidden_state[:, prompt_width - 1: prompt_width - 1 + t]  # [B, T, H]
 
 
-def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of the policy's initial weights (only built when beta > 0)."""
-    ref = copy.deepcopy(base_model(model))
+def frozen_reference(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:
+    """A frozen copy of the policy's initial weights (built for full fine-tuning with beta > 0; a PEFT policy with
+    its adapter disabled is its own reference), its tensors copied one by one straight to `device`
+    (default: where they are), so a reference kept in host memory never exists on the accelerator at all."""
+    inner = base_model(model)
+    memo = {}  # deepcopy takes these copies instead of copying the tensors itself; tied weights stay tied
+    for p in inner.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(device or p.device, copy=True), requires_grad=False)
+    for b in inner.buffers():
+        memo[id(b)] = b.detach().to(device or b.device, copy=True)
+    ref = copy.deepcopy(inner, memo)
     ref.requires_grad_(False)
     ref.eval()
     return ref
+
+
+@contextlib.contextmanager
+def reference_on(ref: torch.nn.Module, device: torch.device, offload: bool):
+    """With `offload` (ref_model_offload), the reference is moved to `device` for the block and back to host
+    memory after it; without, nothing moves. On a CPU run both are the same."""
+    if not offload:
+        yield ref
+        return
+    ref.to(device)
+    try:
+        yield ref
+    finally:
+        ref.to("cpu")
+
+
+@contextlib.contextmanager
+def activations_offloaded(enabled: bool, device: torch.device):
+    """gradient_checkpointing_offload: tensors autograd saves in the block go to host memory (pinned on CUDA) and
+    come back in backward. Around the checkpointed decoder these are each layer's input and the few tensors saved
+    outside the layers; the activations inside a layer are recomputed, not saved. On CPU it moves nothing."""
+    if not enabled:
+        yield
+        return
+    with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
+        yield

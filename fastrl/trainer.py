@@ -40,10 +40,10 @@ from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
 from fastrl.logging_utils import MetricsLogger
-from fastrl.policy import (completion_hidden, frozen_reference, lm_head, load_policy, load_tokenizer,
-                           prepare_for_training, training_device)
+from fastrl.policy import (activations_offloaded, completion_hidden, frozen_reference, lm_head, is_peft,
+                           load_policy, load_tokenizer, prepare_for_training, reference_on, training_device)
 from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_reference, reference_state,
-                             restore_reference)
+                             restore_reference, sync_due)
 from fastrl.rollout_batch import RolloutBatch
 from fastrl.scoring import combine, resolve_reward_funcs, score
 
@@ -86,7 +86,11 @@ class GRPOTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # padding is always masked out; TRL does the same
         self.model = prepare_for_training(load_policy(model, args, self.device), args, self.device, peft_config)
         self.head = lm_head(self.model)  # rejects heads the fused loss can not reproduce, before any work
-        self.ref_model = frozen_reference(self.model) if args.beta != 0.0 else None
+        # beta > 0: a frozen copy for full fine-tuning (in host memory with ref_model_offload); a PEFT policy is
+        # its own reference with the adapter disabled, so no second copy of the model exists (TRL does the same)
+        self.ref_model = None
+        if args.beta != 0.0 and not is_peft(self.model):
+            self.ref_model = frozen_reference(self.model, "cpu" if args.ref_model_offload else None)
         self.generator = self._build_generator()
         self.sampler = PromptSampler(len(train_dataset), args.prompts_per_generation,
                                      args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset)
@@ -117,7 +121,9 @@ class GRPOTrainer:
         while self.state.global_step < self.state.max_steps:
             metrics = self._training_step()
             self.state.global_step += 1
-            maybe_sync_reference(args, self.state.global_step, self.model, self.ref_model)  # TR-DPO resets
+            if sync_due(args, self.state.global_step) and self.ref_model is not None:  # TR-DPO resets
+                with reference_on(self.ref_model, self.device, args.ref_model_offload):
+                    maybe_sync_reference(args, self.state.global_step, self.model, self.ref_model)
             self.state.epoch = self.sampler.epoch + self.sampler.position / max(1, self.sampler.size)
             losses.append(metrics["loss"])
             self._log_step(metrics, logger)
@@ -170,9 +176,9 @@ class GRPOTrainer:
         """The GRPO loss of one micro-batch, scaled for gradient accumulation as TRL scales it."""
         args = self.args
         ids, attention = mb.input_ids()  # [b, P+T]
-        with self._autocast():
+        with self._autocast(), activations_offloaded(args.gradient_checkpointing_offload, self.device):
             hidden = completion_hidden(self.model, ids, attention, mb.prompt_ids.shape[1])  # [b, T, H]
-        weight, bias = self._head_for(hidden, self.head)
+        weight, bias = self._head_for(hidden, self.head)  # the loss keeps its tensors on the device
         loss, metrics = self._loss_fn(
             hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
             old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio, beta=args.beta,
@@ -208,7 +214,7 @@ class GRPOTrainer:
                                                 args.vllm_importance_sampling_clip_min,
                                                 args.vllm_importance_sampling_clip_max)
             if args.beta != 0.0:
-                batch.ref_logprobs = self._completion_logprobs(self.ref_model, batch)  # [B, T]
+                batch.ref_logprobs = self._reference_logprobs(batch)  # [B, T]
         num_items = float(batch.completion_mask.sum())  # global token count (one process)
         # dapo/cispo: the generation batch's tokens, rescaled to one accumulation window (TRL's normalizer)
         normalizer = num_items / args.world_size * args.gradient_accumulation_steps / args.steps_per_generation
@@ -272,6 +278,15 @@ class GRPOTrainer:
             out.append(self._logprob_fn(hidden, weight, mb.completion_ids, bias=bias,
                                         temperature=self.args.temperature))
         return torch.cat(out).float()
+
+    def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B, T] under the reference: the PEFT policy with its adapter disabled, else the frozen copy (brought
+        to the device for this pass only with ref_model_offload)."""
+        if self.ref_model is None:
+            with self.model.disable_adapter():
+                return self._completion_logprobs(self.model, batch)
+        with reference_on(self.ref_model, self.device, self.args.ref_model_offload):
+            return self._completion_logprobs(self.ref_model, batch)
 
     # ------------------------------------------------------------------ helpers of the loop
     def _needs_old_logprobs(self) -> bool:

@@ -14,7 +14,8 @@ trl = pytest.importorskip("trl")
 
 # Fields fastrl has and TRL 1.16 does not: transformers-4 names still accepted, and vLLM options of fastrl's own.
 FASTRL_ONLY = {"overwrite_output_dir", "logging_dir", "warmup_ratio", "max_prompt_length", "vllm_sleep_level",
-               "vllm_max_model_len", "dynamic_sampling", "dynamic_sampling_max_attempts"}
+               "vllm_max_model_len", "dynamic_sampling", "dynamic_sampling_max_attempts", "ref_model_offload",
+               "gradient_checkpointing_offload"}
 
 
 def both(**kwargs):
