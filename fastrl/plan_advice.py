@@ -53,7 +53,8 @@ def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
             out.append((f"vllm_gpu_memory_utilization: {start:.2f} (needed for vLLM to start at all)",
                         {"vllm_utilization": start}))
     if run.has_reference_copy and plan.device == "cuda" and not run.offload_reference:
-        out.append(("reference model in host memory between uses (offload)", {"offload_reference": True}))
+        out.append(("ref_model_offload: true (reference in host memory between uses)",
+                    {"offload_reference": True}))
     if run.micro_batch > 1:
         out.append(("smaller micro-batch", {"micro_batch": 1}))  # refined by _best_micro_batch
     if run.lora is None:

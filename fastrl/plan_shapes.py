@@ -166,7 +166,8 @@ def run_shape(run: dict) -> RunShape:
                     checkpointing=bool(args.gradient_checkpointing), bf16=bool(args.bf16), beta=float(args.beta),
                     lora=lora_shape(run.get("peft")), use_vllm=bool(args.use_vllm),
                     vllm_utilization=float(args.vllm_gpu_memory_utilization),
-                    vllm_sleep=bool(args.vllm_enable_sleep_mode), vllm_sleep_level=int(args.vllm_sleep_level))
+                    vllm_sleep=bool(args.vllm_enable_sleep_mode), vllm_sleep_level=int(args.vllm_sleep_level),
+                    offload_reference=bool(args.ref_model_offload))
 
 
 def loaded_dtype(run: dict) -> str | None:
