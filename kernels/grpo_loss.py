@@ -1,7 +1,7 @@
 """`fused_linear_grpo_loss`: the GRPO loss straight from hidden states and the lm_head, forward and backward.
 
 The loss is the last op in training, so its gradient is computed inside `forward` (phase 3 runs right after the
-epilogue) and `backward` only scales the stored gradients by the incoming scalar.
+epilogue) and `backward` only scales the stored gradients, in place, by the incoming scalar.
 """
 from __future__ import annotations
 
@@ -44,15 +44,29 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
         dh, dw, db = grads
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
         ctx.has = tuple(g is not None for g in grads)
+        ctx.applied = None  # the factor backward has scaled the stored gradients by
         ctx.shapes_dtypes = ((hidden.shape, hidden.dtype), (weight.shape, weight.dtype),
                              None if bias is None else (bias.shape, bias.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # The gradients were computed in forward for an incoming 1. Scaling them out of place would hold a second
+        # dW [V, H] and dh [N, H] at the peak, so they are scaled in place and returned as they are. A repeated
+        # backward (retain_graph) rescales by the ratio to the factor applied last time (`ctx.applied`); after
+        # a backward with grad_loss = 0 the stored gradients are gone, so a further backward is not supported.
+        # On CUDA the factor stays on the device (no sync); on the CPU a factor of exactly 1 skips the pass.
+        factor = grad_loss if ctx.applied is None else grad_loss / ctx.applied
+        ctx.applied = grad_loss.detach().clone()
+        skip = factor.device.type == "cpu" and float(factor) == 1.0
         out = []
         for g, has, sd in zip(ctx.saved_tensors, ctx.has, ctx.shapes_dtypes):
-            out.append((g * grad_loss).view(sd[0]).to(sd[1]) if has else None)
+            if not has:
+                out.append(None)
+                continue
+            if not skip:
+                g.data.mul_(factor)  # .data: its own version counter, so a retained graph can unpack g again
+            out.append(g.view(sd[0]).to(sd[1]))
         return (*out, None, None, None, None, None, None)
 
 

@@ -156,3 +156,18 @@ def test_backward_scales_by_incoming_gradient():
     loss, _ = fused_linear_grpo_loss(*args, backend="torch")
     (g3,) = torch.autograd.grad(-3.0 * loss, (batch["h"],))
     assert torch.allclose(g3, -3.0 * g1, rtol=1e-6, atol=1e-9)
+
+
+def test_backward_scales_and_repeats():
+    """backward scales the gradients stored in forward in place; a retained graph differentiated again with
+    another factor still gives factor × the gradient."""
+    B, T, H, V = 4, 6, 16, 101
+    batch = make_batch(B, T, H, V, torch.float32, 11)
+    args = (batch["h"], batch["w"], batch["y"], batch["mask"], batch["adv"])
+    ref, _ = reference_grpo_loss(*args, old_logprobs=batch["old"])
+    want = torch.autograd.grad(ref, (batch["h"], batch["w"]))
+    loss, _ = fused_linear_grpo_loss(*args, old_logprobs=batch["old"], backend="torch")
+    for factor in (1.0, 3.0, -0.5, 1.0):
+        got = torch.autograd.grad(loss * factor, (batch["h"], batch["w"]), retain_graph=True)
+        for a, t in zip(got, want):
+            assert float((a.double() - factor * t).abs().max()) < 1e-5 * max(1.0, abs(factor)), factor

@@ -58,3 +58,33 @@ def test_the_check_catches_a_materializing_path():
     with LargestTensor() as seen:
         torch.log_softmax(h[:2] @ w.T, -1)  # a quarter of the rows, and still too big
     assert seen.largest > BOUND
+
+
+class NewBigTensors(TorchDispatchMode):
+    """Ops that return a tensor of at least `size` elements in fresh storage (not a view of, or in place on,
+    one of their inputs)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.ops = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        held = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.size and t.untyped_storage().data_ptr() not in held:
+                self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_backward_makes_no_second_gradient(scale):
+    """The gradients computed in forward are scaled in place: backward (of the loss as is, or divided as for
+    gradient accumulation) allocates no second [V, H] or [N, H] gradient, which would double the peak."""
+    h, w, y = _inputs()
+    loss, _ = fused_linear_grpo_loss(h, w, y, torch.ones(B, T), torch.randn(B), backend="torch")
+    with NewBigTensors(min(B * T, V) * H) as seen:
+        (loss * scale if scale != 1.0 else loss).backward()
+    assert not seen.ops, seen.ops
+    assert h.grad is not None and w.grad is not None
