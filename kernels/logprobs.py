@@ -17,14 +17,21 @@ class FusedLinearLogprobs(torch.autograd.Function):
         lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, temperature, with_entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, logp, entropy)
         ctx.temperature, ctx.with_entropy, ctx.impl = temperature, with_entropy, impl
+        ctx.set_materialize_grads(False)  # an output nobody differentiates arrives as None, not as zeros
         return (logp, entropy) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, *grads):
+        # grads: (dL/dlogp,) or (dL/dlogp, dL/dentropy); None for an output the loss does not use, so the entropy
+        # term of dL/dz (a pass over each [n, V] tile and its log p) is skipped unless the entropy is used.
         hidden, weight, bias, targets, lse, logp, entropy = ctx.saved_tensors
-        g_logp = grads[0] if grads[0] is not None else torch.zeros_like(lse)
+        g_logp = grads[0]
         g_entropy = grads[1] if ctx.with_entropy else None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None, None, None
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
         dh, dw, db = ctx.impl.grad_sweep(hidden, weight, targets, bias, ctx.temperature, lse, g_logp.float(),
                                          None if g_entropy is None else g_entropy.float(), logp, entropy,
                                          need_h, need_w, need_b and bias is not None)

@@ -64,3 +64,25 @@ def test_row_tile_does_not_grow_with_n():
     assert rows_per_tile(10**6, 32768) == rows_per_tile(4096, 32768) == 64  # 64 × 32768 = 2^21 logits
     assert rows_per_tile(10**6, 151936) == 16  # the floor: 16 rows
     assert rows_per_tile(5, 32768) == 5
+
+
+def test_unused_entropy_costs_no_entropy_gradient_work(monkeypatch):
+    """with_entropy=True but only logp differentiated: the gradient sweep gets g_entropy=None (no entropy term),
+    and the gradients equal those of with_entropy=False."""
+    from fastrl.kernels import grad_sweep as gs
+    seen = []
+    real = gs.grad_sweep
+    monkeypatch.setattr(gs, "grad_sweep", lambda *a: seen.append(a[7]) or real(*a))
+    h, w, y, _ = make_linear_inputs(50, 32, 700, torch.float32, 3)
+    logp, _entropy = fused_linear_logprobs(h, w, y, with_entropy=True, backend="torch")
+    got = torch.autograd.grad(logp.sum(), (h, w))
+    want = torch.autograd.grad(fused_linear_logprobs(h, w, y, backend="torch").sum(), (h, w))
+    assert seen == [None, None]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    _logp, entropy = fused_linear_logprobs(h, w, y, with_entropy=True, backend="torch")
+    got = torch.autograd.grad(entropy.sum(), (h, w))  # the entropy alone: dL/dlogp is zero
+    want = torch.autograd.grad(reference_logprobs(h, w, y, with_entropy=True)[1].sum(), (h, w))
+    assert seen[-1] is not None
+    for a, b in zip(got, want):
+        assert float((a.double() - b).abs().max()) < 1e-4
