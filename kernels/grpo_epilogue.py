@@ -80,7 +80,7 @@ def per_sequence(ratio) -> bool:
 
 def entropy_keep_mask(entropy, mask, quantile: float):
     """TRL's get_high_entropy_mask: 1 for tokens at or above the (1 − quantile) entropy quantile."""
-    if quantile >= 1.0 or entropy is None:
+    if quantile >= 1.0:
         return None
     values = entropy[mask.bool()].float()
     if values.numel() == 0:
@@ -101,8 +101,19 @@ def finish_metrics(sums: dict, mask_sum: float, n_seq: int, sequence_level: bool
     return out
 
 
+def check_epilogue_inputs(ref_logp, entropy, p: GRPOLossParams) -> None:
+    """What both epilogues (this one and the Triton one) refuse alike: the KL term needs the reference logprobs,
+    and TRL's top-entropy mask needs the entropies (callers compute them in the forward sweep; skipping the mask
+    without them would silently train on every token)."""
+    if p.beta != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp: needed ([B, T]) when beta != 0")
+    if p.top_entropy_quantile < 1.0 and entropy is None:
+        raise ValueError("entropy: needed ([B, T]) when top_entropy_quantile < 1")
+
+
 def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy, p: GRPOLossParams):
     """logp [B, T] fp32 -> (loss 0-d fp32, g_logp [B, T] fp32, metrics). See kernels/README.md."""
+    check_epilogue_inputs(ref_logp, entropy, p)
     mask = mask.float()
     adv = advantages.float().unsqueeze(-1)  # [B, 1]
     keep = entropy_keep_mask(entropy, mask, p.top_entropy_quantile)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grpo_epilogue import check_epilogue_inputs
 from .params import GRPOLossParams
 
 LOSS_KIND = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "cispo": 1, "sapo": 2}
@@ -254,10 +255,7 @@ def _metrics(sums, mask_total, n_seq: int, p: GRPOLossParams, has_entropy: bool)
 def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy, params: GRPOLossParams):
     """logp [B, T] fp32 -> (loss 0-d fp32, g_logp [B, T] fp32, metrics: dict of 0-d fp32). See kernels/README.md."""
     p = params
-    if p.beta != 0.0 and ref_logp is None:
-        raise ValueError("ref_logp: needed ([B, T]) when beta != 0")
-    if p.top_entropy_quantile < 1.0 and entropy is None:
-        raise ValueError("entropy: needed ([B, T]) when top_entropy_quantile < 1")
+    check_epilogue_inputs(ref_logp, entropy, p)
     n_seq, length = logp.shape
     f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     logp, mask, advantages, old_logp, ref_logp, entropy = map(f32, (logp, mask, advantages, old_logp, ref_logp,

@@ -157,12 +157,34 @@ def test_three_triton_phases_match_float64_reference(case):
         assert err <= 1e-5 * float(exact.abs().max()), f"grad {name} seed={seed}: {err:.3g}"
 
 
-def test_missing_inputs_are_named():
+@pytest.mark.parametrize("epilogue", [grpo_epilogue, torch_epilogue], ids=["triton", "torch"])
+def test_missing_inputs_are_named(epilogue):
+    """Both backends refuse alike: the KL needs ref_logp, the top-entropy mask needs the entropies (the torch
+    epilogue used to skip the mask silently and train on every token)."""
     logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(3, 8, 0)
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_epilogue(logp, mask, adv, old, None, None, entropy, _params("dapo", "token", 8, beta=0.1))
+        epilogue(logp, mask, adv, old, None, None, entropy, _params("dapo", "token", 8, beta=0.1))
     with pytest.raises(ValueError, match="entropy"):
-        grpo_epilogue(logp, mask, adv, old, None, None, None, _params("dapo", "token", 8, top_entropy_quantile=0.5))
+        epilogue(logp, mask, adv, old, None, None, None, _params("dapo", "token", 8, top_entropy_quantile=0.5))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_entropy_quantile_through_the_public_function(backend):
+    """fused_linear_grpo_loss computes the entropies itself when top_entropy_quantile < 1 (both backends), so the
+    mask is applied: the loss matches the reference and differs from the unmasked loss."""
+    from fastrl.kernels import fused_linear_grpo_loss
+    B, T, H, V = 3, 8, 16, 67
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) / 4
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    adv, old = torch.randn(B, generator=g), reference_logprobs(h, w, y).float() + 0.1
+    kw = dict(old_logprobs=old, top_entropy_quantile=0.5)
+    loss, _ = fused_linear_grpo_loss(h, w, y, mask, adv, backend=backend, **kw)
+    want, _ = reference_grpo_loss(h, w, y, mask, adv, **kw)
+    unmasked, _ = reference_grpo_loss(h, w, y, mask, adv, old_logprobs=old)
+    assert abs(float(loss) - float(want)) < 1e-5 and abs(float(want) - float(unmasked)) > 1e-3
 
 
 def test_long_completions_loop_over_blocks():
