@@ -5,12 +5,17 @@ the trainer's usual case), the loss gradient can be formed as soon as a row tile
 computes its logits once and goes straight on to dz, dh and dW: 6·N·H·V matmul flops instead of the 8·N·H·V of
 forward sweep + gradient sweep, and the tile's logits never leave cache between the two. Sequence-level ratios
 and entropy quantiles need the whole batch first; they take the three-phase path in `grpo_loss.py`.
+
+fp32 inputs (the CPU case) take `_fp32_tile_softmax` / `_fp32_tile_grads`: one [n, V] buffer, no elementwise
+pass over it besides the softmax (see the comment above them). Other dtypes keep the dz route (logits copied to
+fp32, dz formed in fp32 and rounded once to the input dtype for the GEMMs), whose low-precision error is tested
+against PyTorch's own at that dtype; the fp32 route's W_y − q would cancel in bf16.
 """
 from __future__ import annotations
 
 import torch
 
-from .forward_sweep import logits_tile, row_entropy_, rows_per_tile, softmax_tile
+from .forward_sweep import _TINY, MIN_ROWS, logits_tile, row_entropy_, rows_per_tile, softmax_tile
 from .grad_sweep import accumulate_grads, allocate_grads, logit_grad_
 from .grpo_epilogue import finish_metrics, objective_terms, token_weights
 from .params import GRPOLossParams
@@ -50,20 +55,92 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
     want_grad = need_hidden_grad or need_weight_grad or need_bias_grad
     dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad)
     loss, totals, entropy_sum = torch.zeros((), dtype=torch.float32), {}, torch.zeros(())
-    rows = rows_per_tile(n_rows, vocab)
-    z_buf, p_buf = (torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(2))
+    fp32 = hidden.dtype == torch.float32
+    rows = single_pass_rows(n_rows, vocab) if fp32 else rows_per_tile(n_rows, vocab)
+    bufs = 1 if fp32 else 2
+    z_buf, p_buf = [torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(bufs)] + \
+        [None] * (2 - bufs)
     for s in range(0, n_rows, rows):
         sl = slice(s, min(s + rows, n_rows))
-        z = logits_tile(hidden[sl], weight, bias, p.temperature, z_buf[: sl.stop - s])  # [n, V]
-        prob = p_buf[: sl.stop - s]
-        lse, logp = softmax_tile(z, targets[sl], prob)
-        entropy_sum = entropy_sum + (row_entropy_(z, lse, prob) * flat["mask"][sl]).sum()  # z is spent after
+        h_t, y_t = hidden[sl], targets[sl]
+        if fp32:
+            prob, q, logp, entropy = _fp32_tile_softmax(h_t, weight, y_t, bias, p.temperature, z_buf[: sl.stop - s])
+        else:
+            z = logits_tile(h_t, weight, bias, p.temperature, z_buf[: sl.stop - s])  # [n, V]
+            prob = p_buf[: sl.stop - s]
+            lse, logp = softmax_tile(z, y_t, prob)
+            entropy = row_entropy_(z, lse, prob)  # z is spent after
+        entropy_sum = entropy_sum + (entropy * flat["mask"][sl]).sum()
         tile_loss, sums, g = _tile_loss(logp, sl, flat, p, want_grad)
         loss = loss + tile_loss
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + v
-        if want_grad:
-            dz = logit_grad_(None, prob, targets[sl], g / p.temperature, None, None)
-            accumulate_grads(dz, hidden[sl], weight, None if dh is None else dh[sl], dw, db)
+        if not want_grad:
+            continue
+        grads = (None if dh is None else dh[sl], dw, db)
+        if fp32:
+            _fp32_tile_grads(prob, q, h_t, weight, y_t, g / p.temperature, *grads)
+        else:
+            dz = logit_grad_(None, prob, y_t, g / p.temperature, None, None)
+            accumulate_grads(dz, h_t, weight, *grads)
     metrics = finish_metrics(totals, float(mask.sum()), mask.shape[0], False, entropy_sum)
     return loss, metrics, dh, dw, db
+
+
+# fp32 row tiles. One [n, V] buffer: the logits GEMM writes it, softmax turns it into p in place, and the two
+# gradient GEMMs read p. Nothing else touches [n, V], because everything the loss needs besides p comes from
+# O(n·H) products with q = p @ W [n, H]:
+#   z_y   = (h · W_y + b_y) / τ                        (gathered from the tile before the softmax)
+#   H     = lse − Σ_j p_j z_j = lse − (h · q + p · b) / τ
+#   dh    = Σ_j dz_j W_j / τ = g · (W_y − q) / τ        with dz = g · (onehot(y) − p)
+#   dW   += dzᵀ h / τ = pᵀ (−g·h/τ) + onehot(y)ᵀ (g·h/τ)   (a GEMM plus an index_add of n rows)
+# so the tile costs three GEMMs (2·n·H·V flops each) and the three passes of ATen's fused softmax, with no
+# [n, V] elementwise pass for the entropy or for dz. Tile height: 2^22 logits = 16 MiB, 128 rows at V = 32768:
+# the dW GEMM's inner dimension is the tile height, and at 64 rows it ran ~10% below torch.mm's rate on
+# [2048, 256] @ [256, 32768] (measured), at 128-256 rows within ~3%. One 16 MiB buffer keeps the working memory
+# (plus dW, dh) under the 80 MiB goal at H = 256, V = 32768.
+SINGLE_PASS_TILE_ELEMENTS = 1 << 22
+
+
+def single_pass_rows(n_rows: int, vocab: int) -> int:
+    rows = max(MIN_ROWS, (SINGLE_PASS_TILE_ELEMENTS // vocab) // MIN_ROWS * MIN_ROWS)
+    return min(rows, max(n_rows, 1))
+
+
+def _fp32_tile_softmax(h, weight, targets, bias, temperature: float, buf):
+    """h [n, H] fp32 -> (p [n, V] in buf, q = p @ W [n, H], logp [n], entropy [n])."""
+    inv_t = 1.0 / temperature
+    # [n, H] @ [H, V] -> [n, V], the 1/τ folded into the GEMM (alpha) rather than a pass over the tile
+    if bias is None:
+        z = torch.mm(h, weight.T, out=buf) if temperature == 1.0 else \
+            torch.addmm(buf, h, weight.T, beta=0.0, alpha=inv_t, out=buf)
+    else:
+        z = torch.addmm(bias, h, weight.T, beta=inv_t, alpha=inv_t, out=buf)
+    idx = targets[:, None].long()
+    z_y = z.gather(1, idx).squeeze(1)  # [n]
+    prob = torch.ops.aten._softmax.out(z, 1, False, out=z)  # in place, row by row: z is spent, buf holds p
+    p_y = prob.gather(1, idx).squeeze(1)
+    lse = z_y - torch.log(p_y)
+    tiny = p_y < _TINY
+    if tiny.any():  # rare: recompute those rows' logits and take their lse directly
+        rows_z = h[tiny] @ weight.T if bias is None else torch.addmm(bias, h[tiny], weight.T)
+        lse[tiny] = torch.logsumexp(rows_z * inv_t, dim=1)
+    q = prob @ weight  # [n, V] @ [V, H] -> [n, H]
+    pz = (h * q).sum(dim=1)  # Σ_j p_j (h · W_j), [n]
+    if bias is not None:
+        pz += prob @ bias  # [n, V] @ [V] -> [n]
+    return prob, q, z_y - lse, lse - pz * inv_t
+
+
+def _fp32_tile_grads(prob, q, h, weight, targets, gs, grad_hidden, grad_weight, grad_bias) -> None:
+    """gs = (dL/dlogp)/τ [n]: writes grad_hidden [n, H], adds into grad_weight [V, H] and grad_bias [V]."""
+    if grad_hidden is not None:
+        # [n, H]: g · (W_y − q) / τ
+        torch.mul(torch.index_select(weight, 0, targets).sub_(q), gs[:, None], out=grad_hidden)
+    if grad_weight is not None:
+        gh = h * gs[:, None]  # [n, H]
+        grad_weight.addmm_(prob.T, gh, alpha=-1.0)  # [V, n] @ [n, H] -> [V, H]
+        grad_weight.index_add_(0, targets, gh)  # + g·h/τ at each row's target
+    if grad_bias is not None:
+        grad_bias.addmv_(prob.T, gs, alpha=-1.0)  # [V, n] @ [n] -> [V]
+        grad_bias.index_add_(0, targets, gs)
