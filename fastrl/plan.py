@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from fastrl.plan_memory import (BF16, CUDA_CONTEXT_BYTES, FP32, Phase, activation_bytes_per_token,
-                                fused_loss_bytes, grad_timeline, kv_cache_bytes, materializing_loss_bytes,
+                                checkpointed_bytes_per_token, fused_loss_bytes, grad_timeline, kv_cache_bytes, materializing_loss_bytes,
                                 tile_rows, trainable_params)
 from fastrl.plan_shapes import ModelShape, RunShape, loaded_dtype, model_shape, run_shape
 
@@ -86,6 +86,8 @@ def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory:
     if run.use_vllm and device == "cuda" and not device_memory:
         raise ValueError("device_memory: use_vllm on cuda needs the GPU's total memory "
                          "(vLLM takes vllm_gpu_memory_utilization × total)")
+    if device == "cpu":  # offloading to host memory moves nothing on a CPU run
+        run = run.replace(offload_activations=False)
     resident, host = resident_parts(model, run, device, device_memory)
     phases = [generation_phase(model, run, device, device_memory, resident)]
     if run.use_vllm:
@@ -93,6 +95,10 @@ def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory:
     if run.beta > 0 or run.use_vllm:
         phases.append(logprob_phase(model, run, device, resident))
     policy = policy_phase(model, run, resident, fused_loss_bytes)
+    if run.checkpointing and run.offload_activations:
+        policy.host["checkpointed activations (offloaded)"] = (
+            model.layers * checkpointed_bytes_per_token(model, run) * run.micro_batch
+            * (run.prompt_len + run.completion_len))
     phases += [policy, optimizer_phase(model, run, resident)]
     for p in phases:
         if device == "cuda":

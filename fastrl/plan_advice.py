@@ -41,6 +41,9 @@ def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
     run, out = plan.run, []
     if not run.checkpointing:
         out.append(("gradient_checkpointing: true", {"checkpointing": True}))
+    if plan.device == "cuda" and not run.offload_activations:
+        out.append(("gradient_checkpointing_offload: true (checkpointed activations in host memory)",
+                    {"checkpointing": True, "offload_activations": True}))
     if run.use_vllm and plan.device == "cuda":
         if not run.vllm_sleep or run.vllm_sleep_level != 2:
             out.append(("vllm_enable_sleep_mode: true, vllm_sleep_level: 2",

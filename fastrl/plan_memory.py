@@ -154,10 +154,14 @@ def grad_timeline(model: ModelShape, run: RunShape, tokens: int, loss: dict[str,
     head_grad = model.head_params() * p if run.lora is None else 0
     top = top_activation_bytes_per_token(model, run) * tokens + autocast_weight_copies(model, run)
     saved = checkpointed_bytes_per_token(model, run) * tokens if run.checkpointing else per_layer_act
+    back_from_host = 0
+    if run.checkpointing and run.offload_activations:  # layer inputs wait in host memory; one comes back at a time
+        saved, back_from_host = 0, checkpointed_bytes_per_token(model, run) * tokens
     all_saved = top + model.layers * saved
     points = {"loss forward": all_saved + sum(loss["forward"].values()),
               "loss backward": all_saved + sum(loss["backward"].values())}
-    transient = layer_backward_transient(model, run, tokens) + (per_layer_act if run.checkpointing else 0)
+    transient = (layer_backward_transient(model, run, tokens) + (per_layer_act if run.checkpointing else 0)
+                 + back_from_host)
     for k in range(model.layers):  # k layers done, the next one in flight
         points[f"backward of layer {model.layers - k} of {model.layers}"] = (
             top + (model.layers - k) * saved + head_grad + k * per_layer_grad + transient)

@@ -133,6 +133,7 @@ class RunShape:
     vllm_sleep: bool
     vllm_sleep_level: int
     offload_reference: bool = False  # the reference model kept in host memory between uses
+    offload_activations: bool = False  # checkpointed activations in host memory (gradient_checkpointing_offload)
 
     def replace(self, **changes) -> "RunShape":
         return dataclasses.replace(self, **changes)
@@ -167,7 +168,8 @@ def run_shape(run: dict) -> RunShape:
                     lora=lora_shape(run.get("peft")), use_vllm=bool(args.use_vllm),
                     vllm_utilization=float(args.vllm_gpu_memory_utilization),
                     vllm_sleep=bool(args.vllm_enable_sleep_mode), vllm_sleep_level=int(args.vllm_sleep_level),
-                    offload_reference=bool(args.ref_model_offload))
+                    offload_reference=bool(args.ref_model_offload),
+                    offload_activations=bool(args.gradient_checkpointing_offload))
 
 
 def loaded_dtype(run: dict) -> str | None:
