@@ -157,9 +157,9 @@ def generation_phase(model, run, device, device_memory, resident) -> Phase:
     # prefill: one layer's no-grad intermediates (gate, up, silu, q, k, v, attention out) and its mask
     phase.parts["prefill working set (one layer)"] = prompt_tokens * (3 * model.intermediate + 4 * model.hidden
                                                                       + run.prompt_len) * a
-    # fastrl/generation/transformers.py keeps no per-step scores: at a step, the model's last-position logits,
-    # their fp32 copy, the processed scores, the sampling probabilities and the previous step's scores (read
-    # once the token sampled from them is known) are alive, each [B_gen, V] fp32.
+    # fastrl/generation/decode.py keeps no per-step scores: at a step, the model's last-position logits, their
+    # fp32 copy, the processed scores, a warper's temporary and the cumulative probabilities the token is drawn
+    # from are alive at most, each [B_gen, V] fp32.
     phase.parts["sampling step: 5×[B_gen,V] fp32"] = 5 * run.generation_batch * model.vocab * FP32
     return phase
 

@@ -1,0 +1,93 @@
+"""A lean sampling loop for the transformers backend: one forward per token with a KV cache, nothing else.
+
+`model.generate` spends much of a small model's step outside the model: its per-token bookkeeping and, above
+all, `torch.multinomial`, which on CPU costs ~20 ms per call at [8, 32768] (measured on this 2-core machine,
+against ~0.6 ms for the inverse-CDF draw below). This loop keeps transformers' own logits processors (repetition
+penalty, temperature, top-k, top-p, min-p, in `GenerationMixin._get_logits_processor`'s order), so the
+distribution sampled is the one `generate` samples, and draws the token by inverse CDF: one uniform per row and
+a binary search in the cumulative probabilities. Its logprob comes from the same processed scores: one gather
+minus their log-sum-exp. Per step it holds a few [B, V] fp32 tensors, never [B, T, V].
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from .base import SamplingConfig
+
+
+def logits_processors(sampling: SamplingConfig) -> LogitsProcessorList:
+    """transformers' processors for these settings, in its order (repetition penalty first, then the warpers)."""
+    out = LogitsProcessorList()
+    if sampling.repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    if sampling.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        out.append(TopKLogitsWarper(top_k=sampling.top_k, min_tokens_to_keep=1))
+    if sampling.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=sampling.top_p, min_tokens_to_keep=1))
+    if sampling.min_p:
+        out.append(MinPLogitsWarper(min_p=sampling.min_p, min_tokens_to_keep=1))
+    return out
+
+
+def draw(scores: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [B, V] (processed; -inf = filtered out) -> (tokens [B], their logprobs [B], fp32).
+
+    Inverse CDF: token i is drawn when u·total falls in [c_{i-1}, c_i); tokens of probability 0 own an empty
+    interval and are never drawn."""
+    scores = scores.float()
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, 1]
+    cdf = (scores - lse).exp_().cumsum_(dim=-1)  # [B, V]
+    u = torch.rand(scores.shape[0], 1, device=scores.device, generator=generator) * cdf[:, -1:]  # [B, 1]
+    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # [B, 1]
+    return tokens.squeeze(-1), (scores.gather(-1, tokens) - lse).squeeze(-1)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The KV cache's keyword: `cache` in recent transformers (which deprecates `past_key_values`), else the old name."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
+           eos_token_ids: list[int], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts input_ids/attention_mask [B, P] -> (completion ids [B, T], sampler logprobs [B, T]).
+
+    Rows that sampled an eos are padded with pad_token_id afterwards (logprob 0); T ≤ max_completion_length
+    (the loop stops once every row has finished)."""
+    processors = logits_processors(sampling)
+    cache_arg = cache_argument(model)
+    eos = torch.tensor(eos_token_ids, device=input_ids.device)
+    batch = input_ids.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    cache = DynamicCache()
+    seen = input_ids  # [B, P + t]: what the repetition penalty looks at
+    step_ids, mask = input_ids, attention_mask
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
+    tokens_out, logps_out = [], []
+    for _ in range(sampling.max_completion_length):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=1, **{cache_arg: cache})
+        scores = processors(seen, out.logits[:, -1, :].float())  # [B, V]
+        tokens, logps = draw(scores)
+        tokens = torch.where(done, pad_token_id, tokens)
+        tokens_out.append(tokens)
+        logps_out.append(logps.masked_fill(done, 0.0))
+        done |= torch.isin(tokens, eos)
+        if bool(done.all()):
+            break
+        step_ids = tokens.unsqueeze(-1)  # [B, 1]
+        seen = torch.cat([seen, step_ids], dim=-1)
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+    if not tokens_out:
+        empty = input_ids.new_zeros(batch, 0)
+        return empty, empty.float()
+    return torch.stack(tokens_out, dim=1), torch.stack(logps_out, dim=1)
