@@ -38,10 +38,11 @@ def accumulate_grads(dz, hidden, weight, grad_hidden, grad_weight, grad_bias) ->
         grad_bias.add_(dz.sum(dim=0))
 
 
-def allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad):
+def allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad, *, zero_weight=True):
+    """fp32 gradient buffers; dW left unwritten when zero_weight is False (the caller's first GEMM overwrites it)."""
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dh = torch.empty(hidden.shape, **f32) if need_hidden_grad else None
-    dw = torch.zeros(weight.shape, **f32) if need_weight_grad else None
+    dw = (torch.zeros if zero_weight else torch.empty)(weight.shape, **f32) if need_weight_grad else None
     db = torch.zeros(weight.shape[0], **f32) if need_bias_grad else None
     return dh, dw, db
 

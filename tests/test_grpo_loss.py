@@ -135,9 +135,9 @@ def test_frozen_head_does_no_weight_work(level, monkeypatch):
     from fastrl.kernels import grad_sweep
     seen = []
     real = grad_sweep.allocate_grads
-    monkeypatch.setattr(grad_sweep, "allocate_grads", lambda *a: seen.append(a[2:]) or real(*a))
+    monkeypatch.setattr(grad_sweep, "allocate_grads", lambda *a, **kw: seen.append(a[2:]) or real(*a, **kw))
     import fastrl.kernels.grpo_single_pass as sp
-    monkeypatch.setattr(sp, "allocate_grads", lambda *a: seen.append(a[2:]) or real(*a))
+    monkeypatch.setattr(sp, "allocate_grads", lambda *a, **kw: seen.append(a[2:]) or real(*a, **kw))
     loss, _ = fused_linear_grpo_loss(batch["h"], batch["w"], batch["y"], batch["mask"], batch["adv"],
                                      importance_sampling_level=level, backend="torch")
     (gh,) = torch.autograd.grad(loss, (batch["h"],))
