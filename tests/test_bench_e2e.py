@@ -128,3 +128,20 @@ def test_the_same_job_trains_with_vllm_generation(tmp_path):
                    "memory": True}, env_extra=e2e.MEMORY_ENV, timeout=600)
     assert out["reward_calls"] == case.max_steps and all(t > 0 for t in out["step_s"])
     assert out["peak_mib"] >= 0 and out["rss_built_mib"] > 0
+
+
+def test_quick_times_and_measures_memory_in_one_process_per_trainer(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_job(job, env_extra=None, timeout=None):
+        calls.append((job["trainer"], job.get("memory"), env_extra))
+        return {"step_s": [10.0, 1.0, 2.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 14.0, "peak_mib": 50.0,
+                "rss_built_mib": 700.0}
+
+    monkeypatch.setattr("fastrl.bench.results.run_job", fake_job)
+    monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
+    rows = e2e.run_e2e_suite(RUN, quick=True, cases=[e2e.tiny_case()], trainers=("fastrl", "trl"), progress=False)
+    assert calls == [("fastrl", True, e2e.MEMORY_ENV), ("trl", True, e2e.MEMORY_ENV)]
+    got = {(r["provider"], r["metric"]): r for r in rows}
+    assert got[("trl", "memory")]["p50"] == 50.0 and got[("trl", "steps_per_s")]["p50"] == pytest.approx(1 / 1.5)
+    assert '"MALLOC_MMAP_THRESHOLD_"' in got[("fastrl", "step_time")]["config"]  # timed under the memory setting

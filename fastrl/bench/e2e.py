@@ -17,6 +17,8 @@ What is measured, per (trainer, size):
   reference model, tokenizer, data) is built, so it covers generation, activations, gradients, optimizer state.
   For fastrl-vllm the built trainer already holds the vLLM engine (its weights and KV cache): `rss_built_mib` in
   the row's config is the RSS at that point, for every trainer, so the engine's resident cost can be read off too.
+- `--quick`: one process per trainer gives both (timed with the memory setting on, as its rows' config says):
+  a process costs seconds of imports, and vLLM's engine start ~25 s, on 2 cores.
 """
 from __future__ import annotations
 
@@ -184,8 +186,10 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
     from .results import JobFailed, row, run_job
 
     cases = cases if cases is not None else e2e_cases(quick)
+    one_process = quick  # time and memory from the same process (see the module docstring)
+    procs = 1 if one_process else 2
     rows: list[dict] = []
-    bar = tqdm(total=len(cases) * len(trainers) * 2, desc="e2e", unit="proc", disable=not progress,
+    bar = tqdm(total=len(cases) * len(trainers) * procs, desc="e2e", unit="proc", disable=not progress,
                dynamic_ncols=True)
     try:
         for case in cases:
@@ -197,21 +201,26 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
             for trainer in trainers:
                 cfg = {**case_cfg, "generation": GENERATION[trainer]}
                 job = {"kind": "e2e", "trainer": trainer, "case": cfg, "model_dir": model_dir, "device": device}
-                bar.set_postfix_str(f"{case.size} {trainer} time", refresh=True)
+                bar.set_postfix_str(f"{case.size} {trainer} time" + (" + memory" if one_process else ""),
+                                    refresh=True)
                 try:
                     reason = unavailable_reason(trainer)
                     if reason is not None:
                         raise JobFailed(reason)
-                    timed = run_job(job, timeout=timeout_s)
+                    if one_process:
+                        timed = run_job({**job, "memory": True}, env_extra=MEMORY_ENV, timeout=timeout_s)
+                    else:
+                        timed = run_job(job, timeout=timeout_s)
                 except JobFailed as e:
                     rows.append(row(provider=trainer, metric="skipped", unit="", config={**cfg, "reason": str(e)},
                                     **base))
-                    bar.update(2)
+                    bar.update(procs)
                     continue
                 bar.update(1)
                 step_ms = [1e3 * s for s in timed["step_s"][1:] or timed["step_s"]]  # first gap: warm-up
                 q = quantiles(step_ms)
-                info = {**cfg, "timed_steps": len(step_ms), "train_runtime_s": round(timed["train_runtime_s"], 3)}
+                info = {**cfg, "timed_steps": len(step_ms), "train_runtime_s": round(timed["train_runtime_s"], 3),
+                        **({"env": MEMORY_ENV} if one_process else {})}
                 rows.append(row(provider=trainer, metric="step_time", unit="ms", values=q, config=info, **base))
                 rows.append(row(provider=trainer, metric="steps_per_s", unit="1/s",
                                 values=[1e3 / q[2], 1e3 / q[1], 1e3 / q[0]], config=info, **base))
@@ -220,9 +229,13 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
                 tps = tokens / timed_s
                 rows.append(row(provider=trainer, metric="tokens_per_s", unit="tok/s", values=[tps, tps, tps],
                                 config={**info, "completion_tokens": tokens}, **base))
-                bar.set_postfix_str(f"{case.size} {trainer} memory", refresh=True)
                 try:
-                    mem = run_job({**job, "memory": True}, env_extra=MEMORY_ENV, timeout=timeout_s)
+                    if one_process:
+                        mem = timed
+                    else:
+                        bar.set_postfix_str(f"{case.size} {trainer} memory", refresh=True)
+                        mem = run_job({**job, "memory": True}, env_extra=MEMORY_ENV, timeout=timeout_s)
+                        bar.update(1)
                     m = mem["peak_mib"]
                     rows.append(row(provider=trainer, metric="memory", unit="MiB", values=[m, m, m],
                                     config={**cfg, "env": MEMORY_ENV, "rss_built_mib": mem.get("rss_built_mib"),
@@ -231,7 +244,7 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
                 except JobFailed as e:
                     rows.append(row(provider=trainer, metric="memory_skipped", unit="",
                                     config={**cfg, "reason": str(e)}, **base))
-                bar.update(1)
+                    bar.update(1)
     finally:
         bar.close()
     return rows
