@@ -12,11 +12,17 @@ import torch
 # 2^21 fp32 logits = 8 MiB per tile buffer: at V = 32768 that is 64 rows, a GEMM tall enough to run at full rate
 # on a CPU core, and two such buffers (logits, probabilities) stay well under the 80 MiB working-memory goal.
 TILE_ELEMENTS = 1 << 21
+# Paths that hold one [n, V] buffer (the fp32 single pass, the fp32 gradient sweep without an entropy term) take
+# 2^22 logits = 16 MiB, 128 rows at V = 32768: their dW GEMM's inner dimension is the tile height, and at 64 rows
+# it ran ~10% below torch.mm's rate for [2048, 256] @ [256, 32768], at 128-256 rows within ~3% (measured, one
+# thread). Same 16 MiB as two 8 MiB buffers, so the working memory stays where it was (plus dW, dh: ~50 MiB at
+# H = 256, V = 32768, under the 80 MiB goal).
+ONE_BUFFER_TILE_ELEMENTS = 1 << 22
 MIN_ROWS = 16
 
 
-def rows_per_tile(n_rows: int, vocab: int) -> int:
-    rows = max(MIN_ROWS, (TILE_ELEMENTS // vocab) // MIN_ROWS * MIN_ROWS)
+def rows_per_tile(n_rows: int, vocab: int, elements: int = TILE_ELEMENTS) -> int:
+    rows = max(MIN_ROWS, (elements // vocab) // MIN_ROWS * MIN_ROWS)
     return min(rows, max(n_rows, 1))
 
 

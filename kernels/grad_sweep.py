@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .forward_sweep import logits_tile, rows_per_tile
+from .forward_sweep import ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, rows_per_tile
 
 
 def logit_grad_(log_p: torch.Tensor, p: torch.Tensor, targets, g_logp, g_entropy, entropy) -> torch.Tensor:
@@ -51,17 +51,46 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
                need_hidden_grad, need_weight_grad, need_bias_grad):
     """See kernels/README.md. Returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in fp32 or None."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad)
+    # fp32 without an entropy gradient (GRPO's three-phase path, logprobs whose entropy is only logged): p in one
+    # buffer and no dz pass, as in grpo_single_pass (dh and dW straight from p: lean_tile_grads below).
+    lean = hidden.dtype == torch.float32 and g_entropy is None
+    dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad,
+                                zero_weight=not lean or n_rows == 0)
     g_logp = g_logp.float() / temperature
     g_entropy = None if g_entropy is None else g_entropy.float() / temperature
-    rows = rows_per_tile(n_rows, vocab)
-    z_buf, p_buf = (torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(2))
+    rows = rows_per_tile(n_rows, vocab, ONE_BUFFER_TILE_ELEMENTS if lean else TILE_ELEMENTS)
+    z_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+    p_buf = None if lean else torch.empty_like(z_buf)
     for s in range(0, n_rows, rows):
         e = min(s + rows, n_rows)
         z = logits_tile(hidden[s:e], weight, bias, temperature, z_buf[: e - s])  # [n, V]
         z.sub_(lse[s:e, None])  # log p
+        if lean:
+            p = z.exp_()  # [n, V] in place
+            lean_tile_grads(p, hidden[s:e], weight, targets[s:e], g_logp[s:e], None if dh is None else dh[s:e],
+                            dw, db, first=s == 0)
+            continue
         p = torch.exp(z, out=p_buf[: e - s])
         ent = None if g_entropy is None else entropy[s:e]
         dz = logit_grad_(z, p, targets[s:e], g_logp[s:e], None if ent is None else g_entropy[s:e], ent)
         accumulate_grads(dz, hidden[s:e], weight, None if dh is None else dh[s:e], dw, db)
     return dh, dw, db
+
+
+def lean_tile_grads(p, h, weight, targets, gs, grad_hidden, grad_weight, grad_bias, *, first: bool, q=None):
+    """fp32 row tile, p = softmax(z) [n, V], gs = (dL/dlogp)/τ [n], no entropy term, so dz = gs·(onehot(y) − p):
+        dh  = gs · (W_y − p @ W)                      [n, H]   (the GEMM reads p, no dz is formed)
+        dW += pᵀ (−gs·h) + onehot(y)ᵀ (gs·h)          [V, H]   (a GEMM plus an index_add of n rows)
+        db += pᵀ (−gs) + onehot(y)ᵀ gs                [V]
+    Writes grad_hidden; adds into grad_weight / grad_bias, or overwrites grad_weight when `first` (beta = 0: its
+    unwritten contents are ignored, saving a zero fill of [V, H]). q = p @ W when the caller has it already."""
+    if grad_hidden is not None:
+        q = p @ weight if q is None else q  # [n, V] @ [V, H] -> [n, H]
+        torch.mul(torch.index_select(weight, 0, targets).sub_(q), gs[:, None], out=grad_hidden)
+    if grad_weight is not None:
+        gh = h * gs[:, None]  # [n, H]
+        grad_weight.addmm_(p.T, gh, beta=0.0 if first else 1.0, alpha=-1.0)  # [V, n] @ [n, H] -> [V, H]
+        grad_weight.index_add_(0, targets, gh)  # + gs·h at each row's target
+    if grad_bias is not None:
+        grad_bias.addmv_(p.T, gs, alpha=-1.0)  # [V, n] @ [n] -> [V]
+        grad_bias.index_add_(0, targets, gs)

@@ -6,7 +6,7 @@ computes its logits once and goes straight on to dz, dh and dW: 6·N·H·V matmu
 forward sweep + gradient sweep, and the tile's logits never leave cache between the two. Sequence-level ratios
 and entropy quantiles need the whole batch first; they take the three-phase path in `grpo_loss.py`.
 
-fp32 inputs (the CPU case) take `_fp32_tile_softmax` / `_fp32_tile_grads`: one [n, V] buffer, no elementwise
+fp32 inputs (the CPU case) take `_fp32_tile_softmax` and `grad_sweep.lean_tile_grads`: one [n, V] buffer, no elementwise
 pass over it besides the softmax (see the comment above them). Other dtypes keep the dz route (logits copied to
 fp32, dz formed in fp32 and rounded once to the input dtype for the GEMMs), whose low-precision error is tested
 against PyTorch's own at that dtype; the fp32 route's W_y − q would cancel in bf16.
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .forward_sweep import _TINY, MIN_ROWS, logits_tile, row_entropy_, rows_per_tile, softmax_tile
-from .grad_sweep import accumulate_grads, allocate_grads, logit_grad_
+from .forward_sweep import (_TINY, ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, row_entropy_,
+                            rows_per_tile, softmax_tile)
+from .grad_sweep import accumulate_grads, allocate_grads, lean_tile_grads, logit_grad_
 from .grpo_epilogue import finish_metrics, objective_terms, token_weights
 from .params import GRPOLossParams
 
@@ -57,7 +58,7 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
     dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad,
                                 zero_weight=not fp32 or n_rows == 0)  # fp32: the first tile's GEMM writes dW
     loss, totals, entropy_sum = torch.zeros((), dtype=torch.float32), {}, torch.zeros(())
-    rows = single_pass_rows(n_rows, vocab) if fp32 else rows_per_tile(n_rows, vocab)
+    rows = rows_per_tile(n_rows, vocab, ONE_BUFFER_TILE_ELEMENTS if fp32 else TILE_ELEMENTS)
     bufs = 1 if fp32 else 2
     z_buf, p_buf = [torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(bufs)] + \
         [None] * (2 - bufs)
@@ -80,7 +81,7 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
             continue
         grads = (None if dh is None else dh[sl], dw, db)
         if fp32:
-            _fp32_tile_grads(prob, q, h_t, weight, y_t, g / p.temperature, *grads, first=s == 0)
+            lean_tile_grads(prob, h_t, weight, y_t, g / p.temperature, *grads, first=s == 0, q=q)
         else:
             dz = logit_grad_(None, prob, y_t, g / p.temperature, None, None)
             accumulate_grads(dz, h_t, weight, *grads)
@@ -96,16 +97,7 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
 #   dh    = Σ_j dz_j W_j / τ = g · (W_y − q) / τ        with dz = g · (onehot(y) − p)
 #   dW   += dzᵀ h / τ = pᵀ (−g·h/τ) + onehot(y)ᵀ (g·h/τ)   (a GEMM plus an index_add of n rows)
 # so the tile costs three GEMMs (2·n·H·V flops each) and the three passes of ATen's fused softmax, with no
-# [n, V] elementwise pass for the entropy or for dz. Tile height: 2^22 logits = 16 MiB, 128 rows at V = 32768:
-# the dW GEMM's inner dimension is the tile height, and at 64 rows it ran ~10% below torch.mm's rate on
-# [2048, 256] @ [256, 32768] (measured), at 128-256 rows within ~3%. One 16 MiB buffer keeps the working memory
-# (plus dW, dh) under the 80 MiB goal at H = 256, V = 32768.
-SINGLE_PASS_TILE_ELEMENTS = 1 << 22
-
-
-def single_pass_rows(n_rows: int, vocab: int) -> int:
-    rows = max(MIN_ROWS, (SINGLE_PASS_TILE_ELEMENTS // vocab) // MIN_ROWS * MIN_ROWS)
-    return min(rows, max(n_rows, 1))
+# [n, V] elementwise pass for the entropy or for dz. Tile height: forward_sweep.ONE_BUFFER_TILE_ELEMENTS.
 
 
 def _fp32_tile_softmax(h, weight, targets, bias, temperature: float, buf):
@@ -131,18 +123,3 @@ def _fp32_tile_softmax(h, weight, targets, bias, temperature: float, buf):
     if bias is not None:
         pz += prob @ bias  # [n, V] @ [V] -> [n]
     return prob, q, z_y - lse, lse - pz * inv_t
-
-
-def _fp32_tile_grads(prob, q, h, weight, targets, gs, grad_hidden, grad_weight, grad_bias, *, first: bool) -> None:
-    """gs = (dL/dlogp)/τ [n]: writes grad_hidden [n, H], adds into grad_weight [V, H] (overwrites it on the first
-    tile: beta = 0 ignores its unwritten contents, saving a 32 MiB fill at V = 32768) and grad_bias [V]."""
-    if grad_hidden is not None:
-        # [n, H]: g · (W_y − q) / τ
-        torch.mul(torch.index_select(weight, 0, targets).sub_(q), gs[:, None], out=grad_hidden)
-    if grad_weight is not None:
-        gh = h * gs[:, None]  # [n, H]
-        grad_weight.addmm_(prob.T, gh, beta=0.0 if first else 1.0, alpha=-1.0)  # [V, n] @ [n, H] -> [V, H]
-        grad_weight.index_add_(0, targets, gh)  # + g·h/τ at each row's target
-    if grad_bias is not None:
-        grad_bias.addmv_(prob.T, gs, alpha=-1.0)  # [V, n] @ [n] -> [V]
-        grad_bias.index_add_(0, targets, gs)
