@@ -128,7 +128,11 @@ def test_suites_hold_the_headline_case_and_the_three_vocabularies():
     for quick in (True, False):
         cases = suite_cases(quick)
         assert cases[0] == KernelCase("grpo_loss", "full", B=8, T=256, H=256, V=32768, sweep="headline")
-        assert {c.V for c in cases if c.sweep == "vocab"} == {32768, 65536, 151936}
+    assert {c.V for c in suite_cases(False) if c.sweep == "vocab"} == {32768, 65536, 151936}
+    # --quick keeps the two ends of the vocabulary sweep (a plot and the memory-flat-in-V check need two) and logprobs
+    quick = suite_cases(True)
+    assert {c.V for c in quick if c.sweep == "vocab" and c.operation == "grpo_loss"} == {32768, 151936}
+    assert {c.operation for c in quick} == {"grpo_loss", "logprobs"}
     full = suite_cases(False)
     assert {c.dtype for c in full} == {"float32", "bfloat16"} and {c.mode for c in full} == {
         "forward", "backward", "full"}

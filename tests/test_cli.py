@@ -231,7 +231,8 @@ def test_console_script_help():
 def fastrl_command(*args, timeout=300):
     exe = os.path.join(os.path.dirname(sys.executable), "fastrl")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fastrl.cli"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(TESTS_DIR))
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=os.path.dirname(TESTS_DIR))
 
 
 def test_console_script_lists_every_command():
