@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-memory", action="store_true", help="kernels: time only, no memory processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--match", default=None,
+                        help="kernels: only cases whose id contains one of these comma-separated strings "
+                             "(ids look like grpo_loss-full-fp32-B4-T256-H256-V65536)")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -43,12 +46,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     for suite in suites:
         run_info = run_facts(command, device)
         if suite == "kernels":
+            from .cases import suite_cases
             from .kernels import Settings, run_kernel_suite
 
             settings = Settings.quick(device) if args.quick else Settings(device=device)
             settings.providers = args.providers.split(",") if args.providers else None
             settings.memory = not args.no_memory
-            rows = run_kernel_suite(run_info, settings=settings, quick=args.quick, progress=not args.no_progress)
+            cases = matching_cases(suite_cases(args.quick), args.match)
+            rows = run_kernel_suite(run_info, settings=settings, cases=cases, progress=not args.no_progress)
         else:
             from .e2e import run_e2e_suite
 
@@ -59,6 +64,17 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         print("\n".join(goal_lines(rows_from(path))))
         print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in plots))
     return 0
+
+
+def matching_cases(cases: list, match: str | None) -> list:
+    """The cases whose case_id contains one of the comma-separated strings in `match` (all when None)."""
+    if match is None:
+        return cases
+    wanted = [m for m in match.split(",") if m]
+    kept = [c for c in cases if any(m in c.case_id for m in wanted)]
+    if not kept:
+        raise ValueError(f"--match: no case id contains any of {wanted}; ids look like {cases[0].case_id}")
+    return kept
 
 
 def rows_from(path: str):
