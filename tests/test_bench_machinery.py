@@ -206,8 +206,8 @@ def test_goal_lines_state_the_ratio_and_the_miss():
 def test_cli_writes_csv_plots_and_tables_with_the_command(monkeypatch, tmp_path, capsys):
     from fastrl.bench import cli, kernels
 
-    def fake_suite(run, *, settings, quick, progress):
-        assert quick and settings.quick and settings.providers == ["fastrl-torch"]
+    def fake_suite(run, *, settings, quick, cases, progress):
+        assert quick and cases is None and settings.quick and settings.providers == ["fastrl-torch"]
         rows = []
         for v in (64, 128):
             rows += _rows(KernelCase("grpo_loss", "full", B=2, T=8, H=16, V=v))

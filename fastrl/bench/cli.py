@@ -52,8 +52,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             settings = Settings.quick(device) if args.quick else Settings(device=device)
             settings.providers = args.providers.split(",") if args.providers else None
             settings.memory = not args.no_memory
-            cases = matching_cases(suite_cases(args.quick), args.match)
-            rows = run_kernel_suite(run_info, settings=settings, cases=cases, progress=not args.no_progress)
+            cases = matching_cases(suite_cases(args.quick), args.match) if args.match else None  # None: all
+            rows = run_kernel_suite(run_info, settings=settings, quick=args.quick, cases=cases,
+                                    progress=not args.no_progress)
         else:
             from .e2e import run_e2e_suite
 
