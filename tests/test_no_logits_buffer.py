@@ -1,7 +1,8 @@
 """No tensor anywhere near [N, V] is created by the PyTorch path, forward or backward.
 
 A TorchDispatchMode sees every tensor every aten op returns; the largest must stay under N·V/8 elements at
-N = 2048, V = 32768 (the [N, V] logits would be 67M elements; the bound is 8.4M; a row tile is 2M)."""
+N = 2048, V = 32768 (the [N, V] logits would be 67M elements; the bound is 8.4M; a row tile is 2M, or 8.4M
+for the fp32 paths that hold one tile buffer)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
