@@ -147,11 +147,18 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> tuple[dict, di
 
 
 def resolve_resume(resume_from_checkpoint, output_dir: str) -> str | None:
-    """True -> the latest checkpoint in output_dir (None if there is none); a path -> that path; else None."""
+    """True -> the latest checkpoint in output_dir; a path -> that path; else None.
+
+    True with no complete checkpoint in output_dir is an error, as in transformers' Trainer.train: a run meant to
+    continue must not silently start over (half-written temporaries do not count)."""
     if resume_from_checkpoint in (None, False):
         return None
     if resume_from_checkpoint is True:
-        return latest_checkpoint(output_dir)
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
+            raise ValueError(f"resume_from_checkpoint=True: no valid checkpoint found in output directory "
+                             f"({output_dir})")
+        return latest
     if not os.path.isdir(resume_from_checkpoint):
         raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint!r} does not exist")
     return resume_from_checkpoint

@@ -6,6 +6,7 @@ per-step metrics and the final weights must be identical (exact equality), not m
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,10 +93,26 @@ def test_save_total_limit_keeps_the_newest(model_dir, tmp_path):
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == ["checkpoint-3", "checkpoint-4"]
 
 
-def test_resume_true_without_checkpoint_starts_fresh_and_bad_path_fails(model_dir, tmp_path):
-    assert ckpt.resolve_resume(True, str(tmp_path)) is None
+def test_resume_true_without_checkpoint_fails_as_transformers_does(model_dir, tmp_path):
+    """transformers' Trainer.train(resume_from_checkpoint=True) raises "No valid checkpoint found in output
+    directory"; so does fastrl, before any step, whether True comes from train() or from the config. A half-written
+    temporary is not a checkpoint."""
+    os.makedirs(tmp_path / f"{ckpt.TMP_PREFIX}3-123")
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint=True: no valid checkpoint found in output "
+                                         r"directory \(.*\)"):
+        ckpt.resolve_resume(True, str(tmp_path))
     with pytest.raises(ValueError, match="resume_from_checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "nope"), str(tmp_path))
+    data = Dataset.from_list(tiny.addition_rows(8))
+    for via_config in (False, True):
+        out = tmp_path / f"out-{via_config}"
+        args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_generations=4,
+                          max_completion_length=4, max_steps=1, bf16=False, save_strategy="no", disable_tqdm=True,
+                          report_to="none", resume_from_checkpoint=True if via_config else None)
+        trainer = GRPOTrainer(model_dir, tiny.first_char_reward, args, train_dataset=data)
+        with pytest.raises(ValueError, match=re.escape(f"no valid checkpoint found in output directory ({out})")):
+            trainer.train() if via_config else trainer.train(resume_from_checkpoint=True)
+        assert trainer.state.global_step == 0 and not (out / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------- crash + resume, in subprocesses
