@@ -215,7 +215,9 @@ class GRPOTrainer:
                                                 args.vllm_importance_sampling_clip_max)
             if args.beta != 0.0:
                 batch.ref_logprobs = self._reference_logprobs(batch)  # [B, T]
-        num_items = float(batch.completion_mask.sum())  # global token count (one process)
+        # global token count (one process), at least 1 as TRL clamps it: with mask_truncated_completions every
+        # completion may be masked, and the loss of an empty batch is then 0 with zero gradients, not 0 / 0
+        num_items = max(1.0, float(batch.completion_mask.sum()))
         # dapo/cispo: the generation batch's tokens, rescaled to one accumulation window (TRL's normalizer)
         normalizer = num_items / args.world_size * args.gradient_accumulation_steps / args.steps_per_generation
         metrics = {**self._generation_metrics(rewards_per_func, rewards, rollout, G), **sampling_metrics}

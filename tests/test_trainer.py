@@ -1,5 +1,6 @@
 """GRPOTrainer end to end on a tiny Llama (CPU, fp32): a TRL-shaped script, logging, bad input, invariances."""
 import json
+import math
 import os
 
 import pytest
@@ -252,3 +253,35 @@ def test_dapo_normalizer_is_trls(model_dir, tmp_path, accum, steps_per_generatio
     tokens = sum(int(b.completion_mask.sum()) for b in trainer._buffer)  # the whole generation batch
     assert len(trainer._buffer) == steps_per_generation
     assert trainer._buffer_info["num_items_in_batch"] == tokens * accum / steps_per_generation
+
+
+# ---------------------------------------------------------------- mask_truncated_completions: an all-masked batch
+def odd_first_char(completions, **kwargs):
+    """Rewards that differ within groups of 1-token completions (so the policy-gradient term is not 0 by itself)."""
+    return [float(ord(c[:1] or "a") % 2) for c in completions]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_every_completion_truncated_and_masked_gives_zero_loss_and_no_update(model_dir, tmp_path, loss_type):
+    """max_completion_length=1 (seed 0: no completion ends with eos) and mask_truncated_completions=True: every
+    token is masked. TRL clamps its normalizers at 1, so the loss is 0 with zero gradients and training goes on
+    (fastrl raised on a token count of 0). The unmasked run on the same completions does move the weights."""
+    kw = dict(max_steps=2, max_completion_length=1, loss_type=loss_type, seed=0, learning_rate=1e-2)
+    data = Dataset.from_list(tiny.addition_rows(16))
+    masked = GRPOTrainer(model_dir, odd_first_char, small_args(tmp_path / "m", mask_truncated_completions=True, **kw),
+                         train_dataset=data)
+    before = weights(masked.model)
+    masked.train()
+    steps = masked.state.log_history[:-1]
+    assert [e["step"] for e in steps] == [1, 2]
+    assert all(e["completions/clipped_ratio"] == 1.0 for e in steps)  # the case under test did happen
+    assert any(e["reward_std"] > 0 for e in steps)  # advantages are not all zero
+    for e in steps:
+        assert e["loss"] == 0.0 and e["grad_norm"] == 0.0
+        assert all(v is None or math.isfinite(v) for v in e.values()), e
+    assert all(torch.equal(before[n], p) for n, p in masked.model.named_parameters())
+    if loss_type == "dapo":
+        kept = GRPOTrainer(model_dir, odd_first_char, small_args(tmp_path / "k", **kw), train_dataset=data)
+        kept.train()
+        assert [e["completions/clipped_ratio"] for e in kept.state.log_history[:-1]] == [1.0, 1.0]
+        assert max_change(model_dir, kept.model) > 1e-4
