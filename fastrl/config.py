@@ -195,6 +195,7 @@ class GRPOConfig:
     # ---- completions logging ----
     log_completions: bool = False
     num_completions_to_print: int | None = None
+    log_unique_prompts: bool = False  # the printed table shows each prompt once (TRL: its wandb/trackio table)
     # ---- distributed (explicit; one process for now) ----
     world_size: int = 1
     process_index: int = 0

@@ -3,6 +3,12 @@
 metrics.jsonl has one JSON object per optimizer step (always every step, whatever logging_steps says), each with
 "step" and "reward". The progress bar and tensorboard/wandb get the averages over each logging_steps window, the
 same dicts that go into state.log_history (TRL's behaviour).
+
+With log_completions=True, each logging step also appends the latest generation batch to
+OUTPUT_DIR/completions.jsonl, one JSON object per completion with TRL's completions-table columns (step, prompt,
+completion, one column per reward function, advantage; an unscorable reward is null), and prints it as a rich table
+(num_completions_to_print rows, drawn at random as TRL does; all when None). TRL writes the same table as a parquet
+file per step under OUTPUT_DIR/completions/.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 
 from tqdm.auto import tqdm
 
@@ -22,11 +29,15 @@ def _finite(v):
 
 class MetricsLogger:
     def __init__(self, output_dir: str, report_to: list[str], run_name: str | None, total_steps: int,
-                 initial_step: int, disable_tqdm: bool = False, config: dict | None = None):
+                 initial_step: int, disable_tqdm: bool = False, config: dict | None = None,
+                 log_completions: bool = False):
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = output_dir
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
+        self.completions_path = os.path.join(output_dir, "completions.jsonl")
         _truncate_jsonl(self.jsonl_path, keep_through_step=initial_step)  # a resumed run rewrites later steps
+        if log_completions:
+            _truncate_jsonl(self.completions_path, keep_through_step=initial_step)
         self.progress = tqdm(total=total_steps, initial=initial_step, desc="GRPO", disable=disable_tqdm,
                              dynamic_ncols=True)
         self.backends = self._open_backends(report_to, run_name, config)
@@ -74,11 +85,59 @@ class MetricsLogger:
             else:
                 backend.log({f"train/{k}": v for k, v in numbers.items()}, step=step)
 
+    def completions(self, step: int, records: list[dict], num_to_print: int | None = None,
+                    unique_prompts: bool = False) -> None:
+        """Every logging step (log_completions): the records to completions.jsonl, and a sample of them printed."""
+        with open(self.completions_path, "a") as f:
+            for r in records:
+                row = {"step": step, **{k: _finite(v) for k, v in r.items()}}
+                f.write(json.dumps(row, default=str) + "\n")
+        print_completions(records, step, num_to_print, unique_prompts)
+
     def close(self) -> None:
         self.progress.close()
         for kind, backend in self.backends:
             backend.close() if kind == "tensorboard" else backend.finish()
         plot_curves(self.jsonl_path, os.path.join(self.output_dir, "curves.png"))
+
+
+def print_completions(records: list[dict], step: int, num_to_print: int | None = None,
+                      unique_prompts: bool = False) -> None:
+    """A rich table of prompt, completion, rewards and advantage (TRL's print_prompt_completions_sample); nothing
+    without rich. The sample is drawn with its own generator: training's random state stays untouched."""
+    if not records or (num_to_print is not None and num_to_print <= 0):
+        return
+    if importlib.util.find_spec("rich") is None:
+        return
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    if unique_prompts:  # the first completion of each prompt
+        first = {}
+        for r in records:
+            first.setdefault(str(r["prompt"]), r)
+        records = list(first.values())
+    if num_to_print is not None and num_to_print < len(records):
+        records = [records[i] for i in sorted(random.Random(step).sample(range(len(records)), num_to_print))]
+    value_columns = [k for k in records[0] if k not in ("prompt", "completion")]  # rewards..., advantage
+    table = Table(show_header=True, header_style="bold white", expand=True)
+    table.add_column("Prompt", style="bright_yellow")
+    table.add_column("Completion", style="bright_green")
+    for k in value_columns:
+        table.add_column(k.capitalize() if k == "advantage" else k, style="bold cyan", justify="right")
+    for r in records:
+        table.add_row(_as_text(r["prompt"]), _as_text(r["completion"]),
+                      *("-" if r[k] is None else f"{r[k]:.2f}" for k in value_columns))
+        table.add_section()
+    Console().print(Panel(table, expand=False, title=f"Step {step}", border_style="bold white"))
+
+
+def _as_text(entry) -> str:
+    """A prompt or completion for the table: text as is, chat messages as ROLE lines then content."""
+    if isinstance(entry, list) and all(isinstance(m, dict) for m in entry):
+        return "\n\n".join(f"{m.get('role', '').upper()}\n{m.get('content', '')}" for m in entry)
+    return str(entry)
 
 
 def read_jsonl(path: str) -> list[dict]:

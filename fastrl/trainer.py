@@ -58,11 +58,37 @@ class TrainOutput(NamedTuple):  # transformers' TrainOutput (importing its modul
 
 @dataclass
 class TrainerState:
+    """transformers' TrainerState fields (what callbacks read), plus micro_step. Saved in every checkpoint."""
     global_step: int = 0  # optimizer steps done
     max_steps: int = 0
     micro_step: int = 0  # micro-batches done (drives when to generate)
     epoch: float = 0.0
     log_history: list[dict] = field(default_factory=list)
+    logging_steps: int = 500  # this run's intervals in steps (a ratio of max_steps resolved), set by train()
+    eval_steps: int = 500
+    save_steps: int = 500
+    train_batch_size: int | None = None
+    num_train_epochs: float = 0
+    num_input_tokens_seen: int = 0  # prompt + completion tokens of every micro-batch trained on
+    total_flos: float = 0
+    best_metric: float | None = None  # no evaluation: these stay None
+    best_global_step: int | None = None
+    best_model_checkpoint: str | None = None
+    is_local_process_zero: bool = True  # one process
+    is_world_process_zero: bool = True
+    is_hyper_param_search: bool = False
+    trial_name: str | None = None
+    trial_params: dict | None = None
+
+
+@dataclass
+class TrainerControl:
+    """transformers' TrainerControl: callbacks set these to steer the loop (importing its module costs ~10 s)."""
+    should_training_stop: bool = False  # stop after this step
+    should_epoch_stop: bool = False
+    should_save: bool = False  # checkpoint after this step (whatever save_strategy says)
+    should_evaluate: bool = False
+    should_log: bool = False  # close the logging window after this step
 
 
 class GRPOTrainer:
@@ -95,13 +121,16 @@ class GRPOTrainer:
         self.sampler = PromptSampler(len(train_dataset), args.prompts_per_generation,
                                      args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset)
         self.state = TrainerState()
-        self.callbacks = list(callbacks or [])
+        self.control = TrainerControl()
+        self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks or []]  # transformers' rule
+        self.optimizer = self.lr_scheduler = None
         self._loss_fn = fused_linear_grpo_loss  # injectable: tests swap in the float64 reference
         self._logprob_fn = fused_linear_logprobs
         self._buffer: list[RolloutBatch] | None = None  # the current generation batch, split into micro-batches
-        self._buffer_info: dict = {}  # its dapo normalizer and generation metrics
+        self._buffer_info: dict = {}  # its dapo normalizer, generation metrics and log_completions rows
         self._window: list[dict] = []  # per-step metrics since the last log_history entry
         self._extra_metrics: dict[str, list[float]] = defaultdict(list)  # from reward functions' log_metric
+        self._callback("on_init_end")
 
     # ------------------------------------------------------------------ training loop
     def train(self, resume_from_checkpoint=None) -> TrainOutput:
@@ -115,10 +144,16 @@ class GRPOTrainer:
                                 else args.resume_from_checkpoint, args.output_dir)
         if resume:
             self._load_checkpoint(resume)
+        self._set_run_settings()
         logger = MetricsLogger(args.output_dir, args.report_to, args.run_name, self.state.max_steps,
-                               self.state.global_step, disable_tqdm=bool(args.disable_tqdm), config=args.to_dict())
+                               self.state.global_step, disable_tqdm=bool(args.disable_tqdm), config=args.to_dict(),
+                               log_completions=args.log_completions)
         started, first_step, losses = time.time(), self.state.global_step, []
+        self.control.should_training_stop = False
+        self._callback("on_train_begin")
         while self.state.global_step < self.state.max_steps:
+            self.control.should_log = self.control.should_save = self.control.should_evaluate = False
+            self._callback("on_step_begin")
             metrics = self._training_step()
             self.state.global_step += 1
             if sync_due(args, self.state.global_step) and self.ref_model is not None:  # TR-DPO resets
@@ -126,14 +161,21 @@ class GRPOTrainer:
                     maybe_sync_reference(args, self.state.global_step, self.model, self.ref_model)
             self.state.epoch = self.sampler.epoch + self.sampler.position / max(1, self.sampler.size)
             losses.append(metrics["loss"])
+            self._callback("on_step_end")  # a callback may ask to log, save or stop after this step
             self._log_step(metrics, logger)
-            if self._should_save():
+            if self._should_save() or self.control.should_save:
                 self._save_checkpoint()
+                self.control.should_save = False
+                self._callback("on_save")
+            if self.control.should_training_stop:
+                break
         runtime = time.time() - started  # the training loop; drawing curves.png below is not training
         logger.close()
         summary = {"train_runtime": runtime, "train_steps_per_second": (self.state.global_step - first_step)
                    / max(runtime, 1e-9), "train_loss": sum(losses) / max(1, len(losses))}
-        self.state.log_history.append({"step": self.state.global_step, "epoch": self.state.epoch, **summary})
+        entry = {"step": self.state.global_step, "epoch": self.state.epoch, **summary}
+        self.state.log_history.append(entry)
+        self._callback("on_log", logs=entry)
         self._callback("on_train_end")
         return TrainOutput(self.state.global_step, summary["train_loss"], summary)
 
@@ -150,6 +192,7 @@ class GRPOTrainer:
             tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
             for k, v in {**loss_metrics, **self._buffer_info["metrics"]}.items():
                 per_batch[k].append(float(v))
+        self.state.num_input_tokens_seen += tokens
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
         learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
@@ -203,6 +246,7 @@ class GRPOTrainer:
         prompt_ids, rollout, rewards_per_func, rewards = (scored.prompt_ids, scored.rollout, scored.rewards_per_func,
                                                            scored.rewards)
         advantages = group_advantages(rewards.to(self.device), G, scale_rewards=args.scale_rewards)  # [B]
+        records = self._records(scored, advantages) if args.log_completions else []  # for completions.jsonl
 
         batch = self._to_tensors([ids for ids in prompt_ids for _ in range(G)], rollout, advantages)
         with torch.no_grad():
@@ -225,7 +269,7 @@ class GRPOTrainer:
             # a push that did not land (stale generator weights) shows up here at once
             metrics["rollout/logprob_abs_diff"] = logprob_abs_diff(
                 self._padded(rollout.logprobs, batch), batch.old_logprobs, batch.completion_attention)
-        return batch, {"num_items_in_batch": normalizer, "metrics": metrics}
+        return batch, {"num_items_in_batch": normalizer, "metrics": metrics, "completions": records}
 
     def _sample_and_score(self) -> ScoredGroups:
         """P prompts from the sampler -> G completions each -> rewards (weighted nansum; None = NaN, excluded)."""
@@ -249,6 +293,17 @@ class GRPOTrainer:
                                  completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
         rewards = combine(rewards_per_func, self.reward_weights)  # [B], NaN = unscorable
         return ScoredGroups(rows, prompt_ids, rollout, rewards_per_func, rewards)
+
+    def _records(self, scored: ScoredGroups, advantages: torch.Tensor) -> list[dict]:
+        """One row per completion of TRL's completions table: prompt, completion (as the reward functions saw
+        them), one column per reward function, advantage."""
+        G = self.args.num_generations
+        prompts = [r["prompt"] for r in scored.rows for _ in range(G)]
+        texts = self.tokenizer.batch_decode(scored.rollout.completion_ids, skip_special_tokens=True)
+        rewards, advantages = scored.rewards_per_func.tolist(), advantages.tolist()  # [B, F], [B]
+        return [{"prompt": p, "completion": c, **dict(zip(self.reward_func_names, rewards[i])),
+                 "advantage": advantages[i]}
+                for i, (p, c) in enumerate(zip(prompts, completions_for_rewards(prompts, texts)))]
 
     def _to_tensors(self, prompt_ids: list[list[int]], rollout, advantages: torch.Tensor) -> RolloutBatch:
         pad = self.tokenizer.pad_token_id
@@ -357,13 +412,19 @@ class GRPOTrainer:
         logger.step(step, metrics)
         self._window.append(metrics)
         every = self._every(self.args.logging_steps)
-        if step % every == 0 or step == self.state.max_steps or (step == 1 and self.args.logging_first_step):
+        last = step == self.state.max_steps or self.control.should_training_stop
+        if step % every == 0 or last or self.control.should_log or (step == 1 and self.args.logging_first_step):
             keys = dict.fromkeys(k for m in self._window for k in m)
             averaged = {k: _nanmean([m[k] for m in self._window if k in m]) for k in keys}
             entry = {**averaged, "step": step, "epoch": self.state.epoch}
             self.state.log_history.append(entry)
             logger.window(step, averaged)
+            if self.args.log_completions:  # the generation batch this step trained on (TRL logs the latest)
+                a = self.args
+                logger.completions(step, self._buffer_info.get("completions", []), a.num_completions_to_print,
+                                   a.log_unique_prompts)
             self._window = []
+            self.control.should_log = False
             self._callback("on_log", logs=entry)
 
     def _should_save(self) -> bool:
@@ -451,11 +512,40 @@ class GRPOTrainer:
             eos_ids.append(tok.eos_token_id)
         return TransformersGenerator(self.model, tok.pad_token_id, eos_ids, a.cache_implementation)
 
+    def _set_run_settings(self) -> None:
+        """The state fields that describe this run's settings (after a resume too: a resumed run may change them)."""
+        a, s = self.args, self.state
+        s.logging_steps, s.save_steps = self._every(a.logging_steps), self._every(a.save_steps)
+        s.eval_steps = s.logging_steps  # transformers' default when eval_steps is unset; no evaluation here
+        s.train_batch_size, s.num_train_epochs = a.per_device_train_batch_size, a.num_train_epochs
+
+    # ------------------------------------------------------------------ callbacks (transformers' TrainerCallback)
     def _callback(self, event: str, **kwargs) -> None:
+        """transformers' CallbackHandler.call_event: each callback gets (args, state, control, model, ...); one
+        that returns a control replaces it. Methods a duck-typed callback lacks are skipped."""
         for cb in self.callbacks:
             fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(self.args, self.state, None, **kwargs)
+            if fn is None:
+                continue
+            result = fn(self.args, self.state, self.control, model=self.model, processing_class=self.processing_class,
+                        optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, train_dataloader=None,
+                        eval_dataloader=None, **kwargs)
+            if result is not None:
+                self.control = result
+
+    def add_callback(self, callback) -> None:
+        self.callbacks.append(callback() if isinstance(callback, type) else callback)
+
+    def pop_callback(self, callback):
+        """Remove and return the first callback that is `callback` (or an instance of it, given a class)."""
+        for cb in self.callbacks:
+            if cb is callback or (isinstance(callback, type) and isinstance(cb, callback)):
+                self.callbacks.remove(cb)
+                return cb
+        return None
+
+    def remove_callback(self, callback) -> None:
+        self.pop_callback(callback)
 
 
 def _nanmean(values: list[float]) -> float | None:

@@ -1,0 +1,79 @@
+"""log_completions=True: OUTPUT_DIR/completions.jsonl holds, per logging step, the generation batch the step
+trained on (TRL's completions table: step, prompt, completion, one column per reward function, advantage), and a
+rich table is printed with num_completions_to_print rows."""
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+import helpers_tiny as tiny
+from fastrl import GRPOConfig, GRPOTrainer
+from fastrl.logging_utils import print_completions
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_completions_jsonl_is_the_rollout_each_logging_step(model_dir, tmp_path, capsys):
+    calls = []  # what the reward function saw and returned, one entry per generation batch
+
+    def answer(prompts, completions, answer, **kwargs):
+        rewards = tiny.first_char_reward(completions, answer)
+        calls.append((list(prompts), list(completions), rewards))
+        return rewards
+
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, max_steps=2, logging_steps=1, learning_rate=1e-3, bf16=False,
+                      save_strategy="no", disable_tqdm=True, report_to="none", log_completions=True,
+                      num_completions_to_print=3)
+    trainer = GRPOTrainer(model_dir, [answer, tiny.short_reward], args,
+                          train_dataset=Dataset.from_list(tiny.addition_rows(16)))
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
+    assert len(calls) == 2 and len(rows) == 16
+    for step, (prompts, completions, rewards) in enumerate(calls, start=1):
+        got = [r for r in rows if r["step"] == step]
+        assert set(got[0]) == {"step", "prompt", "completion", "answer", "short_reward", "advantage"}
+        assert [r["prompt"] for r in got] == prompts and [r["completion"] for r in got] == completions
+        assert [r["answer"] for r in got] == rewards
+        short = tiny.short_reward(completions)
+        assert [r["short_reward"] for r in got] == pytest.approx(short)
+        # TRL's group advantages, by hand: (r − group mean) / (group std + 1e-4), r the sum of both rewards
+        for g in range(2):
+            total = [a + b for a, b in zip(rewards[4 * g:4 * g + 4], short[4 * g:4 * g + 4])]
+            mean = sum(total) / 4
+            std = math.sqrt(sum((x - mean) ** 2 for x in total) / 3)
+            expected = [(x - mean) / (std + 1e-4) for x in total]
+            assert [r["advantage"] for r in got[4 * g:4 * g + 4]] == pytest.approx(expected, abs=1e-5)
+    # step 2's rows are the batch the trainer holds (shuffled into micro-batches)
+    held = torch.cat([b.advantages for b in trainer._buffer]).sort().values
+    logged = torch.tensor(sorted(r["advantage"] for r in rows if r["step"] == 2))
+    torch.testing.assert_close(held.cpu(), logged, rtol=0, atol=1e-6)
+    out = capsys.readouterr().out
+    assert "Step 1" in out and "Step 2" in out and "Advantage" in out and "short_reward" in out
+
+
+def test_printed_table_has_num_completions_to_print_rows(capsys):
+    records = [{"prompt": f"prompt-{i}", "completion": [{"role": "assistant", "content": f"reply-{i}"}],
+                "r": float(i), "advantage": None if i == 0 else 0.5} for i in range(10)]
+    print_completions(records, step=7, num_to_print=3)
+    out = capsys.readouterr().out
+    assert "Step 7" in out and out.count("prompt-") == 3 and out.count("ASSISTANT") == 3
+    print_completions(records, step=7, num_to_print=None)  # None: all, as TRL
+    assert capsys.readouterr().out.count("prompt-") == 10
+    print_completions(records, step=7, num_to_print=0)
+    assert capsys.readouterr().out == ""
+    print_completions([{**r, "prompt": "same"} for r in records], step=7, unique_prompts=True)
+    assert capsys.readouterr().out.count("ASSISTANT") == 1
