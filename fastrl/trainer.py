@@ -13,6 +13,8 @@ One optimizer step, read top to bottom in `_training_step`:
       final hidden states of the policy -> fused_linear_grpo_loss -> backward
   clip gradients -> AdamW step -> scheduler step (-> reference model mixed towards the policy, sync_ref_model)
 then log, and checkpoint every save_steps.
+Callbacks (transformers' TrainerCallback) hear on_step_begin before the step and on_step_end after it, before the
+log and the checkpoint; through TrainerControl they can ask to log, save, or stop after the step.
 
 Batch sizes are TRL's: per_device_train_batch_size counts completions; a generation batch holds
 generation_batch_size = per_device_train_batch_size × world_size × steps_per_generation completions.

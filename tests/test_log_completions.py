@@ -77,3 +77,23 @@ def test_printed_table_has_num_completions_to_print_rows(capsys):
     assert capsys.readouterr().out == ""
     print_completions([{**r, "prompt": "same"} for r in records], step=7, unique_prompts=True)
     assert capsys.readouterr().out.count("ASSISTANT") == 1
+
+
+def test_a_resumed_run_writes_the_same_completions(model_dir, tmp_path):
+    """The rows travel with the checkpoint's rollout buffer, and rows after the checkpoint's step are dropped on
+    resume (as metrics.jsonl's): 2 steps straight == 1 step + resume for the second (num_iterations=2, so step 2
+    logs the batch generated before the checkpoint)."""
+    def run(out, **kw):
+        args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_generations=4,
+                          max_completion_length=4, max_steps=2, logging_steps=1, learning_rate=1e-3, bf16=False,
+                          save_strategy="steps", save_steps=1, disable_tqdm=True, report_to="none",
+                          log_completions=True, num_completions_to_print=0, num_iterations=2)
+        trainer = GRPOTrainer(model_dir, tiny.first_char_reward, args,
+                              train_dataset=Dataset.from_list(tiny.addition_rows(16)))
+        trainer.train(**kw)
+        return [json.loads(line) for line in open(out / "completions.jsonl")]
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "a", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    assert [r["step"] for r in straight] == [1] * 8 + [2] * 8
+    assert resumed == straight
