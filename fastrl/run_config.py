@@ -104,8 +104,9 @@ def parse_overrides(tokens: list[str]) -> dict:
             value, i = tokens[i + 1], i + 1
         key = key.replace("-", "_")
         parsed = _yaml(value)
-        if _is_text(key, types) and not (parsed is None and "None" in types.get(key, {"None"})):
-            parsed = value
+        if _is_text(key, types) and not isinstance(parsed, str) \
+                and not (parsed is None and "None" in types.get(key, {"None"})):
+            parsed = value  # no -> "no", 2024 -> "2024"; a quoted '"no"' is YAML's string "no"
         out[key] = _settle(parsed, _is_text(key, types))
         i += 1
     return out

@@ -68,6 +68,8 @@ def test_string_fields_keep_yes_no_words(tmp_path):
     assert got == {"save_strategy": "no", "run_name": "2024", "hub_model_id": "on", "use_vllm": False,
                    "bf16": True, "resume_from_checkpoint": False, "output_dir": None, "task_args": {"flag": False}}
     assert all(type(v) is str for v in (got["save_strategy"], got["run_name"], got["hub_model_id"]))
+    assert parse_overrides(["--save_strategy", '"no"', "--run_name", "'2024'"]) == \
+        {"save_strategy": "no", "run_name": "2024"}  # YAML quotes around a word are quotes, not part of it
     path = tmp_path / "c.yaml"
     path.write_text("model: tiny\ntask: copy\nsave_strategy: no\nlog_level: off\nbf16: no\nuse_vllm: Off\n"
                     "run_name: 7\ntiny_model: {tie_word_embeddings: no}\n")

@@ -19,7 +19,7 @@ CONFIG = os.path.join(ROOT, "examples", "math_reasoning.yaml")
 DATA = os.path.join(ROOT, "examples", "data", "math_word_problems.jsonl")
 FAST = ["--max_steps", "2", "--max_completion_length", "8", "--bf16", "false", "--per_device_train_batch_size", "8",
         "--num_generations", "4", "--gradient_accumulation_steps", "1", "--dynamic_sampling_max_attempts", "2",
-        "--gradient_checkpointing", "false", "--save_strategy", "\"no\"", "--disable_tqdm", "true",
+        "--gradient_checkpointing", "false", "--save_strategy", "no", "--disable_tqdm", "true",
         "--mask_truncated_completions", "false"]  # 8 tokens cut every tiny-model answer: all would be masked
 
 
