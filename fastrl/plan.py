@@ -293,16 +293,11 @@ def load_plan_inputs(path: str) -> tuple[dict, dict]:
 
 
 def load_run_config_for_plan(path: str) -> dict:
-    import yaml
-
+    """The YAML as `fastrl train` reads it (yes/no words, seed defaults), checked for what plan needs."""
     from fastrl.plan_shapes import check_run_keys
+    from fastrl.run_config import load_run_config
 
-    if not os.path.isfile(path):
-        raise ValueError(f"config: file {path!r} does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"config: {path!r} must hold a mapping of keys to values, got {type(raw).__name__}")
+    raw = load_run_config(path)
     check_run_keys(raw)
     return raw
 
