@@ -29,15 +29,19 @@ def rows_per_tile(n_rows: int, vocab: int, elements: int = TILE_ELEMENTS) -> int
 
 def logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias, temperature: float, out: torch.Tensor):
     """[n, H] @ [H, V] (+ b) / τ -> out [n, V] float32. The GEMM runs in the input dtype, writing straight into a
-    reused buffer when the dtype is fp32 (a fresh 8 MiB tensor per tile costs page faults on every tile)."""
-    if hidden.dtype == torch.float32 and bias is None:
+    reused buffer when the dtype is fp32 (a fresh 8 MiB tensor per tile costs page faults on every tile), with 1/τ
+    as the GEMM's alpha/beta (no extra pass over the tile)."""
+    inv_t = 1.0 / temperature
+    if hidden.dtype == torch.float32 and bias is None and temperature == 1.0:
         torch.mm(hidden, weight.T, out=out)
+    elif hidden.dtype == torch.float32 and bias is None:  # 1/τ as the GEMM's alpha, not a pass over the tile
+        torch.addmm(out, hidden, weight.T, beta=0.0, alpha=inv_t, out=out)
     elif hidden.dtype == torch.float32:
-        torch.addmm(bias, hidden, weight.T, out=out)
+        torch.addmm(bias, hidden, weight.T, beta=inv_t, alpha=inv_t, out=out)
     else:
         out.copy_(hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T))
-    if temperature != 1.0:
-        out.div_(temperature)
+        if temperature != 1.0:
+            out.div_(temperature)
     return out
 
 

@@ -103,12 +103,7 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
 def _fp32_tile_softmax(h, weight, targets, bias, temperature: float, buf):
     """h [n, H] fp32 -> (p [n, V] in buf, q = p @ W [n, H], logp [n], entropy [n])."""
     inv_t = 1.0 / temperature
-    # [n, H] @ [H, V] -> [n, V], the 1/τ folded into the GEMM (alpha) rather than a pass over the tile
-    if bias is None:
-        z = torch.mm(h, weight.T, out=buf) if temperature == 1.0 else \
-            torch.addmm(buf, h, weight.T, beta=0.0, alpha=inv_t, out=buf)
-    else:
-        z = torch.addmm(bias, h, weight.T, beta=inv_t, alpha=inv_t, out=buf)
+    z = logits_tile(h, weight, bias, temperature, buf)  # [n, H] @ [H, V] -> [n, V], 1/τ inside the GEMM
     idx = targets[:, None].long()
     z_y = z.gather(1, idx).squeeze(1)  # [n]
     prob = torch.ops.aten._softmax.out(z, 1, False, out=z)  # in place, row by row: z is spent, buf holds p
