@@ -23,13 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fastrl.kernels.forward_sweep import ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, rows_per_tile
 from fastrl.plan_shapes import ModelShape, RunShape
 
 FP32 = 4
 BF16 = 2
-# The fused loss's row tile: 2^21 fp32 logits (kernels/forward_sweep.py TILE_ELEMENTS), two buffers (z, p).
-TILE_ELEMENTS = 1 << 21
-MIN_TILE_ROWS = 16
 # A CUDA context and the caching allocator's slack hold memory outside any tensor. A typical figure, not
 # measured here (these machines have no GPU): shown as its own line so a reader can discount it.
 CUDA_CONTEXT_BYTES = 512 << 20
@@ -102,26 +100,26 @@ def layer_backward_transient(model: ModelShape, run: RunShape, tokens: int) -> i
     return tokens * 2 * model.intermediate * a
 
 
-def tile_rows(vocab: int, n_rows: int) -> int:
-    """Rows per loss tile, as kernels/forward_sweep.rows_per_tile picks them."""
-    rows = max(MIN_TILE_ROWS, (TILE_ELEMENTS // vocab) // MIN_TILE_ROWS * MIN_TILE_ROWS)
-    return min(rows, max(n_rows, 1))
+def tile_rows(vocab: int, n_rows: int, elements: int = TILE_ELEMENTS) -> int:
+    """Rows per loss tile, as the kernels pick them (two-buffer tiles by default)."""
+    return rows_per_tile(n_rows, vocab, elements)
 
 
 def fused_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, dict[str, int]]:
     """The fused loss's working set at its two high points (grpo_single_pass + FusedLinearGRPOLoss):
 
-    forward:  the rows copy [N, H], dh [N, H] fp32, dW [V, H] fp32 (if the head trains) and the two tile
-              buffers 2 · rows · V fp32 (bounded: 2^21 logits each)
-    backward: dh and dW stored by forward plus their copies scaled by the incoming gradient (× 2 each), and
-              with 16-bit weights those copies cast back to 16 bits
+    forward:  the rows copy [N, H], dh [N, H] fp32, dW [V, H] fp32 (if the head trains) and the tiles: with fp32
+              inputs one buffer of rows · V fp32 (2^23 logits at most), with 16-bit inputs two of 2^21
+    backward: the gradients stored by forward are scaled in place (nothing new), but with 16-bit weights they are
+              cast back to 16 bits
     """
     v, h = model.vocab, model.hidden
     head = v * h if run.lora is None else 0
     a = BF16 if (_autocast(model, run) or model.weight_bytes == BF16) else FP32
+    tiles = (tile_rows(v, n_rows, ONE_BUFFER_TILE_ELEMENTS) if a == FP32 else 2 * tile_rows(v, n_rows)) * v * FP32
     forward = {"loss: rows [N,H] + dh [N,H] fp32": n_rows * h * (a + FP32), "loss: dW [V,H] fp32": head * FP32,
-               "loss: tiles 2×[rows,V] fp32": 2 * tile_rows(v, n_rows) * v * FP32}
-    backward = {"loss: dh [N,H] fp32 ×2": 2 * n_rows * h * FP32, "loss: dW [V,H] fp32 ×2": 2 * head * FP32}
+               "loss: logit tiles fp32": tiles}
+    backward = {"loss: dh [N,H] fp32": n_rows * h * FP32, "loss: dW [V,H] fp32": head * FP32}
     if model.weight_bytes == BF16:  # backward casts the scaled gradients to the 16-bit inputs' dtype
         backward["loss: 16-bit grad copies"] = (n_rows * h + head) * BF16
     return {"forward": forward, "backward": backward}

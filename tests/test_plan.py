@@ -78,11 +78,12 @@ def test_checkpointing_lowers_activations():
 
 
 def test_activation_offload_moves_the_checkpointed_inputs_to_host_on_cuda_only():
-    on = {**RUN, "gradient_checkpointing": True}
+    # long completions, so that the peak sits where layer inputs are saved (not at the embedding's gradient)
+    on = {**RUN, "max_completion_length": 4096, "gradient_checkpointing": True}
     kept = predict(QWEN_05B, on, "cuda", 80 * GiB)
     offloaded = predict(QWEN_05B, {**on, "gradient_checkpointing_offload": True}, "cuda", 80 * GiB)
     moved = offloaded.phase("policy forward+backward").host["checkpointed activations (offloaded)"]
-    assert moved == 24 * 896 * 2 * 8 * (256 + 1024)  # layers × H × bf16 × micro-batch × (P + T)
+    assert moved == 24 * 896 * 2 * 8 * (256 + 4096)  # layers × H × bf16 × micro-batch × (P + T)
     # lower, though by less than `moved`: past the loss, the peak is where most layer inputs are freed already
     assert _policy_activations(offloaded) < _policy_activations(kept) and offloaded.peak <= kept.peak
     cpu = predict(QWEN_05B, {**on, "gradient_checkpointing_offload": True})  # host memory is where it already is
