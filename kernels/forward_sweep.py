@@ -45,47 +45,48 @@ def logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias, temperature: f
     return out
 
 
-# Below this probability the target cannot give the row's log-sum-exp accurately (fp32 underflows near 1e-38).
+# Below this probability the target's own probability cannot give its logprob accurately (fp32 underflows near
+# 1e-38); grpo_single_pass recomputes those rows.
 _TINY = 1e-30
 
 
 def softmax_tile(z: torch.Tensor, targets: torch.Tensor, p_out: torch.Tensor):
-    """z [n, V] fp32 (kept) -> p_out = softmax(z); returns lse [n] and the targets' logprobs [n].
+    """z [n, V] fp32 (kept) -> p_out = softmax(z); returns the row max m [n], s = log Σ exp(z − m) [n] and the
+    targets' logprobs (z_y − m) − s [n] (the split log-sum-exp of the README's contract).
 
     ATen's fused softmax (one max pass, one exp-and-sum pass, one scaling pass) is ~3× faster on a CPU than the
-    same steps as separate tensor ops. lse is recovered from the target's probability, lse = z_y − log p_y, and
-    recomputed directly for the rare rows whose p_y is too small for that.
+    same steps as separate tensor ops. It does not return its max and sum, so a read-only max pass over z finds m,
+    and s = −log max_j p_j: the leading column's probability is exp(0)/Σ = 1/Σ (one rounding), so s keeps fp32
+    precision of s itself (small on peaked rows, where a single lse ≈ 70 would carry ulp(70) ≈ 7.6e-6).
     """
+    m = z.amax(dim=1)  # [n]
     torch.ops.aten._softmax.out(z, 1, False, out=p_out)
-    idx = targets[:, None].long()
-    z_y, p_y = z.gather(1, idx).squeeze(1), p_out.gather(1, idx).squeeze(1)
-    lse = z_y - torch.log(p_y)
-    tiny = p_y < _TINY
-    if tiny.any():
-        lse[tiny] = torch.logsumexp(z[tiny], dim=1)
-    return lse, z_y - lse
+    s = p_out.amax(dim=1).log_().neg_()  # [n]
+    z_y = z.gather(1, targets[:, None].long()).squeeze(1)
+    return m, s, (z_y - m) - s
 
 
-def row_entropy_(z: torch.Tensor, lse: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """−Σ_j p_j log p_j per row, overwriting z with p·log p (no [n, V] temporary). Summing p·(z − lse) rather
-    than forming lse − Σ p·z avoids cancellation, and torch.sum's cascaded summation keeps fp32 error at
-    PyTorch's own level (a batched dot product here was ~10× less accurate at V = 40k)."""
-    return z.sub_(lse[:, None]).mul_(p).sum(dim=1).neg_()
+def row_entropy_(z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """−Σ_j p_j log p_j = s − Σ_j p_j (z_j − m) per row, overwriting z with p·(z − m) (no [n, V] temporary).
+    Both terms are ≥ 0 (no cancellation, unlike lse − Σ p·z), and torch.sum's cascaded summation keeps fp32
+    error at PyTorch's own level (a batched dot product here was ~10× less accurate at V = 40k)."""
+    return s - z.sub_(m[:, None]).mul_(p).sum(dim=1)
 
 
 def forward_sweep(hidden, weight, targets, bias, temperature: float, with_entropy: bool):
-    """hidden [N, H], weight [V, H], targets [N] -> lse [N], logp [N], entropy [N] | None (all fp32)."""
+    """hidden [N, H], weight [V, H], targets [N] -> lse [2, N] (row max m, log Σ exp(z − m)), logp [N],
+    entropy [N] | None (all fp32). See kernels/README.md."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-    logp = torch.empty_like(lse)
-    entropy = torch.empty_like(lse) if with_entropy else None
+    lse = torch.empty(2, n_rows, dtype=torch.float32, device=hidden.device)
+    logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty_like(logp) if with_entropy else None
     rows = rows_per_tile(n_rows, vocab)
     z_buf, p_buf = (torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(2))
     for s in range(0, n_rows, rows):
         e = min(s + rows, n_rows)
         z = logits_tile(hidden[s:e], weight, bias, temperature, z_buf[: e - s])  # [n, V]
         p = p_buf[: e - s]
-        lse[s:e], logp[s:e] = softmax_tile(z, targets[s:e], p)
+        lse[0, s:e], lse[1, s:e], logp[s:e] = softmax_tile(z, targets[s:e], p)
         if with_entropy:
-            entropy[s:e] = row_entropy_(z, lse[s:e], p)
+            entropy[s:e] = row_entropy_(z, lse[0, s:e], lse[1, s:e], p)
     return lse, logp, entropy

@@ -1,4 +1,5 @@
-"""Phase 1 in Triton: one sweep over the vocabulary giving lse, the target logprob and (optionally) the entropy.
+"""Phase 1 in Triton: one sweep over the vocabulary giving the split lse (row max m, log Σ exp(z − m)), the target
+logprob and (optionally) the entropy.
 
 Each program owns BLOCK_N rows of `hidden`. It walks the vocabulary in tiles of BLOCK_V; for each tile it forms
 z = (h Wᵀ + b) / τ as a [BLOCK_N, BLOCK_V] fp32 tile by looping over H in chunks of BLOCK_H (`tl.dot`, tensor
@@ -117,8 +118,10 @@ def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, str
         b_sum = b_sum * b_scale + tl.sum(b_e, axis=1)
         b_target += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
         b_max = b_new
-    b_lse = b_max + tl.log(b_sum)
-    tl.store(p_lse + o_n, b_lse, mask=m_n)
+    # lse as two fp32 numbers (README's contract): m at p_lse[0, n], s = log Σ exp(z − m) at p_lse[1, n]. One lse
+    # ≈ 70 on a peaked row would round at ulp(70) ≈ 7.6e-6, and the gradient's 1 − p_y would carry it
+    tl.store(p_lse + o_n, b_max, mask=m_n)
+    tl.store(p_lse + N + o_n, tl.log(b_sum), mask=m_n)
     # (z_y − max) − log Σe, not z_y − lse: z_y and max are both large when the row is peaked, and their
     # difference is exact only before log Σe is added (the same order PyTorch's log_softmax uses)
     tl.store(p_logp + o_n, (b_target - b_max) - tl.log(b_sum), mask=m_n)
@@ -128,13 +131,14 @@ def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, str
 
 
 def forward_sweep(hidden, weight, targets, bias, temperature, with_entropy):
-    """lse [N], logp [N] (and entropy [N] or None), all fp32, from hidden [N, H], weight [V, H], targets [N]."""
+    """lse [2, N] (row max m, s = log Σ exp(z − m)), logp [N] (and entropy [N] or None), all fp32, from
+    hidden [N, H], weight [V, H], targets [N]."""
     hidden, weight = hidden.contiguous(), weight.contiguous()
     n, h = hidden.shape
     v = weight.shape[0]
     dot_fp32, precision = dot_settings(hidden.dtype)
     cfg = forward_config(hidden.dtype, precision)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
     if n == 0:
@@ -142,7 +146,7 @@ def forward_sweep(hidden, weight, targets, bias, temperature, with_entropy):
     grid = (triton.cdiv(n, cfg.block_n),)
     _forward_sweep_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse, logp,
-        entropy if with_entropy else lse, n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        entropy if with_entropy else logp, n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -11,11 +11,23 @@ import torch
 from .forward_sweep import ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, rows_per_tile
 
 
-def logit_grad_(log_p: torch.Tensor, p: torch.Tensor, targets, g_logp, g_entropy, entropy) -> torch.Tensor:
-    """In place on p: returns dL/dz [n, V] (log_p is clobbered when the entropy term is present)."""
+def logit_grad_(log_p: torch.Tensor, p: torch.Tensor, targets, g_logp, g_entropy, entropy,
+                log_sum=None) -> torch.Tensor:
+    """In place on p: returns dL/dz [n, V] (log_p is clobbered when the entropy term is present).
+
+    log_sum None: p = softmax(z), log_p = log p. log_sum s [n] given: p holds e = exp(z − m) and log_p
+    holds z − m (m the row max, s = log Σ exp(z − m)); the true p = e·exp(−s) and log p = (z − m) − s, with
+    exp(−s) folded into the per-row coefficients (no pass over [n, V] to normalize)."""
+    if log_sum is not None:
+        r = torch.exp(-log_sum)  # [n]
+        g_p = g_logp * r
+        g_entropy = None if g_entropy is None else g_entropy * r
+        entropy = None if entropy is None else entropy - log_sum
+    else:
+        g_p = g_logp
     if g_entropy is not None:
         log_p.add_(entropy[:, None]).mul_(p).mul_(-g_entropy[:, None])  # −g_H · p · (log p + H)
-    p.mul_(-g_logp[:, None])
+    p.mul_(-g_p[:, None])
     if g_entropy is not None:
         p.add_(log_p)
     p.scatter_add_(1, targets[:, None].long(), g_logp[:, None])  # + g at the target
@@ -49,7 +61,10 @@ def allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias
 
 def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entropy, logp, entropy,
                need_hidden_grad, need_weight_grad, need_bias_grad):
-    """See kernels/README.md. Returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in fp32 or None."""
+    """See kernels/README.md. Returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in fp32 or None.
+
+    lse [2, N]: the row max m and s = log Σ exp(z − m) from the forward sweep. Each tile forms z − m (exact near
+    the max) and e = exp(z − m); p = e·exp(−s) is never formed, exp(−s) scales the per-row coefficients."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     # fp32 without an entropy gradient (GRPO's three-phase path, logprobs whose entropy is only logged): p in one
     # buffer and no dz pass, as in grpo_single_pass (dh and dW straight from p: lean_tile_grads below).
@@ -61,36 +76,46 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     rows = rows_per_tile(n_rows, vocab, ONE_BUFFER_TILE_ELEMENTS if lean else TILE_ELEMENTS)
     z_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
     p_buf = None if lean else torch.empty_like(z_buf)
-    for s in range(0, n_rows, rows):
-        e = min(s + rows, n_rows)
-        z = logits_tile(hidden[s:e], weight, bias, temperature, z_buf[: e - s])  # [n, V]
-        z.sub_(lse[s:e, None])  # log p
+    row_max, log_sum = lse[0], lse[1]
+    for a in range(0, n_rows, rows):
+        e = min(a + rows, n_rows)
+        z = logits_tile(hidden[a:e], weight, bias, temperature, z_buf[: e - a])  # [n, V]
+        z.sub_(row_max[a:e, None])  # z − m
         if lean:
-            p = z.exp_()  # [n, V] in place
-            lean_tile_grads(p, hidden[s:e], weight, targets[s:e], g_logp[s:e], None if dh is None else dh[s:e],
-                            dw, db, first=s == 0)
+            ex = z.exp_()  # [n, V] in place: exp(z − m) = p·exp(s)
+            lean_tile_grads(ex, hidden[a:e], weight, targets[a:e], g_logp[a:e], None if dh is None else dh[a:e],
+                            dw, db, first=a == 0, row_scale=torch.exp(-log_sum[a:e]))
             continue
-        p = torch.exp(z, out=p_buf[: e - s])
-        ent = None if g_entropy is None else entropy[s:e]
-        dz = logit_grad_(z, p, targets[s:e], g_logp[s:e], None if ent is None else g_entropy[s:e], ent)
-        accumulate_grads(dz, hidden[s:e], weight, None if dh is None else dh[s:e], dw, db)
+        ex = torch.exp(z, out=p_buf[: e - a])
+        ent = None if g_entropy is None else entropy[a:e]
+        dz = logit_grad_(z, ex, targets[a:e], g_logp[a:e], None if ent is None else g_entropy[a:e], ent,
+                         log_sum=log_sum[a:e])
+        accumulate_grads(dz, hidden[a:e], weight, None if dh is None else dh[a:e], dw, db)
     return dh, dw, db
 
 
-def lean_tile_grads(p, h, weight, targets, gs, grad_hidden, grad_weight, grad_bias, *, first: bool, q=None):
+def lean_tile_grads(p, h, weight, targets, gs, grad_hidden, grad_weight, grad_bias, *, first: bool, q=None,
+                    row_scale=None):
     """fp32 row tile, p = softmax(z) [n, V], gs = (dL/dlogp)/τ [n], no entropy term, so dz = gs·(onehot(y) − p):
         dh  = gs · (W_y − p @ W)                      [n, H]   (the GEMM reads p, no dz is formed)
         dW += pᵀ (−gs·h) + onehot(y)ᵀ (gs·h)          [V, H]   (a GEMM plus an index_add of n rows)
         db += pᵀ (−gs) + onehot(y)ᵀ gs                [V]
     Writes grad_hidden; adds into grad_weight / grad_bias, or overwrites grad_weight when `first` (beta = 0: its
-    unwritten contents are ignored, saving a zero fill of [V, H]). q = p @ W when the caller has it already."""
+    unwritten contents are ignored, saving a zero fill of [V, H]). q = p @ W when the caller has it already.
+    row_scale r [n]: p holds exp(z − m) and the softmax is p·r (r = exp(−s)); r scales q and the coefficients
+    of p, O(n·H) work instead of a pass over [n, V]. q given by the caller is already normalized."""
+    gp = gs if row_scale is None else gs * row_scale  # [n] coefficient of the p columns
     if grad_hidden is not None:
-        q = p @ weight if q is None else q  # [n, V] @ [V, H] -> [n, H]
+        if q is None:
+            q = p @ weight  # [n, V] @ [V, H] -> [n, H]
+            if row_scale is not None:
+                q.mul_(row_scale[:, None])
         torch.mul(torch.index_select(weight, 0, targets).sub_(q), gs[:, None], out=grad_hidden)
     if grad_weight is not None:
         gh = h * gs[:, None]  # [n, H]
-        grad_weight.addmm_(p.T, gh, beta=0.0 if first else 1.0, alpha=-1.0)  # [V, n] @ [n, H] -> [V, H]
+        gph = gh if row_scale is None else h * gp[:, None]  # [n, H]
+        grad_weight.addmm_(p.T, gph, beta=0.0 if first else 1.0, alpha=-1.0)  # [V, n] @ [n, H] -> [V, H]
         grad_weight.index_add_(0, targets, gh)  # + gs·h at each row's target
     if grad_bias is not None:
-        grad_bias.addmv_(p.T, gs, alpha=-1.0)  # [V, n] @ [n] -> [V]
+        grad_bias.addmv_(p.T, gp, alpha=-1.0)  # [V, n] @ [n] -> [V]
         grad_bias.index_add_(0, targets, gs)

@@ -2,7 +2,7 @@
 
 A 2-D grid: program (i_n, i_v) owns rows [i_n·BLOCK_N, +BLOCK_N) and vocab columns [i_v·BLOCK_V, +BLOCK_V).
 It recomputes its z tile (the same `logit_tile` as the forward sweep), forms
-    p  = exp(z − lse)
+    p  = exp((z − m) − s)                 # m, s = lse[0], lse[1]: row max and log Σ exp(z − m)
     dz = [g_logp·(1[j = y] − p) − g_entropy·p·(log p + entropy)] / τ        # [BLOCK_N, BLOCK_V], fp32
 once, then walks H in chunks of BLOCK_H and adds its share into the fp32 outputs with `tl.atomic_add`:
     dh[rows, chunk] += dz @ W[cols, chunk]        dW[cols, chunk] += dzᵀ @ h[rows, chunk]        db[cols] += Σ_rows dz
@@ -36,8 +36,8 @@ from .forward_sweep_triton import SweepConfig, dot_settings, forward_config, log
 # h 64·32 + W 128·32 bf16 = 12 KiB, plus dz in bf16 64·128·2 = 16 KiB; 2 stages ≈ 44 KiB (sm_80) / 73 KiB (sm_90).
 # Atomic traffic: each dh element receives V/128 adds and each dW element N/64 adds, all fp32.
 # The z tile itself is recomputed with the forward's BLOCK_H (BLOCK_HZ = 64), so it is summed over H in the same
-# chunks as the forward's z: exp(z − lse) then sees the rounding of lse only, not a second rounding of z (on peaked
-# fp32 rows, |z| ≈ 70, a different chunking tripled the error of dh).
+# chunks as the forward's z: exp((z − m) − s) then sees exactly the forward's z, not a second rounding of it (on
+# peaked fp32 rows, |z| ≈ 70, a different chunking tripled the error of dh).
 GRAD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
 # IEEE fp32 dots (fp32 inputs, torch's default "highest" precision) run on FMA units with register-resident
 # operands: the tiles above spilled 912 bytes on sm_80. 64×64 tiles: ≤ 250 registers, 0 spills in all four kernels.
@@ -56,25 +56,23 @@ def ordered_num_stages(dtype: torch.dtype) -> int:
 
 
 @triton.jit
-def _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv,
-             inv_temp, HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+def _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N, H, stride_hn, stride_wv,
+             inv_temp, HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HZ: tl.constexpr):
     """dL/dz / τ for rows o_n and columns o_v: [BLOCK_N, BLOCK_V] fp32, 0 outside [0, N) × [0, V)."""
     # [BN, BV]
     b_z = logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_temp,
                      HAS_BIAS, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_HZ)
-    # [BN]
-    b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
+    # [BN] the row max m and s = log Σ exp(z − m), lse = m + s kept as two fp32 numbers (p_lse is [2, N])
+    b_m = tl.load(p_lse + o_n, mask=m_n, other=0.0)
+    b_s = tl.load(p_lse + N + o_n, mask=m_n, other=0.0)
     b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
     b_y = tl.load(p_y + o_n, mask=m_n, other=-1)
-    # [BN, BV]
-    b_logp = tl.where(m_v[None, :], b_z - b_lse[:, None], 0.0)  # log p, 0 in columns ≥ V
-    if HAS_LOGP:
-        # the target column takes the forward's logp: exact where p_y ≈ 1 (peaked rows), where z_y − lse
-        # would carry the fp32 rounding of two large numbers (~1e-5 at |z| ≈ 70) into 1 − p_y
-        b_logp_y = tl.load(p_logp + o_n, mask=m_n, other=0.0)
-        b_logp = tl.where(o_v[None, :] == b_y[:, None], b_logp_y[:, None], b_logp)
+    # [BN, BV] log p = (z − m) − s: z − m is exact near the max, and s is small on peaked rows, so p of the
+    # leading column keeps fp32 precision (z − lse with one fp32 lse ≈ 70 would be off by up to ulp(70)/2)
+    b_logp = tl.where(m_v[None, :], (b_z - b_m[:, None]) - b_s[:, None], 0.0)  # 0 in columns ≥ V
+    # (the target column's log p is the forward's logp bit for bit: the same z_y, m and s in the same order)
     b_p = tl.where(m_v[None, :], tl.exp(b_logp), 0.0)
     b_dz = b_g[:, None] * (tl.where(o_v[None, :] == b_y[:, None], 1.0, 0.0) - b_p)
     if HAS_ENTROPY_GRAD:
@@ -95,9 +93,9 @@ def _dot_operand(b_x, p_like, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh, p_dw, p_db,
+def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_dh, p_dw, p_db,
                        N, H, V, stride_hn, stride_wv, inv_temp,
-                       HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
                        NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -108,8 +106,8 @@ def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh
     o_v = i_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     m_n, m_v = o_n < N, o_v < V
     # [BN, BV]
-    b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn,
-                    stride_wv, inv_temp, HAS_BIAS, HAS_LOGP, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+    b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N, H, stride_hn,
+                    stride_wv, inv_temp, HAS_BIAS, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
                     BLOCK_N, BLOCK_V, BLOCK_HZ)
     if NEED_DB:
         tl.atomic_add(p_db + o_v, tl.sum(b_dz, axis=0), mask=m_v)
@@ -138,9 +136,9 @@ def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh
 
 
 @triton.jit
-def _grad_hidden_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dh,
+def _grad_hidden_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_dh,
                                 N, H, V, stride_hn, stride_wv, inv_temp,
-                                HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
                                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                                 BLOCK_HZ: tl.constexpr):
@@ -152,8 +150,8 @@ def _grad_hidden_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         m_v = o_v < V
         # [BN, BV]
-        b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn,
-                        stride_wv, inv_temp, HAS_BIAS, HAS_LOGP, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+        b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N, H, stride_hn,
+                        stride_wv, inv_temp, HAS_BIAS, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
                         BLOCK_N, BLOCK_V, BLOCK_HZ)
         b_dz_op = _dot_operand(b_dz, p_h, DOT_FP32)
         for h0 in range(0, H, BLOCK_H):
@@ -173,9 +171,9 @@ def _grad_hidden_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_
 
 
 @triton.jit
-def _grad_weight_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, p_dw, p_db,
+def _grad_weight_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_dw, p_db,
                                 N, H, V, stride_hn, stride_wv, inv_temp,
-                                HAS_BIAS: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
                                 NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -189,8 +187,8 @@ def _grad_weight_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < N
         # [BN, BV]
-        b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_logp, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, H, stride_hn,
-                        stride_wv, inv_temp, HAS_BIAS, HAS_LOGP, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+        b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N, H, stride_hn,
+                        stride_wv, inv_temp, HAS_BIAS, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
                         BLOCK_N, BLOCK_V, BLOCK_HZ)
         b_db += tl.sum(b_dz, axis=0)
         if NEED_DW:
@@ -218,7 +216,7 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
                need_hidden_grad, need_weight_grad, need_bias_grad, deterministic=False):
     """(grad_hidden [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None), fp32, carrying the 1/τ.
 
-    `logp` (optional) is used for the target column, where it is more accurate than z − lse.
+    `logp` is not read (the contract's argument): (z_y − m) − s recomputed here equals it bit for bit.
     `deterministic=True` replaces the atomics by two ordered sweeps (see the module docstring).
     """
     if g_entropy is not None and entropy is None:
@@ -237,10 +235,10 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     has_ent = g_entropy is not None
     stand_in = lse  # any fp32 tensor, passed where an optional pointer is unused (its flag is off)
     inputs = (hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse.contiguous(),
-              logp.contiguous() if logp is not None else stand_in, g_logp.contiguous(),
+              g_logp.contiguous(),
               g_entropy.contiguous() if has_ent else stand_in, entropy.contiguous() if has_ent else stand_in)
     sizes = (n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature)
-    flags = dict(HAS_BIAS=bias is not None, HAS_LOGP=logp is not None, HAS_ENTROPY_GRAD=has_ent,
+    flags = dict(HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=has_ent,
                  DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
                  BLOCK_H=cfg.block_h, BLOCK_HZ=forward_config(hidden.dtype, precision).block_h,
                  num_warps=cfg.num_warps)

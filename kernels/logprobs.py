@@ -15,6 +15,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
         # hidden [N, H], weight [V, H], bias [V] | None, targets [N]
         impl = phases(backend)
         lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, temperature, with_entropy)
+        # lse [2, N]: row max and log Σ exp(z − max), kept apart (README: internal contract)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, logp, entropy)
         ctx.temperature, ctx.with_entropy, ctx.impl = temperature, with_entropy, impl
         ctx.set_materialize_grads(False)  # an output nobody differentiates arrives as None, not as zeros
@@ -31,7 +32,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
         if g_logp is None and g_entropy is None:
             return None, None, None, None, None, None, None
         if g_logp is None:
-            g_logp = torch.zeros_like(lse)
+            g_logp = torch.zeros_like(logp)
         dh, dw, db = ctx.impl.grad_sweep(hidden, weight, targets, bias, ctx.temperature, lse, g_logp.float(),
                                          None if g_entropy is None else g_entropy.float(), logp, entropy,
                                          need_h, need_w, need_b and bias is not None)

@@ -114,9 +114,9 @@ def _grad_spec(h: int, variant: str, dot: str = "bf16") -> KernelSpec:
     }[variant]
     if "p_db" in outputs:
         needs["NEED_DB"] = False  # Qwen-style heads have no bias
-    ptrs = ["p_lse", "p_logp", "p_g", "p_ge", "p_ent", *outputs]
+    ptrs = ["p_lse", "p_g", "p_ge", "p_ent", *outputs]
     args = {**_operand_args(dtype), **{p: ("*fp32", None) for p in ptrs}, **_sweep_args(h)}
-    const = {"HAS_BIAS": False, "HAS_LOGP": True, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
+    const = {"HAS_BIAS": False, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
              "DOT_PRECISION": precision, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
              "BLOCK_HZ": forward_config(_torch_dtype(dtype), precision).block_h}
     stages = g.ordered_num_stages(_torch_dtype(dtype)) if "ordered" in variant else c.num_stages

@@ -35,12 +35,12 @@ def test_forward_sweep_matches_reference(shape, with_bias, dtype):
     tau = 0.7
     lse, logp, entropy = forward_sweep(h.detach(), w.detach(), y, None if b is None else b.detach(), tau, True)
     assert lse.dtype == logp.dtype == entropy.dtype == torch.float32
-    assert lse.shape == logp.shape == entropy.shape == (n,)
+    assert lse.shape == (2, n) and logp.shape == entropy.shape == (n,)  # lse split: row max m, log Σ exp(z − m)
     truth = reference_logprobs(h, w, y, b, tau, with_entropy=True)
     plain = reference_logprobs(h, w, y, b, tau, with_entropy=True, dtype=dtype)
     assert_no_worse_than(logp, plain[0], truth[0], dtype, f"logp seed={seed}")
     assert_no_worse_than(entropy, plain[1], truth[1], dtype, f"entropy seed={seed}")
-    assert_no_worse_than(lse, _lse(h, w, b, tau, dtype), _lse(h, w, b, tau, torch.float64), dtype,
+    assert_no_worse_than(lse.double().sum(0), _lse(h, w, b, tau, dtype), _lse(h, w, b, tau, torch.float64), dtype,
                          f"lse seed={seed}")
 
 
@@ -76,4 +76,4 @@ def test_block_sizes_are_tensor_core_shapes():
 def test_empty_input():
     h, w, y, _ = make_linear_inputs(0, 48, 300, torch.float32, 1)
     lse, logp, entropy = forward_sweep(h.detach(), w.detach(), y, None, 1.0, True)
-    assert lse.shape == logp.shape == entropy.shape == (0,)
+    assert lse.shape == (2, 0) and logp.shape == entropy.shape == (0,)
