@@ -40,13 +40,21 @@ from .forward_sweep_triton import SweepConfig, dot_settings, forward_config, log
 # peaked fp32 rows, |z| ≈ 70, a different chunking tripled the error of dh).
 GRAD_CONFIG = SweepConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
 # IEEE fp32 dots (fp32 inputs, torch's default "highest" precision) run on FMA units with register-resident
-# operands: the tiles above spilled 912 bytes on sm_80. 64×64 tiles: ≤ 250 registers, 0 spills in all four kernels.
+# operands: the tiles above spilled 912 bytes on sm_80. 64×64 tiles: 0 spills in all four kernels, the dh-only
+# (frozen head) variant with 1 stage (see atomic_num_stages).
 GRAD_CONFIG_FP32_IEEE = SweepConfig(block_n=64, block_v=64, block_h=32, num_warps=8, num_stages=2)
 
 
 def grad_config(dtype: torch.dtype, precision: str) -> SweepConfig:
     """The gradient sweep's tiles for these inputs (`precision` from `dot_settings`)."""
     return GRAD_CONFIG_FP32_IEEE if dtype == torch.float32 and precision == "ieee" else GRAD_CONFIG
+
+
+def atomic_num_stages(cfg: SweepConfig, need_weight_grad: bool) -> int:
+    """Pipeline stages of the atomic kernel. Its dh-only variant with IEEE fp32 dots spilled 16 bytes on sm_80 with
+    2 stages once the lse became two loads (max and log-sum); with 1 none. The dh + dW variant spills ~490 bytes
+    with 1 stage and none with 2 (ptxas allocates the two differently), so it keeps the config's."""
+    return 1 if cfg is GRAD_CONFIG_FP32_IEEE and not need_weight_grad else cfg.num_stages
 
 
 def ordered_num_stages(dtype: torch.dtype) -> int:
@@ -246,7 +254,8 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     if not deterministic:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
         _grad_sweep_kernel[grid](*inputs, out(grad_h), out(grad_w), out(grad_b), *sizes, NEED_DH=need_hidden_grad,
-                                 NEED_DW=need_weight_grad, NEED_DB=need_bias_grad, num_stages=cfg.num_stages,
+                                 NEED_DW=need_weight_grad, NEED_DB=need_bias_grad,
+                                 num_stages=atomic_num_stages(cfg, need_weight_grad),
                                  **flags)
         return grad_h, grad_w, grad_b
     stages = ordered_num_stages(hidden.dtype)

@@ -119,7 +119,8 @@ def _grad_spec(h: int, variant: str, dot: str = "bf16") -> KernelSpec:
     const = {"HAS_BIAS": False, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
              "DOT_PRECISION": precision, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
              "BLOCK_HZ": forward_config(_torch_dtype(dtype), precision).block_h}
-    stages = g.ordered_num_stages(_torch_dtype(dtype)) if "ordered" in variant else c.num_stages
+    stages = (g.ordered_num_stages(_torch_dtype(dtype)) if "ordered" in variant
+              else g.atomic_num_stages(c, needs["NEED_DW"]))
     return KernelSpec(variant, fn, args, const, c.num_warps, stages,
                       {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
 
