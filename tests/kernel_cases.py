@@ -31,16 +31,37 @@ def max_abs_err(a, b) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
-def assert_no_worse_than(actual, baseline, truth, dtype, what: str):
+def assert_no_worse_than(actual, baseline, truth, dtype, what: str, extra: float = 0.0):
     """Errors against truth: mean ≤ MEAN_FACTOR·PyTorch's mean + slack, max ≤ MAX_FACTOR·PyTorch's max + slack,
-    slack = RELATIVE_SLACK[dtype]·max(|truth|, 1)."""
+    slack = RELATIVE_SLACK[dtype]·max(|truth|, 1) + extra (a stated rounding bound, e.g. logit_rounding_bound)."""
     if truth.numel() == 0:
         return
     ours = (actual.detach().double() - truth.detach().double()).abs()
     theirs = (baseline.detach().double() - truth.detach().double()).abs()
-    slack = RELATIVE_SLACK[dtype] * max(float(truth.detach().abs().max()), 1.0)
+    slack = RELATIVE_SLACK[dtype] * max(float(truth.detach().abs().max()), 1.0) + extra
     for stat, factor in (("mean", MEAN_FACTOR), ("max", MAX_FACTOR)):
         a, b = float(getattr(ours, stat)()), float(getattr(theirs, stat)())
         assert a <= factor * b + slack, f"{what} ({dtype}): {stat} error {a:.3g} > {factor}×{b:.3g} + {slack:.2g}"
 
 
+
+
+def logit_rounding_bound(h, w, b, tau, g_logp, g_ent, ulps: float = 1.0) -> tuple[float, float, float]:
+    """First-order bound on the fp32 gradient error (hidden, weight, bias) caused by `ulps` units of roundoff in
+    every logit z_ij = (h_i·w_j + b_j)/τ (ulps of the sum Σ|h_ik·w_jk| + |b_j|): the rounding any fp32 GEMM makes.
+    Ours and PyTorch's block the sum differently, so on a given element one can be off where the other's errors
+    happen to cancel.
+
+    On sharply peaked rows (|z| ≈ 70-100) such an error is ~1e-5 per logit and reaches the gradient through
+    dz_ij = [g_logp·(1[j=y] − p_ij) − g_ent·p_ij·(log p_ij + H_i)]/τ, whose sensitivity to z_ij is
+    p_ij·(|g_logp| + |g_ent|·(|log p_ij + H_i| + 1))/τ. Measured without this term: ~5% of seeds failed the
+    max-error rule at N130 fp32 (our dh 2.75e-5 vs PyTorch's lucky 9e-6, truth up to 3.2)."""
+    hd, wd = h.detach().double(), w.detach().double()
+    z = hd @ wd.T + (0.0 if b is None else b.detach().double())  # [N, V]
+    scale = (hd.abs() @ wd.abs().T + (0.0 if b is None else b.detach().double().abs())) / tau  # [N, V]
+    logp = torch.log_softmax(z / tau, -1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1, keepdim=True)  # [N, 1]
+    dz = p * (g_logp.abs()[:, None] + g_ent.abs()[:, None] * ((logp + entropy).abs() + 1.0)) / tau  # [N, V]
+    dz = dz * scale * ulps * 2.0 ** -24  # [N, V] bound on |δdz_ij|
+    return float((dz @ wd.abs()).max()), float((dz.T @ hd.abs()).max()), float(dz.sum(0).max())

@@ -7,7 +7,7 @@ import torch
 from fastrl.kernels import fused_linear_logprobs
 from fastrl.kernels.forward_sweep import rows_per_tile
 from fastrl.kernels.reference import reference_logprobs
-from kernel_cases import assert_no_worse_than, make_linear_inputs
+from kernel_cases import assert_no_worse_than, logit_rounding_bound, make_linear_inputs
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -45,9 +45,12 @@ def test_matches_reference(backend, shape, with_bias, dtype):
     got = _grads(*ours, g_logp, g_ent, params)
     expected = _grads(*truth, g_logp, g_ent, params)
     baseline = _grads(*plain, g_logp, g_ent, params)
-    for name, a, p, t in zip(("hidden", "weight", "bias"), got, baseline, expected):
+    # fp32: the logits' own roundoff, which PyTorch's error may happen to cancel (kernel_cases.logit_rounding_bound);
+    # in 16 bits PyTorch's error is dominated by the same roundoff, so the factor rule alone covers it
+    bounds = logit_rounding_bound(h, w, b, tau, g_logp, g_ent) if dtype == torch.float32 else (0.0, 0.0, 0.0)
+    for name, a, p, t, extra in zip(("hidden", "weight", "bias"), got, baseline, expected, bounds):
         assert a.dtype == dtype, f"grad {name} must come back in the input dtype"
-        assert_no_worse_than(a, p, t, dtype, f"grad {name} seed={seed}")
+        assert_no_worse_than(a, p, t, dtype, f"grad {name} seed={seed}", extra)
 
 
 def test_batched_shape_and_frozen_weight():
