@@ -349,11 +349,11 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ helpers of the loop
     def _needs_old_logprobs(self) -> bool:
-        """TRL's rule: the batch outlives one optimizer step, or the generator's numerics differ (vLLM)."""
+        """TRL's rule (the batch outlives one optimizer step, or the generator's numerics differ), and with vLLM
+        always: rollout/logprob_abs_diff, the stale-weights detector, is measured every step."""
         a = self.args
         generate_every = a.steps_per_generation * a.num_iterations
-        return a.gradient_accumulation_steps % generate_every != 0 or (
-            a.use_vllm and a.vllm_importance_sampling_correction)
+        return a.gradient_accumulation_steps % generate_every != 0 or a.use_vllm
 
     def _sampling(self) -> SamplingConfig:
         a = self.args

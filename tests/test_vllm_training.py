@@ -34,12 +34,12 @@ def digit_share_reward(completions, **kwargs):
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
 
 
-def make_trainer(model_dir, out, sleep_level: int) -> GRPOTrainer:
+def make_trainer(model_dir, out, sleep_level: int, **overrides) -> GRPOTrainer:
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
     args = GRPOConfig(output_dir=str(out), use_vllm=True, vllm_enable_sleep_mode=True, vllm_sleep_level=sleep_level,
                       per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
                       max_steps=STEPS, logging_steps=1, learning_rate=5e-2, bf16=False, save_strategy="no",
-                      disable_tqdm=True, report_to="none", seed=0)
+                      disable_tqdm=True, report_to="none", seed=0, **overrides)
     return GRPOTrainer(model=model_dir, reward_funcs=digit_share_reward, args=args,
                        train_dataset=Dataset.from_list(rows))
 
@@ -65,7 +65,8 @@ def test_every_push_lands_with_a_large_learning_rate(model_dir, tmp_path):
 
 
 def test_a_skipped_push_shows_in_logprob_abs_diff(model_dir, tmp_path):
-    trainer = make_trainer(model_dir, tmp_path, sleep_level=1)  # level 1 keeps the stale weights usable
+    # level 1 keeps the stale weights usable; without the IS correction the diff is still measured every step
+    trainer = make_trainer(model_dir, tmp_path, sleep_level=1, vllm_importance_sampling_correction=False)
     real_push, pushes = trainer.generator.push_weights, []
 
     def first_push_only(model):
