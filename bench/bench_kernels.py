@@ -11,7 +11,7 @@ from fastrl.bench.providers import providers_for
 from fastrl.bench.worker import mode_fn
 
 CASES = suite_cases(quick())
-SETTINGS = Settings.quick(device()) if quick() else Settings(device=device())
+SETTINGS = Settings.for_quick_run(device()) if quick() else Settings(device=device())
 PAIRS = [(c, p) for c in CASES for p in providers_for(c.operation)]
 
 

@@ -170,7 +170,7 @@ def test_a_tiny_suite_end_to_end_through_worker_processes(tmp_path):
     """Time + memory workers for one tiny case and two providers; the rows the CSV gets."""
     from fastrl.bench.kernels import Settings, run_kernel_suite
 
-    settings = Settings.quick()
+    settings = Settings.for_quick_run()
     settings.providers = ["fastrl-torch", "torch-materialize", "fastrl-triton"]
     case = tiny_cases()[-1]
     rows = run_kernel_suite(RUN, settings=settings, cases=[case], progress=False)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             from .cases import suite_cases
             from .kernels import Settings, run_kernel_suite
 
-            settings = Settings.quick(device) if args.quick else Settings(device=device)
+            settings = Settings.for_quick_run(device) if args.quick else Settings(device=device)
             settings.providers = args.providers.split(",") if args.providers else None
             settings.memory = not args.no_memory
             cases = matching_cases(suite_cases(args.quick), args.match) if args.match else None  # None: all

@@ -30,7 +30,7 @@ class Settings:
     quick: bool = False
 
     @staticmethod
-    def quick(device: str = "cpu") -> "Settings":
+    def for_quick_run(device: str = "cpu") -> "Settings":
         return Settings(device=device, timing=dict(warmup=0, min_reps=3, max_reps=10, budget_s=2.0),
                         memory_repeats=1, timeout_s=600.0, quick=True)
 
@@ -116,7 +116,7 @@ def measure_case(case: KernelCase, settings: Settings, run: dict, step=lambda la
 def run_kernel_suite(run: dict, *, quick: bool = False, settings: Settings | None = None,
                      cases: list[KernelCase] | None = None, progress: bool = True) -> list[dict]:
     """Measure every case; returns the CSV rows (the caller writes them)."""
-    settings = settings or (Settings.quick() if quick else Settings())
+    settings = settings or (Settings.for_quick_run() if quick else Settings())
     cases = cases if cases is not None else suite_cases(quick)
     unknown = [n for n in (settings.providers or []) if n not in PROVIDERS]
     if unknown:
