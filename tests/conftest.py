@@ -34,3 +34,22 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on 2 cores shared with other jobs, one thread is several times faster
+    than two oversubscribed ones, and deterministic. Opt in per module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")` (the trainer tests do)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """tests/helpers_tiny's Llama and tokenizer, saved once per module (a folder for GRPOTrainer(model=...))."""
+    import helpers_tiny
+
+    return helpers_tiny.save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))

@@ -3,7 +3,6 @@ and arguments, and the TrainerControl flags a callback sets (stop, save, log).""
 import json
 
 import pytest
-import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -11,18 +10,7 @@ import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl import checkpoint as ckpt
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_args(out, **kw):

@@ -23,21 +23,10 @@ import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl import checkpoint as ckpt
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 TIMING_KEYS = {"step_time", "tokens_per_second", "peak_memory_mb"}  # wall-clock measurements differ run to run
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def trained(model_dir, out, **kw):

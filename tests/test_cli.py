@@ -12,15 +12,9 @@ import helpers_tiny as tiny
 from fastrl import cli
 from fastrl.run_config import build_trainer, load_run_config, parse_overrides, split_run_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -7,20 +7,13 @@ import torch
 from datasets import Dataset
 
 import helpers_rowrate
-import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl.dynamic_sampling import ScoredGroups, fill_generation_batch, varied_groups
 from fastrl.generation.base import Rollout
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 NAN = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- the rule, on hand-made groups
@@ -85,11 +78,6 @@ def test_max_attempts_must_be_positive():
 
 
 # ---------------------------------------------------------------- through the trainer
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
 def train_metrics(model_dir, out, constant: list[bool], **kw) -> list[dict]:
     """Train 3 steps on prompts whose rewards are constant for the rows marked so; per-step metrics."""
     rows = [{"prompt": f"{i}+{i}=", "id": i, "constant": c} for i, c in enumerate(constant)]

@@ -9,25 +9,18 @@ import math
 import os
 
 import pytest
-import torch
 import yaml
 
 import helpers_tiny as tiny
 from fastrl.filtering import filter_main, pass_rate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 K = 4
 # row id -> solved completions out of K; -1 = the reward returns None (unscorable)
 SOLVED = [0, 1, 2, 3, 4, 0, 2, 4, -1, 1, 3, 2]
 KEPT = [i for i, s in enumerate(SOLVED) if 0 < s < K]  # expected survivors of the default bounds
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """fused_linear_grpo_loss against the float64 materializing reference: every loss type and option, loss,
 gradients of hidden/weight/bias and metrics, on fresh random inputs with ragged shapes and several dtypes."""
-import itertools
 import math
 
 import pytest

@@ -14,16 +14,10 @@ from transformers import LlamaForCausalLM
 import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 peft = pytest.importorskip("peft")
 TEMPERATURE = 0.7
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def variety(completions, **kwargs):

@@ -8,11 +8,12 @@ import re
 from fractions import Fraction
 
 import pytest
-import torch
 
 from fastrl import cli
 from fastrl.rewards import accuracy_reward, think_format_reward
 from fastrl.tasks.tiny_model import CHARACTERS
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "examples", "math_reasoning.yaml")
@@ -21,14 +22,6 @@ FAST = ["--max_steps", "2", "--max_completion_length", "8", "--bf16", "false", "
         "--num_generations", "4", "--gradient_accumulation_steps", "1", "--dynamic_sampling_max_attempts", "2",
         "--gradient_checkpointing", "false", "--save_strategy", "no", "--disable_tqdm", "true",
         "--mask_truncated_completions", "false"]  # 8 tokens cut every tiny-model answer: all would be masked
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

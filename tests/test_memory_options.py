@@ -12,13 +12,7 @@ import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl.policy import frozen_reference
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make(out, **kw):

@@ -8,18 +8,7 @@ import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl.ref_sync import mix_into_reference, sync_due
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def linear(weight: float, bias: float) -> torch.nn.Linear:

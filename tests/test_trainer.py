@@ -12,19 +12,7 @@ import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl.scoring import combine
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 cores shared with other jobs: one thread is several times faster than oversubscribed two, and deterministic
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_args(out, **kw):

@@ -14,15 +14,9 @@ import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl.kernels.reference import reference_grpo_loss, reference_logprobs
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 STEPS = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_trainer(model_dir, out, **kw):

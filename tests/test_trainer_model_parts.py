@@ -13,15 +13,9 @@ from datasets import Dataset
 import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TEMPERATURE = 0.7
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def variety(completions, **kwargs):
