@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+from fastrl.config import VLLM_IS_MODES as IS_MODES  # one list of the mode names, checked by GRPOConfig too
 
 
 def sampling_ratio(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,

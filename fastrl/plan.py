@@ -26,9 +26,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from fastrl.plan_memory import (BF16, CUDA_CONTEXT_BYTES, FP32, Phase, activation_bytes_per_token,
-                                checkpointed_bytes_per_token, fused_loss_bytes, grad_timeline, kv_cache_bytes, materializing_loss_bytes,
-                                tile_rows, trainable_params)
+from fastrl.kernels.forward_sweep import rows_per_tile
+from fastrl.plan_memory import (BF16, CUDA_CONTEXT_BYTES, FP32, Phase, checkpointed_bytes_per_token, fused_loss_bytes,
+                                grad_timeline, kv_cache_bytes, materializing_loss_bytes, trainable_params)
 from fastrl.plan_shapes import ModelShape, RunShape, loaded_dtype, model_shape, run_shape
 
 DEVICES = ("cpu", "cuda")
@@ -185,7 +185,7 @@ def logprob_phase(model, run, device, resident) -> Phase:
     phase.parts["forward working set (one layer)"] = tokens * (3 * model.intermediate + 4 * model.hidden + seq) * a
     n_rows = run.micro_batch * run.completion_len
     phase.parts["hidden states [S,H]"] = tokens * model.hidden * FP32
-    phase.parts["logprob tiles 2×[rows,V] fp32"] = 2 * tile_rows(model.vocab, n_rows) * model.vocab * FP32
+    phase.parts["logprob tiles 2×[rows,V] fp32"] = 2 * rows_per_tile(n_rows, model.vocab) * model.vocab * FP32
     return phase
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastrl.kernels.forward_sweep import ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, rows_per_tile
+from fastrl.kernels.forward_sweep import ONE_BUFFER_TILE_ELEMENTS, rows_per_tile
 from fastrl.plan_shapes import ModelShape, RunShape
 
 FP32 = 4
@@ -100,11 +100,6 @@ def layer_backward_transient(model: ModelShape, run: RunShape, tokens: int) -> i
     return tokens * 2 * model.intermediate * a
 
 
-def tile_rows(vocab: int, n_rows: int, elements: int = TILE_ELEMENTS) -> int:
-    """Rows per loss tile, as the kernels pick them (two-buffer tiles by default)."""
-    return rows_per_tile(n_rows, vocab, elements)
-
-
 def fused_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, dict[str, int]]:
     """The fused loss's working set at its two high points (grpo_single_pass + FusedLinearGRPOLoss):
 
@@ -116,7 +111,8 @@ def fused_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int)
     v, h = model.vocab, model.hidden
     head = v * h if run.lora is None else 0
     a = BF16 if (_autocast(model, run) or model.weight_bytes == BF16) else FP32
-    tiles = (tile_rows(v, n_rows, ONE_BUFFER_TILE_ELEMENTS) if a == FP32 else 2 * tile_rows(v, n_rows)) * v * FP32
+    rows = rows_per_tile(n_rows, v, ONE_BUFFER_TILE_ELEMENTS) if a == FP32 else 2 * rows_per_tile(n_rows, v)
+    tiles = rows * v * FP32
     forward = {"loss: rows [N,H] + dh [N,H] fp32": n_rows * h * (a + FP32), "loss: dW [V,H] fp32": head * FP32,
                "loss: logit tiles fp32": tiles}
     backward = {"loss: dh [N,H] fp32": n_rows * h * FP32, "loss: dW [V,H] fp32": head * FP32}
