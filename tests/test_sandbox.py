@@ -16,7 +16,7 @@ import pytest
 
 from fastrl.rewards import CodeReward, SandboxLimits, run_python, run_python_batch, sandbox_isolation
 from fastrl.rewards.code import _split_to_fill
-from fastrl.rewards.sandbox_child import NOBODY
+from fastrl.rewards.sandbox_child import NOBODY, _first_closed_ancestor
 
 TIMEOUT = 1.5  # seconds per sandboxed run in these tests
 MEMORY_MB = 256  # smaller than the default, so the memory bombs hit the limit sooner
@@ -310,9 +310,12 @@ def test_audit_isolation_as_an_unprivileged_user():
     """The fallback where it is meant to run: the caller is not root, so no namespaces and no uid change."""
     if sandbox_isolation() != "kernel":
         pytest.skip("setting up an unprivileged caller needs root")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if _first_closed_ancestor(repo):  # the unprivileged caller runs this checkout's .venv python
+        pytest.skip(f"{_first_closed_ancestor(repo)} is closed to other users (e.g. a `mktemp -d` clone): "
+                    "the unprivileged user (nobody) cannot run this checkout's interpreter")
     programs = ["assert 1 + 1 == 2", "import os\nos.fork()", "import socket\nsocket.socket()",
                 "import ctypes\nctypes.CDLL(None).fork()", f"open('/tmp/fastrl-escape-{uuid.uuid4().hex}', 'w')"]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = UNPRIVILEGED_RUN.format(repo=repo, programs=programs)
     done = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin"})
