@@ -6,7 +6,7 @@ import pytest
 from _bench_env import device, quick
 from fastrl.bench.e2e import TRAINERS, build_model, e2e_cases, unavailable_reason
 from fastrl.bench.measure import quantiles
-from fastrl.bench.results import run_job
+from fastrl.bench.jobs import run_job
 
 CASES = e2e_cases(quick())
 PAIRS = [(c, t) for c in CASES for t in TRAINERS]

@@ -31,7 +31,7 @@ COMMANDS: dict[str, Command] = {
                      "train with GRPO from a YAML config; --field value overrides any key"),
     "filter": Command("fastrl.filtering", "add_filter_arguments", "run_filter",
                       "difficulty filtering: keep the prompts the starting policy solves sometimes, not always"),
-    "plan": Command("fastrl.plan", "add_plan_arguments", "run_plan",
+    "plan": Command("fastrl.plan.cli", "add_plan_arguments", "run_plan",
                     "predict a run's peak memory from its config and say whether it fits (exit 0 fits, 1 not)"),
     "bench": Command("fastrl.bench.cli", "add_arguments", "run",
                      "benchmark kernels and whole training steps against their peers; writes CSV + PNG"),

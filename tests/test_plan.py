@@ -1,7 +1,7 @@
 """`fastrl plan`: predicted peaks against peaks measured on CPU, the ordering facts, budgets and bad input.
 
 The measured cases each run two real GRPO micro-steps (random-init Llama, fused loss, backward, AdamW) in a
-fresh subprocess (fastrl/plan_measure.py); the prediction must be within 15% of the measured peak RSS.
+fresh subprocess (fastrl/plan/measure.py); the prediction must be within 15% of the measured peak RSS.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fastrl.plan import parse_memory, plan_main, predict
-from fastrl.plan_measure import SMALL, WIDER, measure, predicted, predicted_peak
+from fastrl.plan.measure import SMALL, WIDER, measure, predicted, predicted_peak
 
 GiB = 1 << 30
 

@@ -183,7 +183,8 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
     from tqdm.auto import tqdm
 
     from .measure import quantiles
-    from .results import JobFailed, row, run_job
+    from .jobs import JobFailed, run_job
+    from .results import row
 
     cases = cases if cases is not None else e2e_cases(quick)
     one_process = quick  # time and memory from the same process (see the module docstring)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .cases import KernelCase, suite_cases
+from .jobs import JobFailed, run_job
 from .providers import PROVIDERS, providers_for
-from .results import JobFailed, row, run_job
+from .results import row
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 # torch.compile on CPU takes 30-90 s per new shape (inductor + a C++ compiler), in every fresh process: a quick run

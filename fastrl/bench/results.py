@@ -12,8 +12,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
-import sys
 from importlib import metadata
 
 COLUMNS = ["operation", "provider", "mode", "metric", "unit", "x_name", "x_value", "p20", "p50", "p80",
@@ -99,31 +97,3 @@ def read_csv(path: str) -> list[dict]:
         r["x_value"] = int(float(r["x_value"])) if r["x_value"] not in ("", None) else None
         r["config"] = json.loads(r["config"]) if r["config"] else {}
     return rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fresh processes
-
-class JobFailed(RuntimeError):
-    pass
-
-
-def run_job(job: dict, *, env_extra: dict | None = None, timeout: float = 1800.0) -> dict:
-    """Run a worker job (see worker.py) in a fresh Python process and return its result dict."""
-    from .worker import RESULT_PREFIX
-
-    env = dict(os.environ)
-    env.update(env_extra or {})
-    try:
-        proc = subprocess.run([sys.executable, "-m", "fastrl.bench.worker"], input=json.dumps(job),
-                              capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise JobFailed(f"timed out after {timeout:.0f} s") from None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    reason = tail[-1] if tail else f"exit code {proc.returncode}"
-    if proc.returncode < 0:
-        reason = f"killed by signal {-proc.returncode} (out of memory?)"
-    raise JobFailed(reason[:300])

@@ -18,7 +18,7 @@ import json
 import sys
 import traceback
 
-RESULT_PREFIX = "FASTRL_BENCH_RESULT "
+from .jobs import RESULT_PREFIX
 
 
 def mode_fn(run, inputs: dict, mode: str):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fastrl.plan import Plan, fmt, predict_shapes
-from fastrl.plan_memory import kv_cache_bytes
-from fastrl.plan_shapes import LINEAR_NAMES, LoraShape, RunShape
+from fastrl.plan.predict import Plan, fmt, predict_shapes
+from fastrl.plan.memory import kv_cache_bytes
+from fastrl.plan.shapes import LINEAR_NAMES, LoraShape, RunShape
 
 LORA_DEFAULT = LoraShape(r=16, targets=LINEAR_NAMES)
 

@@ -13,8 +13,8 @@ micro-step does, twice (so the second step runs with the optimizer states alread
 
 Peak = VmHWM − baseline. Predicted = `fastrl.plan.predict(..., device="cpu").peak`.
 
-    python -m fastrl.plan_measure --csv bench/results/plan_validation.csv     # every case, ~1-2 min
-    python -m fastrl.plan_measure --case full_fp32                          # one case, printed
+    python -m fastrl.plan.measure --csv bench/results/plan_validation.csv     # every case, ~1-2 min
+    python -m fastrl.plan.measure --case full_fp32                          # one case, printed
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def case_inputs(name: str) -> tuple[dict, dict]:
         model, run = json.loads(name)
         return dict(model), {**BASE_RUN, **run}
     if name in TRAINER_CASES:
-        from fastrl.plan import tiny_model_config
+        from fastrl.plan.cli import tiny_model_config
 
         tiny, run = TRAINER_CASES[name]
         return tiny_model_config(tiny), {**BASE_RUN, **run}
@@ -272,7 +272,7 @@ def measure(name: str, timeout: float = 300) -> dict:
     """Run one case in a fresh subprocess; returns its measured peak (bytes above the baseline)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, "-m", "fastrl.plan_measure", "--child", name], env=env,
+    proc = subprocess.run([sys.executable, "-m", "fastrl.plan.measure", "--child", name], env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {name!r} failed:\n{proc.stderr[-3000:]}")
@@ -280,7 +280,7 @@ def measure(name: str, timeout: float = 300) -> dict:
 
 
 def predicted(name: str):
-    from fastrl.plan import predict
+    from fastrl.plan.predict import predict
 
     model_config, run = case_inputs(name)
     return predict(model_config, run, device="cpu")
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
         rows.append(compare(name))
         print(json.dumps(rows[-1]), flush=True)
     if args.csv:
-        write_csv(args.csv, rows, "python -m fastrl.plan_measure --csv " + args.csv
+        write_csv(args.csv, rows, "python -m fastrl.plan.measure --csv " + args.csv
                   + "".join(f" --case {c}" for c in args.case or []))
     return 0
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastrl.kernels.forward_sweep import ONE_BUFFER_TILE_ELEMENTS, rows_per_tile
-from fastrl.plan_shapes import ModelShape, RunShape
+from fastrl.plan.shapes import ModelShape, RunShape
 
 FP32 = 4
 BF16 = 2

@@ -1,6 +1,4 @@
-"""`fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu]`: will this GRPO run fit, and what makes it fit.
-
-From a model's config.json and the run's batch and lengths, predicts the peak memory of each phase of a step:
+"""Per-phase peak memory of a GRPO step, predicted from a model's config.json and the run's batch and lengths.
 
     generation        transformers (KV cache) or colocated vLLM (its share of the GPU, sleeping or not)
     weight push       vLLM only: its weights awake, the policy's streamed one parameter at a time
@@ -11,25 +9,17 @@ From a model's config.json and the run's batch and lengths, predicts the peak me
 
 Every phase also holds what lives across the whole run: the policy's weights, a frozen reference copy (full
 fine-tuning with beta > 0; none with LoRA, whose reference is the same model with the adapter disabled) and the
-optimizer states. The formulas are in plan_memory.py; `python -m fastrl.plan_measure` checks them against peak
-RSS measured on CPU (bench/results/plan_validation.csv).
-
-Python API: `predict(model_config, run, device="cpu", device_memory=None) -> Plan`.
+optimizer states. The formulas are in memory.py; `python -m fastrl.plan.measure` checks them against peak RSS
+measured on CPU (bench/results/plan_validation.csv).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import re
-import sys
-import tempfile
 from dataclasses import dataclass, field
 
 from fastrl.kernels.forward_sweep import rows_per_tile
-from fastrl.plan_memory import (BF16, CUDA_CONTEXT_BYTES, FP32, Phase, checkpointed_bytes_per_token, fused_loss_bytes,
+from fastrl.plan.memory import (BF16, CUDA_CONTEXT_BYTES, FP32, Phase, checkpointed_bytes_per_token, fused_loss_bytes,
                                 grad_timeline, kv_cache_bytes, materializing_loss_bytes, trainable_params)
-from fastrl.plan_shapes import ModelShape, RunShape, loaded_dtype, model_shape, run_shape
+from fastrl.plan.shapes import ModelShape, RunShape, loaded_dtype, model_shape, run_shape
 
 DEVICES = ("cpu", "cuda")
 
@@ -227,128 +217,8 @@ def notes(model, run, device, device_memory) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- formatting
 def fmt(n: float) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
-
-
-def parse_memory(text: str) -> int:
-    """'24GB', '24GiB', '24G', '512MB', '1e9' -> bytes. GB and GiB both mean 2^30: a "24 GB" GPU holds 24 GiB."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"--memory: expected a size such as 24GB, 80GiB or 512MB, got {text!r}")
-    value, unit = float(m.group(1)), m.group(2).upper()
-    size = int(value * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
-    if size <= 0:
-        raise ValueError(f"--memory: must be positive, got {text!r}")
-    return size
-
-
-def format_plan(plan: Plan, budget: int | None = None) -> str:
-    lines = []
-    for p in plan.phases:
-        mark = "  <- peak" if p is plan.peak_phase else ""
-        lines.append(f"{p.name:<34}{fmt(p.total):>12}{mark}")
-        for k, v in p.parts.items():
-            if v:
-                lines.append(f"    {k:<58}{fmt(v):>12}")
-        for k, v in p.host.items():
-            lines.append(f"    host: {k:<52}{fmt(v):>12}")
-    lines.append(f"{'peak':<34}{fmt(plan.peak):>12}  ({plan.peak_phase.name})")
-    lines.append(f"{'materializing path (TRL, no kernels)':<34}{fmt(plan.materializing_peak):>12}  "
-                 f"(policy phase {fmt(plan.materializing_policy)} with [N,V] fp32 logits, log_softmax and their "
-                 "grads)")
-    if budget is not None:
-        verdict = "fits" if plan.fits(budget) else "does NOT fit"
-        lines.append(f"budget {fmt(budget)}: {verdict} ({fmt(budget - plan.peak)} to spare)" if plan.fits(budget)
-                     else f"budget {fmt(budget)}: {verdict} (over by {fmt(plan.peak - budget)})")
-    lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def load_plan_inputs(path: str) -> tuple[dict, dict]:
-    """CONFIG.yaml -> (model config.json dict, run dict). `model` is a folder (or config.json) or "tiny"."""
-    raw = load_run_config_for_plan(path)
-    model = raw.get("model")
-    if not model:
-        raise ValueError("model: required (a folder with config.json, or 'tiny')")
-    run = {k: v for k, v in raw.items() if k not in ("model", "tiny_model")}
-    if model == "tiny":
-        return tiny_model_config(raw.get("tiny_model") or {}), run
-    if raw.get("tiny_model") is not None:
-        raise ValueError("tiny_model: only used with model: tiny")
-    config_path = model if model.endswith(".json") else os.path.join(model, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"model: {config_path!r} does not exist (plan reads the model's config.json; "
-                         "a hub id must be downloaded to a folder first)")
-    with open(config_path) as f:
-        return json.load(f), run
-
-
-def load_run_config_for_plan(path: str) -> dict:
-    """The YAML as `fastrl train` reads it (yes/no words, seed defaults), checked for what plan needs."""
-    from fastrl.plan_shapes import check_run_keys
-    from fastrl.run_config import load_run_config
-
-    raw = load_run_config(path)
-    check_run_keys(raw)
-    return raw
-
-
-def tiny_model_config(kwargs: dict) -> dict:
-    """The built-in tiny model's config.json, built in a temporary folder from the `tiny_model:` kwargs."""
-    from fastrl.tasks.tiny_model import build_tiny_model
-
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"tiny_model: expected a mapping, got {kwargs!r}")
-    with tempfile.TemporaryDirectory(prefix="fastrl_plan_") as tmp:
-        folder = build_tiny_model(os.path.join(tmp, "tiny"), **kwargs)
-        with open(os.path.join(folder, "config.json")) as f:
-            return json.load(f)
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML run config (the `fastrl train` schema, plus optional `peft`)")
-    parser.add_argument("--memory", required=True, help="memory budget, e.g. 24GB (GB = GiB = 2^30 bytes)")
-    parser.add_argument("--device", choices=DEVICES, default="cuda",
-                        help="cuda: the budget is one GPU's memory; cpu: host memory (default: cuda)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    from fastrl.plan_advice import format_advice, recommend
-
-    budget = parse_memory(args.memory)
-    model_config, run = load_plan_inputs(args.config)
-    plan = predict(model_config, run, args.device, device_memory=budget)
-    advice = recommend(plan, budget)
-    if args.json:
-        print(json.dumps({"plan": plan.as_dict(), "budget": budget, "fits": plan.fits(budget),
-                          "advice": advice.as_dict()}, indent=2))
-    else:
-        print(format_plan(plan, budget))
-        print(format_advice(advice, plan, budget))
-    return 0 if plan.fits(budget) else 1
-
-
-def plan_main(argv: list[str] | None = None) -> int:
-    """`fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu]`. Exit 0 fits, 1 does not fit, 2 bad input."""
-    parser = argparse.ArgumentParser(prog="fastrl plan", description=__doc__.split("\n")[0])
-    add_plan_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_plan(args)
-    except ValueError as e:
-        print(f"fastrl plan: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(plan_main())
