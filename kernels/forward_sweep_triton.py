@@ -145,7 +145,7 @@ def forward_sweep(hidden, weight, targets, bias, temperature, with_entropy):
         return lse, logp, entropy
     grid = (triton.cdiv(n, cfg.block_n),)
     _forward_sweep_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse, logp,
+        hidden, weight, bias.contiguous() if bias is not None else hidden, targets.contiguous(), lse, logp,
         entropy if with_entropy else logp, n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,

@@ -242,8 +242,8 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     cfg = grad_config(hidden.dtype, precision)
     has_ent = g_entropy is not None
     stand_in = lse  # any fp32 tensor, passed where an optional pointer is unused (its flag is off)
-    inputs = (hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse.contiguous(),
-              g_logp.contiguous(),
+    inputs = (hidden, weight, bias.contiguous() if bias is not None else hidden, targets.contiguous(),
+              lse.contiguous(), g_logp.contiguous(),
               g_entropy.contiguous() if has_ent else stand_in, entropy.contiguous() if has_ent else stand_in)
     sizes = (n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature)
     flags = dict(HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=has_ent,
