@@ -18,7 +18,8 @@ log and the checkpoint; through TrainerControl they can ask to log, save, or sto
 
 Batch sizes are TRL's: per_device_train_batch_size counts completions; a generation batch holds
 generation_batch_size = per_device_train_batch_size × world_size × steps_per_generation completions.
-Normalizers are global (world_size is explicit; only one process is supported so far).
+Every normaliser and accumulation factor of the loss comes from one LossSpec (fastrl.kernels.loss_spec), built from
+GRPOConfig and the world size; normalisers are global (only one process is supported so far).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from fastrl.generation.base import SamplingConfig
 from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
+from fastrl.kernels.loss_spec import LossSpec
 from fastrl.logging_utils import MetricsLogger
 from fastrl.policy import (activations_offloaded, completion_hidden, frozen_reference, lm_head, is_peft,
                            load_policy, load_tokenizer, prepare_for_training, reference_on, training_device)
@@ -49,7 +51,6 @@ from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_re
 from fastrl.rollout_batch import RolloutBatch
 from fastrl.scoring import combine, resolve_reward_funcs, score
 
-PER_TOKEN_NORMALIZED = ("grpo", "bnpo", "dr_grpo", "sapo")  # TRL divides these by gradient_accumulation_steps
 
 
 class TrainOutput(NamedTuple):  # transformers' TrainOutput (importing its module pulls in peft: ~10 s)
@@ -126,10 +127,11 @@ class GRPOTrainer:
         self.control = TrainerControl()
         self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks or []]  # transformers' rule
         self.optimizer = self.lr_scheduler = None
+        self.loss_spec = LossSpec.from_config(args)  # every normaliser and accumulation factor of the loss
         self._loss_fn = fused_linear_grpo_loss  # injectable: tests swap in the float64 reference
         self._logprob_fn = fused_linear_logprobs
         self._buffer: list[RolloutBatch] | None = None  # the current generation batch, split into micro-batches
-        self._buffer_info: dict = {}  # its dapo normalizer, generation metrics and log_completions rows
+        self._buffer_info: dict = {}  # its loss-token count, generation metrics and log_completions rows
         self._window: list[dict] = []  # per-step metrics since the last log_history entry
         self._extra_metrics: dict[str, list[float]] = defaultdict(list)  # from reward functions' log_metric
         self._callback("on_init_end")
@@ -226,15 +228,9 @@ class GRPOTrainer:
         weight, bias = self._head_for(hidden, self.head)  # the loss keeps its tensors on the device
         loss, metrics = self._loss_fn(
             hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
-            old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio, beta=args.beta,
-            epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta, temperature=args.temperature,
-            loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level,
-            use_bias_correction_kl=args.use_bias_correction_kl, max_completion_length=args.max_completion_length,
-            num_items_in_batch=self._buffer_info["num_items_in_batch"] if args.loss_type in ("dapo", "cispo")
-            else None, top_entropy_quantile=args.top_entropy_quantile)
-        if args.loss_type in PER_TOKEN_NORMALIZED:
-            loss = loss / args.gradient_accumulation_steps
-        return loss, metrics
+            old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio,
+            **self.loss_spec.loss_kwargs(self._buffer_info["loss_tokens"]))
+        return loss * self.loss_spec.micro_batch_scale, metrics
 
     # ------------------------------------------------------------------ one generation batch
     def _generate_and_score(self) -> tuple[RolloutBatch, dict]:
@@ -261,17 +257,13 @@ class GRPOTrainer:
                                                 args.vllm_importance_sampling_clip_max)
             if args.beta != 0.0:
                 batch.ref_logprobs = self._reference_logprobs(batch)  # [B, T]
-        # global token count (one process), at least 1 as TRL clamps it: with mask_truncated_completions every
-        # completion may be masked, and the loss of an empty batch is then 0 with zero gradients, not 0 / 0
-        num_items = max(1.0, float(batch.completion_mask.sum()))
-        # dapo/cispo: the generation batch's tokens, rescaled to one accumulation window (TRL's normalizer)
-        normalizer = num_items / args.world_size * args.gradient_accumulation_steps / args.steps_per_generation
+        loss_tokens = float(batch.completion_mask.sum())  # global (one process): the spec's num_items_in_batch
         metrics = {**self._generation_metrics(rewards_per_func, rewards, rollout, G), **sampling_metrics}
         if batch.old_logprobs is not None and rollout.logprobs is not None:
             # a push that did not land (stale generator weights) shows up here at once
             metrics["rollout/logprob_abs_diff"] = logprob_abs_diff(
                 self._padded(rollout.logprobs, batch), batch.old_logprobs, batch.completion_attention)
-        return batch, {"num_items_in_batch": normalizer, "metrics": metrics, "completions": records}
+        return batch, {"loss_tokens": loss_tokens, "metrics": metrics, "completions": records}
 
     def _sample_and_score(self) -> ScoredGroups:
         """P prompts from the sampler -> G completions each -> rewards (weighted nansum; None = NaN, excluded)."""

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .params import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, GRPOLossParams
+from .loss_spec import LOSS_TYPES
+from .params import IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS, GRPOLossParams
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

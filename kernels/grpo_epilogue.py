@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import torch
 
+from .loss_spec import SEQUENCE_MEAN
 from .params import GRPOLossParams
 
 
 def token_weights(mask: torch.Tensor, p: GRPOLossParams) -> torch.Tensor:
-    """mask [B, T] -> w [B, T] with loss = Σ w·L, encoding the loss_type's normalization."""
+    """mask [B, T] -> w [B, T] with loss = Σ w·L, encoding the loss type's reduction (loss_spec.py)."""
     mask = mask.float()
-    if p.loss_type in ("grpo", "sapo"):  # mean over sequences of the per-sequence masked mean
+    if p.rule.reduction == SEQUENCE_MEAN:
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / mask.shape[0]
-    return mask / p.normalizer(float(mask.sum()), mask.shape[0])
+    divisor = p.fixed_divisor(mask.shape[0])
+    return mask / (mask.sum().clamp(min=1.0) if divisor is None else divisor)
 
 
 def policy_loss(logp, ratio, adv, p: GRPOLossParams) -> torch.Tensor:
     """Per-token policy loss before masks and KL. ratio and adv broadcast against logp."""
-    if p.loss_type == "cispo":
+    if p.rule.objective == "cispo":
         return -torch.clamp(ratio, max=p.epsilon_high).detach() * adv * logp
-    if p.loss_type == "sapo":
+    if p.rule.objective == "sapo":
         t = torch.where(adv > 0, p.sapo_temperature_pos, p.sapo_temperature_neg)
         return -torch.sigmoid(t * (ratio - 1)) * (4.0 / t) * adv
     clipped = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.epsilon_high)
@@ -37,9 +39,9 @@ def policy_loss(logp, ratio, adv, p: GRPOLossParams) -> torch.Tensor:
 
 def clip_flags(ratio, adv, p: GRPOLossParams) -> dict[str, torch.Tensor]:
     """TRL's clip indicators (on the uncapped ratio), as float tensors shaped like ratio·adv."""
-    if p.loss_type == "cispo":
+    if p.rule.objective == "cispo":
         return {"cispo_clip_ratio": ((ratio > p.epsilon_high) & (adv > 0)).float()}
-    if p.loss_type == "sapo":
+    if p.rule.objective == "sapo":
         return {}
     low = (ratio < 1 - p.epsilon_low) & (adv < 0)
     high = (ratio > 1 + p.epsilon_high) & (adv > 0)

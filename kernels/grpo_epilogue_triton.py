@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 from .grpo_epilogue import check_epilogue_inputs
+from .loss_spec import SEQUENCE_MEAN
 from .params import GRPOLossParams
 
-LOSS_KIND = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "cispo": 1, "sapo": 2}
+OBJECTIVE_KIND = {"clip": 0, "cispo": 1, "sapo": 2}  # the LOSS constexpr, per loss_spec.OBJECTIVES
 NORM_PER_SEQUENCE, NORM_MASK_TOTAL, NORM_CONSTANT = 0, 1, 2
 PARTIALS = ("loss", "kl", "entropy", "low", "high", "region", "cispo")  # columns of the [B, 7] partials
 # BLOCK_T: completions of up to 1024 tokens in one block (T ≤ 1024 → next power of two ≥ 16), longer ones loop.
@@ -149,11 +150,11 @@ def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_m
     m_sum, lr_sum = _sequence_sums(p_logp, p_mask, p_old, row, T, HAS_OLD, BLOCK_T)  # pass 1
     den = tl.maximum(m_sum, 1.0)
     r_seq = tl.exp(lr_sum / den)
-    if NORM == 0:  # grpo, sapo: mean over sequences of the per-sequence masked mean
+    if NORM == 0:  # SEQUENCE_MEAN (grpo, sapo): mean over sequences of the per-sequence masked mean
         w = 1.0 / (den * n_seq)
-    elif NORM == 1:  # bnpo, dapo/cispo without num_items_in_batch: the batch's token count
+    elif NORM == 1:  # MASK_TOTAL, ITEMS without num_items_in_batch: the batch's token count
         w = 1.0 / tl.maximum(tl.load(p_mask_total), 1.0)
-    else:  # dr_grpo (B · max_completion_length), dapo/cispo with num_items_in_batch
+    else:  # COMPLETION_BUDGET, ITEMS with num_items_in_batch: the host's fixed divisor
         w = 1.0 / norm_const
     # pass 2: loss, metric sums, g (token level) and C = Σ w·m·∂L/∂r (sequence level)
     loss_sum = 0.0
@@ -224,14 +225,11 @@ def _entropy_threshold(entropy, mask, quantile: float) -> float:
 
 
 def _normalizer(mask, p: GRPOLossParams) -> tuple[int, float]:
-    """(NORM, norm_const) for the kernel; see GRPOLossParams.normalizer for the rule per loss_type."""
-    if p.loss_type in ("grpo", "sapo"):
+    """(NORM, norm_const) for the kernel, from the loss type's reduction (loss_spec.py)."""
+    if p.rule.reduction == SEQUENCE_MEAN:
         return NORM_PER_SEQUENCE, 1.0
-    if p.loss_type == "dr_grpo":
-        return NORM_CONSTANT, float(mask.shape[0] * p.max_completion_length)
-    if p.loss_type in ("dapo", "cispo") and p.num_items_in_batch is not None:
-        return NORM_CONSTANT, max(1.0, float(p.num_items_in_batch))
-    return NORM_MASK_TOTAL, 1.0
+    divisor = p.fixed_divisor(mask.shape[0])
+    return (NORM_MASK_TOTAL, 1.0) if divisor is None else (NORM_CONSTANT, divisor)
 
 
 def _metrics(sums, mask_total, n_seq: int, p: GRPOLossParams, has_entropy: bool) -> dict:
@@ -243,11 +241,11 @@ def _metrics(sums, mask_total, n_seq: int, p: GRPOLossParams, has_entropy: bool)
         out["kl"] = sums[1] / tokens
     if has_entropy:
         out["entropy"] = sums[2] / tokens
-    if LOSS_KIND[p.loss_type] == 0:
+    if p.rule.objective == "clip":
         out["clip_ratio/low_mean"] = sums[3] / flag_count
         out["clip_ratio/high_mean"] = sums[4] / flag_count
         out["clip_ratio/region_mean"] = sums[5] / flag_count
-    elif p.loss_type == "cispo":
+    elif p.rule.objective == "cispo":
         out["cispo_clip_ratio"] = sums[6] / flag_count
     return out
 
@@ -275,7 +273,7 @@ def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy,
             norm_const, float(p.beta), float(p.epsilon_low), float(p.epsilon_high),
             float(p.delta) if p.delta is not None else 0.0, float(p.sapo_temperature_pos),
             float(p.sapo_temperature_neg), ent_thr,
-            LOSS=LOSS_KIND[p.loss_type], NORM=norm, SEQ_LEVEL=p.importance_sampling_level == "sequence",
+            LOSS=OBJECTIVE_KIND[p.rule.objective], NORM=norm, SEQ_LEVEL=p.importance_sampling_level == "sequence",
             HAS_OLD=old_logp is not None, HAS_KL=p.beta != 0.0, BIAS_KL=p.use_bias_correction_kl,
             HAS_DELTA=p.delta is not None, HAS_IS=isr is not None, HAS_ENT=entropy is not None, ENT_MASK=ent_mask,
             BLOCK_T=block_t(length), num_warps=NUM_WARPS,

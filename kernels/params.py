@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+from .loss_spec import LOSS_RULES, LossRule, fixed_divisor
+
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -28,13 +29,11 @@ class GRPOLossParams:
     sapo_temperature_pos: float = SAPO_TEMPERATURE_POS
     sapo_temperature_neg: float = SAPO_TEMPERATURE_NEG
 
-    def normalizer(self, mask_sum: float, batch_size: int) -> float:
-        """The global divisor of Σ m·L for the loss types normalized over the whole batch (not grpo/sapo)."""
-        if self.loss_type == "bnpo":
-            return max(1.0, mask_sum)
-        if self.loss_type == "dr_grpo":
-            return float(batch_size * self.max_completion_length)
-        if self.loss_type in ("dapo", "cispo"):
-            n = self.num_items_in_batch if self.num_items_in_batch is not None else mask_sum
-            return max(1.0, float(n))
-        raise ValueError(f"loss_type {self.loss_type!r} is normalized per sequence, not globally")
+    @property
+    def rule(self) -> LossRule:
+        """The loss type's objective and reduction (loss_spec.LOSS_RULES)."""
+        return LOSS_RULES[self.loss_type]
+
+    def fixed_divisor(self, n_seq: int) -> float | None:
+        """The divisor of Σ m·L when the mask does not set it (loss_spec.fixed_divisor)."""
+        return fixed_divisor(self.rule, n_seq, self.max_completion_length, self.num_items_in_batch)

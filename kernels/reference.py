@@ -72,9 +72,19 @@ def _per_token_loss(logp, old, adv, mask, p: GRPOLossParams):
 
 
 def _reduce(per_token, mask, p: GRPOLossParams):
+    """TRL's reduction per loss_type, written out here on purpose: the production code's single home of these
+    rules (loss_spec.py) is what this checks, so it must not be imported."""
+    total = (per_token * mask).sum()
     if p.loss_type in ("grpo", "sapo"):
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    return (per_token * mask).sum() / p.normalizer(float(mask.sum()), mask.shape[0])
+    if p.loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1.0)
+    if p.loss_type == "dr_grpo":
+        return total / (mask.shape[0] * p.max_completion_length)
+    if p.loss_type in ("dapo", "cispo"):
+        items = mask.sum() if p.num_items_in_batch is None else mask.new_tensor(float(p.num_items_in_batch))
+        return total / items.clamp(min=1.0)
+    raise ValueError(f"loss_type: the reference does not know {p.loss_type!r}")
 
 
 def _masked_mean(x, mask):

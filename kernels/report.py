@@ -137,7 +137,7 @@ def kernel_specs() -> list[KernelSpec]:
 
 
 def _epilogue_spec(sequence_level: bool) -> KernelSpec:
-    from .grpo_epilogue_triton import LOSS_KIND, NORM_MASK_TOTAL, NUM_WARPS, _grpo_epilogue_kernel, block_t
+    from .grpo_epilogue_triton import NORM_MASK_TOTAL, NUM_WARPS, OBJECTIVE_KIND, _grpo_epilogue_kernel, block_t
 
     length = 1024  # completion positions T
     ptrs = ["p_logp", "p_mask", "p_adv", "p_old", "p_ref", "p_isr", "p_ent", "p_mask_total", "p_g", "p_part"]
@@ -145,7 +145,7 @@ def _epilogue_spec(sequence_level: bool) -> KernelSpec:
             "stride_isr_t": ("i32", 1), **{k: ("fp32", None) for k in ("n_seq", "norm_const", "beta", "eps_low",
                                                                      "eps_high", "delta", "t_pos", "t_neg",
                                                                      "ent_thr")}}
-    const = {"LOSS": LOSS_KIND["dapo"], "NORM": NORM_MASK_TOTAL, "SEQ_LEVEL": sequence_level,
+    const = {"LOSS": OBJECTIVE_KIND["clip"], "NORM": NORM_MASK_TOTAL, "SEQ_LEVEL": sequence_level,
              "HAS_OLD": True, "HAS_KL": True, "BIAS_KL": False, "HAS_DELTA": False, "HAS_IS": True,
              "HAS_ENT": True, "ENT_MASK": False, "BLOCK_T": block_t(length)}
     name = "grpo_epilogue_sequence" if sequence_level else "grpo_epilogue"

@@ -240,7 +240,8 @@ def test_dapo_normalizer_is_trls(model_dir, tmp_path, accum, steps_per_generatio
     trainer._next_micro_batch()
     tokens = sum(int(b.completion_mask.sum()) for b in trainer._buffer)  # the whole generation batch
     assert len(trainer._buffer) == steps_per_generation
-    assert trainer._buffer_info["num_items_in_batch"] == tokens * accum / steps_per_generation
+    assert trainer.loss_spec.num_items_in_batch(trainer._buffer_info["loss_tokens"]) == \
+        tokens * accum / steps_per_generation
 
 
 # ---------------------------------------------------------------- mask_truncated_completions: an all-masked batch

@@ -157,6 +157,7 @@ def _step(model, ref, opt, args, ids, attention, completion, p, marks):
     import torch
 
     from fastrl.kernels import fused_linear_grpo_loss
+    from fastrl.kernels.loss_spec import LossSpec
     from fastrl.policy import completion_hidden, lm_head
 
     ref_logp = _reference_logprobs(model, ref, ids, attention, completion, p, args) if args.beta > 0 else None
@@ -165,10 +166,11 @@ def _step(model, ref, opt, args, ids, attention, completion, p, marks):
         hidden = completion_hidden(model, ids, attention, p)  # [b, T, H]
     weight = lm_head(model).weight
     advantages = torch.linspace(-1, 1, ids.shape[0])
-    loss, _ = fused_linear_grpo_loss(hidden, weight.to(hidden.dtype), completion, torch.ones_like(completion),
-                                     advantages, ref_logprobs=ref_logp, beta=args.beta, backend="torch")
+    spec, mask = LossSpec.from_config(args), torch.ones_like(completion)  # the trainer's loss settings
+    loss, _ = fused_linear_grpo_loss(hidden, weight.to(hidden.dtype), completion, mask, advantages,
+                                     ref_logprobs=ref_logp, backend="torch", **spec.loss_kwargs(mask.sum()))
     del hidden
-    loss.backward()
+    (loss * spec.micro_batch_scale).backward()
     marks("policy forward+backward")
     torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
     opt.step()
