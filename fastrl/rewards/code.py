@@ -1,27 +1,31 @@
-"""Code rewards: run the completion's program against the row's tests, in the sandbox.
+"""Code rewards a policy cannot talk into passing: the program runs in the sandbox, the verdict is decided here.
 
-`code_reward(completions, tests, **kwargs)` takes the last fenced Python block of each completion (a block
-tagged python, py or python3, or an untagged one; blocks in other languages are skipped) and runs it, followed by
-each test, in the sandbox (`fastrl.rewards.sandbox`). `tests` is the dataset column: per row, one string of
-Python test code (reward 1.0 or 0.0) or a list of them (reward = the fraction that pass: partial credit). A
-test passes when the program and then the test run to their end without an exception, within the limits.
+`code_reward(completions, tests, **kwargs)` takes the last fenced Python block of each completion (tagged
+python, py or python3, or untagged; blocks in other languages are skipped) and runs it on the row's test cases
+(formats: fastrl.rewards.code_cases). Reward = the fraction of cases passed:
 
-- no code block in the completion: 0.0;
-- no tests for the row (None or an empty list): None, so the trainer leaves the row out of this reward.
+- stdin/stdout cases: the program reads the input on stdin; the case passes when it exits with status 0 within
+  the limits and its stdout matches the expected output (`output_match`, `float_tolerance`);
+- function-call cases: after the program, the sandbox evaluates the call and sends back the value as JSON; the
+  case passes when that parses as plain data equal to the expected value. An object whose `__eq__` always says
+  yes, a patched `compile`, or a forged token cannot pass: nothing inside the sandbox decides.
+- no code block: 0.0; no tests for the row (None or empty): None, so the trainer leaves the row out.
 
-Each (completion, test) pair runs in its own freshly isolated process, so one test's infinite loop or crash
-cannot take the others down. The tests of one completion share one interpreter start-up (most of the cost of a
-run), and completions run in parallel on `max_workers` threads (default: the CPU count); when there are fewer
-completions than workers, their tests are split across workers. The worst case for a completion is
-(number of tests) x timeout.
+Free-form assert tests run inside the sandbox only with `trust_tests_in_process=True`, whose verdict the program
+can forge (it runs in the same interpreter as the test): never for training on a policy's output.
+
+One sandbox session per completion (its cases share one interpreter start), completions in parallel on
+`max_workers` threads (default: the CPU count). The worst case for a completion is cases x timeout.
 """
 from __future__ import annotations
 
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
-from .sandbox import ISOLATIONS, SandboxLimits, run_python_batch
+from .code_cases import OUTPUT_MATCHES, Cases, output_matches, parse_tests, value_matches
+from .sandbox import ISOLATIONS, CaseResult, SandboxLimits, check_isolation, run_cases
 from .text import check_same_length, message_text
 
 PYTHON_TAGS = ("python", "py", "python3", "")
@@ -35,65 +39,72 @@ def extract_code(text: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
-def _row_tests(tests, row: int) -> list[str] | None:
-    if tests is None:
-        return None
-    if isinstance(tests, str):
-        return [tests]
-    if isinstance(tests, (list, tuple)) and all(isinstance(t, str) for t in tests):
-        return list(tests) or None
-    raise ValueError(f"tests[{row}] must be a string of Python test code or a list of them, "
-                     f"got {type(tests).__name__}")
-
-
 class CodeReward:
-    """A reward function with its own sandbox limits and parallelism (`code_reward` is the default one)."""
+    """A code reward with its own sandbox, limits, comparison rule and parallelism.
+
+    Construction checks the sandbox once and raises SandboxUnavailable, saying what is missing, when
+    `isolation` cannot run here ("bwrap", the default and strong one; "landlock", weaker, for non-root users).
+    """
 
     __name__ = "code_reward"
 
     def __init__(self, limits: SandboxLimits | None = None, max_workers: int | None = None,
-                 isolation: str = "auto"):
+                 isolation: str = "bwrap", output_match: str = "tokens", float_tolerance: float | None = None,
+                 trust_tests_in_process: bool = False):
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
             raise ValueError(f"max_workers must be a positive int or None, got {max_workers!r}")
+        if output_match not in OUTPUT_MATCHES:
+            raise ValueError(f"output_match must be one of {OUTPUT_MATCHES}, got {output_match!r}")
+        if float_tolerance is not None and not (isinstance(float_tolerance, (int, float)) and
+                                                0 <= float_tolerance < 1):
+            raise ValueError(f"float_tolerance must be None or a number in [0, 1), got {float_tolerance!r}")
+        if not isinstance(trust_tests_in_process, bool):
+            raise ValueError(f"trust_tests_in_process must be a bool, got {trust_tests_in_process!r}")
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+        check_isolation(isolation)
         self.limits = limits or SandboxLimits()
         self.max_workers = max_workers or os.cpu_count() or 1
         self.isolation = isolation
+        self.output_match, self.float_tolerance = output_match, float_tolerance
+        self.trust_tests_in_process = trust_tests_in_process
 
     def __call__(self, completions, tests=None, **kwargs) -> list[float | None]:
         check_same_length(completions, tests, "tests")
-        per_row = [_row_tests(row_tests, row) for row, row_tests in enumerate(tests)]
-        batches: list[tuple[int, list[list[str]]]] = []  # (row, runs); a run is [program, test]
-        for row, (completion, row_tests) in enumerate(zip(completions, per_row)):
-            program = extract_code(message_text(completion))
-            if row_tests is not None and program is not None:
-                batches.append((row, [[program, test] for test in row_tests]))
-        passes = [0] * len(completions)
-        for row, results in self._run_all(_split_to_fill(batches, self.max_workers)):
-            passes[row] += sum(result.passed for result in results)
-        return [None if row_tests is None else passes[row] / len(row_tests) for row, row_tests in enumerate(per_row)]
+        rows = [parse_tests(row_tests, row, self.trust_tests_in_process) for row, row_tests in enumerate(tests)]
+        jobs = [(row, program, cases) for row, (completion, cases) in enumerate(zip(completions, rows))
+                if cases is not None and (program := extract_code(message_text(completion))) is not None]
+        rewards: list[float | None] = [None if cases is None else 0.0 for cases in rows]
+        if not jobs:
+            return rewards
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(jobs))) as pool:
+            scored = pool.map(lambda job: self.score(job[1], job[2]), jobs)
+            for (row, _, _), value in zip(jobs, scored):
+                rewards[row] = value
+        return rewards
 
-    def _run_all(self, batches):
-        if not batches:
-            return []
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(batches))) as pool:
-            results = pool.map(lambda batch: run_python_batch(batch[1], self.limits, self.isolation), batches)
-            return [(row, row_results) for (row, _), row_results in zip(batches, results)]
+    def score(self, program: str, cases: Cases) -> float:
+        """The fraction of `cases` the program passes, judged here from what the sandbox brought back."""
+        results = run_cases(program, cases.inputs, cases.mode, self.limits, self.isolation)
+        expected = cases.expected or [None] * len(results)
+        return sum(self.passed(result, want, cases.mode) for result, want in zip(results, expected)) / len(results)
 
-
-def _split_to_fill(batches: list, workers: int) -> list:
-    """One batch per completion (one interpreter start for all its tests), split in halves, largest first,
-    while there are fewer batches than workers, so a few completions with many tests still use every core."""
-    batches = list(batches)
-    while len(batches) < workers:
-        largest = max(range(len(batches)), key=lambda i: len(batches[i][1]), default=None)
-        if largest is None or len(batches[largest][1]) < 2:
-            break
-        row, runs = batches.pop(largest)
-        half = len(runs) // 2
-        batches += [(row, runs[:half]), (row, runs[half:])]
-    return batches
+    def passed(self, result: CaseResult, expected, mode: str) -> bool:
+        if not result.finished:
+            return False
+        if mode == "stdin":
+            return output_matches(result.stdout, expected, self.output_match, self.float_tolerance)
+        if mode == "call":
+            return value_matches(result.value, expected, self.float_tolerance)
+        return result.value == "true"  # trusted mode: the test source ran to its end (forgeable)
 
 
-code_reward = CodeReward()
+@lru_cache(maxsize=1)
+def _default_code_reward() -> CodeReward:
+    return CodeReward()
+
+
+def code_reward(completions, tests=None, **kwargs) -> list[float | None]:
+    """code_reward with the default settings; its sandbox is checked (and SandboxUnavailable raised) on the
+    first call, so importing fastrl.rewards works on machines without one."""
+    return _default_code_reward()(completions, tests=tests, **kwargs)
