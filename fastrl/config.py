@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastrl.kernels.loss_spec import LOSS_TYPES
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # multi_objective_aggregation (fastrl.scoring)
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
@@ -25,7 +26,6 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 
 # field -> (the default it must keep, why another value is refused). Checked in __post_init__.
 UNSUPPORTED = {
-    "multi_objective_aggregation": ("sum_then_normalize", "only TRL's default aggregation is implemented"),
     "entropy_coef": (0.0, "the entropy bonus is not in the fused loss"),
     "use_adaptive_entropy": (False, "the entropy bonus is not in the fused loss"),
     "off_policy_mask_threshold": (None, "off-policy sequence masking is not implemented"),
@@ -268,6 +268,7 @@ class GRPOConfig:
         need(self.beta >= 0, "beta", "a number >= 0")
         need(self.epsilon >= 0, "epsilon", "a number >= 0")
         need(self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}")
+        need(self.multi_objective_aggregation in AGGREGATIONS, "multi_objective_aggregation", f"one of {AGGREGATIONS}")
         need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards", "'group', 'batch' or 'none'")
         need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level",
              "'token' or 'sequence'")

@@ -32,6 +32,7 @@ class ScoredGroups(NamedTuple):
     rollout: Rollout  # P*G completions
     rewards_per_func: torch.Tensor  # [P*G, F], NaN = None
     rewards: torch.Tensor  # [P*G] weighted sum, NaN = unscorable
+    extra: dict[str, list] = {}  # columns reward functions added through log_extra, P*G values each
 
 
 def varied_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -54,7 +55,8 @@ def select_groups(scored: ScoredGroups, groups: list[int], num_generations: int)
                       truncated=[r.truncated[i] for i in rows_idx])
     index = torch.tensor(rows_idx, dtype=torch.long)
     return ScoredGroups([scored.rows[g] for g in groups], [scored.prompt_ids[g] for g in groups], rollout,
-                        scored.rewards_per_func[index], scored.rewards[index])
+                        scored.rewards_per_func[index], scored.rewards[index],
+                        {k: [v[i] for i in rows_idx] for k, v in scored.extra.items()})
 
 
 def concat_groups(parts: list[ScoredGroups]) -> ScoredGroups:
@@ -62,8 +64,10 @@ def concat_groups(parts: list[ScoredGroups]) -> ScoredGroups:
         [lp for p in parts for lp in p.rollout.logprobs]
     rollout = Rollout(completion_ids=[c for p in parts for c in p.rollout.completion_ids], logprobs=logprobs,
                       truncated=[t for p in parts for t in p.rollout.truncated])
+    columns = dict.fromkeys(k for p in parts for k in p.extra)  # a column some parts lack is None there
+    extra = {k: [v for p in parts for v in p.extra.get(k, [None] * len(p.rewards))] for k in columns}
     return ScoredGroups([r for p in parts for r in p.rows], [x for p in parts for x in p.prompt_ids], rollout,
-                        torch.cat([p.rewards_per_func for p in parts]), torch.cat([p.rewards for p in parts]))
+                        torch.cat([p.rewards_per_func for p in parts]), torch.cat([p.rewards for p in parts]), extra)
 
 
 def fill_generation_batch(sample: Callable[[], ScoredGroups], num_prompts: int, num_generations: int,

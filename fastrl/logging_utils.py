@@ -6,9 +6,9 @@ same dicts that go into state.log_history (TRL's behaviour).
 
 With log_completions=True, each logging step also appends the latest generation batch to
 OUTPUT_DIR/completions.jsonl, one JSON object per completion with TRL's completions-table columns (step, prompt,
-completion, one column per reward function, advantage; an unscorable reward is null), and prints it as a rich table
-(num_completions_to_print rows, drawn at random as TRL does; all when None). TRL writes the same table as a parquet
-file per step under OUTPUT_DIR/completions/.
+completion, one column per reward function, advantage, then any log_extra columns; an unscorable reward is
+null), and prints it as a rich table (num_completions_to_print rows, drawn at random as TRL does; all when None).
+TRL writes the same table as a parquet file per step under OUTPUT_DIR/completions/.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def print_completions(records: list[dict], step: int, num_to_print: int | None =
         records = list(first.values())
     if num_to_print is not None and num_to_print < len(records):
         records = [records[i] for i in sorted(random.Random(step).sample(range(len(records)), num_to_print))]
-    value_columns = [k for k in records[0] if k not in ("prompt", "completion")]  # rewards..., advantage
+    value_columns = [k for k in records[0] if k not in ("prompt", "completion")]  # rewards, advantage, extra
     table = Table(show_header=True, header_style="bold white", expand=True)
     table.add_column("Prompt", style="bright_yellow")
     table.add_column("Completion", style="bright_green")
@@ -128,9 +128,16 @@ def print_completions(records: list[dict], step: int, num_to_print: int | None =
         table.add_column(k.capitalize() if k == "advantage" else k, style="bold cyan", justify="right")
     for r in records:
         table.add_row(_as_text(r["prompt"]), _as_text(r["completion"]),
-                      *("-" if r[k] is None else f"{r[k]:.2f}" for k in value_columns))
+                      *(_cell(r[k]) for k in value_columns))
         table.add_section()
     Console().print(Panel(table, expand=False, title=f"Step {step}", border_style="bold white"))
+
+
+def _cell(value) -> str:
+    """A value column's cell: numbers to two decimals, None as '-', anything else (log_extra columns) as text."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
 
 
 def _as_text(entry) -> str:

@@ -10,39 +10,53 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
 import math
 import numbers
 from typing import Callable
 
 import torch
 
+from fastrl.config import AGGREGATIONS
+from fastrl.kernels import group_advantages
+from fastrl.kernels.advantages import _nan_mean_std
+from fastrl.rewards.reward_model import load_reward_model, reward_model_name
 
-def resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
-    """One callable, a "module:function" string, or a list of them -> (functions, names)."""
-    if not isinstance(reward_funcs, (list, tuple)):
+log = logging.getLogger(__name__)
+
+
+def resolve_reward_funcs(reward_funcs, model_init_kwargs: dict | None = None) -> tuple[list, list[str]]:
+    """One callable, reward model or string, or a list of them -> (functions and models, TRL's names).
+
+    A string is "module:function", a built-in reward name, or else a reward model's id or folder."""
+    if reward_funcs is None:
+        reward_funcs = []
+    elif not isinstance(reward_funcs, (list, tuple)):
         reward_funcs = [reward_funcs]
-    if not reward_funcs:
-        raise ValueError("reward_funcs: expected at least one reward function, got an empty list")
-    funcs = [import_reward(f) if isinstance(f, str) else f for f in reward_funcs]
+    if not reward_funcs:  # TRL's message (an environment's get_reward is the other source TRL accepts)
+        raise ValueError("No reward source provided. Pass `reward_funcs`, or an `environment_factory` whose "
+                         "environment defines a `get_reward` method.")
+    funcs = [import_reward(f, model_init_kwargs) if isinstance(f, str) else f for f in reward_funcs]
     for f in funcs:
-        if isinstance(f, torch.nn.Module):
-            raise ValueError(f"reward_funcs: reward models ({type(f).__name__}) are not supported yet; "
-                             "pass a function")
+        if isinstance(f, torch.nn.Module) and not hasattr(f, "config"):
+            raise ValueError(f"reward_funcs: a reward model must be a transformers model with a .config, got "
+                             f"{type(f).__name__}")
         if not callable(f):
-            raise ValueError(f"reward_funcs: expected callables, got {f!r}")
-    names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
+            raise ValueError(f"reward_funcs: expected callables or reward models, got {f!r}")
+    names = [reward_model_name(f) if isinstance(f, torch.nn.Module) else getattr(f, "__name__", type(f).__name__)
+             for f in funcs]
     return funcs, names
 
 
-def import_reward(spec: str) -> Callable:
-    """'package.module:function' -> that function; a bare name -> fastrl.rewards.REGISTRY[name]."""
+def import_reward(spec: str, model_init_kwargs: dict | None = None) -> Callable | torch.nn.Module:
+    """'package.module:function' -> that function; a built-in name -> fastrl.rewards.REGISTRY[name]; anything
+    else -> the reward model it names (a model id or folder, as TRL loads it)."""
     module_name, sep, attr = spec.partition(":")
     if not sep:
         from fastrl.rewards import REGISTRY
 
         if spec not in REGISTRY:
-            raise ValueError(f"rewards: unknown reward {spec!r}; built-in names are {sorted(REGISTRY)}, "
-                             "or give 'module:function'")
+            return load_reward_model(spec, model_init_kwargs)
         return REGISTRY[spec]
     try:
         return getattr(importlib.import_module(module_name), attr)
@@ -92,11 +106,44 @@ def score(funcs, names, prompts, completions, completion_ids, columns: dict, ext
         for (i, _), out in zip(pending, asyncio.run(run_all())):
             outputs[i] = out
     cols = [check_reward_output(names[i], outputs[i], len(prompts)) for i in range(len(funcs))]
-    return torch.tensor(cols, dtype=torch.float32).T.reshape(len(prompts), len(funcs))  # [B, F]
+    rewards_per_func = torch.tensor(cols, dtype=torch.float32).T.reshape(len(prompts), len(funcs))  # [B, F]
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    if unscorable.any():  # TRL's warning, with the first such row's arguments
+        row = int(unscorable.nonzero()[0, 0])
+        shown = {k: v[row] for k, v in columns.items()}
+        shown.update(prompt=prompts[row], completion=completions[row])
+        log.warning(f"All reward functions returned None for the following kwargs:\n{shown}\n"
+                    "Please ensure that at least one reward function returns a valid reward.")
+    return rewards_per_func
 
 
 def combine(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[B, F] -> [B]: weighted nansum; rows where every function returned None stay NaN (unscorable)."""
-    rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+    """[B, F] -> [B]: weighted nansum; rows where every function returned None stay NaN (unscorable).
+    This is the logged `reward` under either aggregation, as in TRL."""
+    rewards = (rewards_per_func * weights.unsqueeze(0).to(rewards_per_func.device)).nansum(dim=1)
     rewards[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
     return rewards
+
+
+def aggregate_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int,
+                         aggregation: str, scale_rewards: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's multi_objective_aggregation: [B, F] rewards -> (advantages [B], reward std used for scaling [B]).
+
+    sum_then_normalize: the weighted sum, then group advantages under scale_rewards.
+    normalize_then_sum: each function's rewards normalized within their group, weighted and summed, then the sum
+    standardized over the whole batch (scale_rewards does not apply; TRL's rule). Both normalizations are
+    group_advantages: the batch is one group of size B. The std is returned for frac_reward_zero_std.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation: expected one of {AGGREGATIONS}, got {aggregation!r}")
+    G, B = num_generations, rewards_per_func.shape[0]
+    if aggregation == "sum_then_normalize":
+        rewards = combine(rewards_per_func, weights)  # [B]
+        std = _nan_mean_std(rewards.view(-1, G), dim=1)[1].repeat_interleave(G) if scale_rewards != "batch" \
+            else _nan_mean_std(rewards, dim=None)[1].expand(B)
+        return group_advantages(rewards, G, scale_rewards=scale_rewards), std
+    per_func = torch.stack([group_advantages(col, G) for col in rewards_per_func.T], dim=1)  # [B, F]
+    per_func[torch.isnan(rewards_per_func)] = math.nan  # a None stays out of the weighted sum
+    rewards = combine(per_func, weights)  # [B]
+    return group_advantages(rewards, B), _nan_mean_std(rewards, dim=None)[1].expand(B)
+

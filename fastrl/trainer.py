@@ -24,6 +24,7 @@ GRPOConfig and the world size; normalisers are global (only one process is suppo
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import resource
 import time
@@ -41,16 +42,18 @@ from fastrl.dynamic_sampling import ScoredGroups, fill_generation_batch
 from fastrl.generation.base import SamplingConfig
 from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.importance_sampling import sampling_ratio
-from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
-from fastrl.kernels.loss_spec import LossSpec
+from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
+from fastrl.kernels.loss_spec import LOSS_RULES, SEQUENCE_MEAN, LossSpec
 from fastrl.logging_utils import MetricsLogger
 from fastrl.policy import (activations_offloaded, completion_hidden, frozen_reference, lm_head, is_peft,
                            load_policy, load_tokenizer, prepare_for_training, reference_on, training_device)
 from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_reference, reference_state,
                              restore_reference, sync_due)
+from fastrl.rewards.reward_model import wrap_reward_models
 from fastrl.rollout_batch import RolloutBatch
-from fastrl.scoring import combine, resolve_reward_funcs, score
+from fastrl.scoring import aggregate_advantages, combine, resolve_reward_funcs, score
 
+log = logging.getLogger(__name__)
 
 
 class TrainOutput(NamedTuple):  # transformers' TrainOutput (importing its module pulls in peft: ~10 s)
@@ -95,16 +98,24 @@ class TrainerControl:
 
 
 class GRPOTrainer:
-    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None,
-                 processing_class=None, peft_config=None, callbacks=None):
-        self.args = args = args if args is not None else GRPOConfig()
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 peft_config=None):
+        if args is None:  # TRL's default: an output folder named after the model
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+            args = GRPOConfig(f"{name.split('/')[-1]}-GRPO")
+        self.args = args
+        if eval_dataset is not None:
+            raise ValueError("eval_dataset: evaluation is not implemented yet")
         set_seed(args.seed)
+        _warn_like_trl(args)
         check_dataset(train_dataset)
         check_sync_supported(args, peft_config)
         self.train_dataset = train_dataset
-        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
+        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs)
         self.reward_weights = self._reward_weights()
         self.device = training_device(args.use_cpu)
+        self.reward_funcs = wrap_reward_models(self.reward_funcs, reward_processing_classes, self.device, args)
         if processing_class is None:
             processing_class = load_tokenizer(model if isinstance(model, str) else model.config._name_or_path)
         self.processing_class = processing_class
@@ -134,6 +145,7 @@ class GRPOTrainer:
         self._buffer_info: dict = {}  # its loss-token count, generation metrics and log_completions rows
         self._window: list[dict] = []  # per-step metrics since the last log_history entry
         self._extra_metrics: dict[str, list[float]] = defaultdict(list)  # from reward functions' log_metric
+        self._extra_columns: dict[str, list] = defaultdict(list)  # from reward functions' log_extra
         self._callback("on_init_end")
 
     # ------------------------------------------------------------------ training loop
@@ -175,9 +187,13 @@ class GRPOTrainer:
                 break
         runtime = time.time() - started  # the training loop; drawing curves.png below is not training
         logger.close()
-        summary = {"train_runtime": runtime, "train_steps_per_second": (self.state.global_step - first_step)
-                   / max(runtime, 1e-9), "train_loss": sum(losses) / max(1, len(losses))}
-        entry = {"step": self.state.global_step, "epoch": self.state.epoch, **summary}
+        steps = self.state.global_step - first_step
+        samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        summary = {"train_runtime": round(runtime, 4),  # transformers' speed_metrics, rounded as it rounds them
+                   "train_samples_per_second": round(samples / max(runtime, 1e-9), 3),
+                   "train_steps_per_second": round(steps / max(runtime, 1e-9), 3),
+                   "total_flos": self.state.total_flos, "train_loss": sum(losses) / max(1, len(losses))}
+        entry = {**summary, "epoch": self.state.epoch, "step": self.state.global_step}
         self.state.log_history.append(entry)
         self._callback("on_log", logs=entry)
         self._callback("on_train_end")
@@ -196,6 +212,9 @@ class GRPOTrainer:
             tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
             for k, v in {**loss_metrics, **self._buffer_info["metrics"]}.items():
                 per_batch[k].append(float(v))
+            for extreme, mean in (("low_min", "low_mean"), ("high_max", "high_mean")):  # TRL's min/max over
+                if f"clip_ratio/{mean}" in loss_metrics:  # processes of the clip ratios: one process here
+                    per_batch[f"clip_ratio/{extreme}"].append(float(loss_metrics[f"clip_ratio/{mean}"]))
         self.state.num_input_tokens_seen += tokens
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
@@ -243,7 +262,8 @@ class GRPOTrainer:
             scored, sampling_metrics = self._sample_and_score(), {}
         prompt_ids, rollout, rewards_per_func, rewards = (scored.prompt_ids, scored.rollout, scored.rewards_per_func,
                                                            scored.rewards)
-        advantages = group_advantages(rewards.to(self.device), G, scale_rewards=args.scale_rewards)  # [B]
+        advantages, reward_std = aggregate_advantages(rewards_per_func.to(self.device), self.reward_weights, G,
+                                                      args.multi_objective_aggregation, args.scale_rewards)  # [B]
         records = self._records(scored, advantages) if args.log_completions else []  # for completions.jsonl
 
         batch = self._to_tensors([ids for ids in prompt_ids for _ in range(G)], rollout, advantages)
@@ -258,7 +278,7 @@ class GRPOTrainer:
             if args.beta != 0.0:
                 batch.ref_logprobs = self._reference_logprobs(batch)  # [B, T]
         loss_tokens = float(batch.completion_mask.sum())  # global (one process): the spec's num_items_in_batch
-        metrics = {**self._generation_metrics(rewards_per_func, rewards, rollout, G), **sampling_metrics}
+        metrics = {**self._generation_metrics(rewards_per_func, rewards, reward_std, rollout), **sampling_metrics}
         if batch.old_logprobs is not None and rollout.logprobs is not None:
             # a push that did not land (stale generator weights) shows up here at once
             metrics["rollout/logprob_abs_diff"] = logprob_abs_diff(
@@ -282,21 +302,21 @@ class GRPOTrainer:
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0]
                    if k not in ("prompt", "completion", "completion_ids")}
-        extras = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": lambda *a, **k: None}
+        extras = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": self._log_extra}
         rewards_per_func = score(self.reward_funcs, self.reward_func_names, prompts,
                                  completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
         rewards = combine(rewards_per_func, self.reward_weights)  # [B], NaN = unscorable
-        return ScoredGroups(rows, prompt_ids, rollout, rewards_per_func, rewards)
+        return ScoredGroups(rows, prompt_ids, rollout, rewards_per_func, rewards, self._pending_columns(len(prompts)))
 
     def _records(self, scored: ScoredGroups, advantages: torch.Tensor) -> list[dict]:
         """One row per completion of TRL's completions table: prompt, completion (as the reward functions saw
-        them), one column per reward function, advantage."""
+        them), one column per reward function, advantage, then the columns reward functions added (log_extra)."""
         G = self.args.num_generations
         prompts = [r["prompt"] for r in scored.rows for _ in range(G)]
         texts = self.tokenizer.batch_decode(scored.rollout.completion_ids, skip_special_tokens=True)
         rewards, advantages = scored.rewards_per_func.tolist(), advantages.tolist()  # [B, F], [B]
         return [{"prompt": p, "completion": c, **dict(zip(self.reward_func_names, rewards[i])),
-                 "advantage": advantages[i]}
+                 "advantage": advantages[i], **{k: v[i] for k, v in scored.extra.items()}}
                 for i, (p, c) in enumerate(zip(prompts, completions_for_rewards(prompts, texts)))]
 
     def _to_tensors(self, prompt_ids: list[list[int]], rollout, advantages: torch.Tensor) -> RolloutBatch:
@@ -374,27 +394,42 @@ class GRPOTrainer:
             out[i, :len(r)] = torch.tensor([math.nan if x is None else x for x in r], dtype=torch.float32)
         return out.to(self.device)
 
-    def _generation_metrics(self, rewards_per_func, rewards, rollout, G: int) -> dict:
+    def _generation_metrics(self, rewards_per_func, rewards, reward_std, rollout) -> dict:
         lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
         terminated = lengths[~truncated]
         m = {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
              "completions/max_length": lengths.max().item(),
              "completions/clipped_ratio": truncated.float().mean().item(),
-             "completions/mean_terminated_length": terminated.mean().item() if len(terminated) else 0.0}
+             "completions/mean_terminated_length": terminated.mean().item() if len(terminated) else 0.0,
+             "completions/min_terminated_length": terminated.min().item() if len(terminated) else 0.0,
+             "completions/max_terminated_length": terminated.max().item() if len(terminated) else 0.0}
         for i, name in enumerate(self.reward_func_names):
             m[f"rewards/{name}/mean"] = torch.nanmean(rewards_per_func[:, i]).item()
             m[f"rewards/{name}/std"] = _nanstd(rewards_per_func[:, i]).item()
         m["reward"] = torch.nanmean(rewards).item()
         m["reward_std"] = _nanstd(rewards).item()
-        group_std = torch.stack([_nanstd(g) for g in rewards.view(-1, G)])  # [P]
-        m["frac_reward_zero_std"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item()
+        # TRL's: the share of completions whose advantage scaling std (group or batch, per aggregation) is 0
+        m["frac_reward_zero_std"] = torch.isclose(reward_std, torch.zeros_like(reward_std)).float().mean().item()
         m.update(self._pending_metrics())
         return m
 
     def _log_metric(self, name: str, value: float) -> None:
         """Given to reward functions (TRL's `log_metric`): extra scalars, averaged into this batch's metrics."""
         self._extra_metrics[name].append(float(value))
+
+    def _log_extra(self, column: str, values: list) -> None:
+        """Given to reward functions (TRL's `log_extra`): a column of the completions table, one value per
+        completion of the batch being scored."""
+        self._extra_columns[column].extend(values)
+
+    def _pending_columns(self, num_rows: int) -> dict[str, list]:
+        extra, self._extra_columns = self._extra_columns, defaultdict(list)
+        for column, values in extra.items():
+            if len(values) != num_rows:
+                raise ValueError(f"log_extra: column {column!r} got {len(values)} values for {num_rows} completions "
+                                 "(one per completion of the batch being scored)")
+        return dict(extra)
 
     def _pending_metrics(self) -> dict:
         extra, self._extra_metrics = self._extra_metrics, defaultdict(list)
@@ -410,6 +445,7 @@ class GRPOTrainer:
         if step % every == 0 or last or self.control.should_log or (step == 1 and self.args.logging_first_step):
             keys = dict.fromkeys(k for m in self._window for k in m)
             averaged = {k: _nanmean([m[k] for m in self._window if k in m]) for k in keys}
+            averaged["num_tokens"] = float(self.state.num_input_tokens_seen)  # TRL's: the running total
             entry = {**averaged, "step": step, "epoch": self.state.epoch}
             self.state.log_history.append(entry)
             logger.window(step, averaged)
@@ -540,6 +576,16 @@ class GRPOTrainer:
 
     def remove_callback(self, callback) -> None:
         self.pop_callback(callback)
+
+
+def _warn_like_trl(args: GRPOConfig) -> None:
+    """TRL's set-up warnings for settings that run but are probably not what was meant."""
+    token_summed = LOSS_RULES[args.loss_type].reduction != SEQUENCE_MEAN  # the normalizer spans sequences
+    if args.importance_sampling_level == "sequence" and token_summed:
+        log.warning(f"When using `importance_sampling_level='sequence'`, the `'{args.loss_type}'` loss sums per-token "
+                    "contributions, which effectively weights each sequence by its completion length instead of "
+                    "optimizing the per-sequence objective. To reproduce the GSPO paper's setup, set "
+                    "`loss_type='grpo'`.")
 
 
 def _nanmean(values: list[float]) -> float | None:
