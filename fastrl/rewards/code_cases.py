@@ -9,6 +9,9 @@ A row's tests (the dataset column) take one of these forms:
   string, or a list of them), parsed here into (call, expected) pairs. Expected values are plain JSON data.
 - free-form Python test code: only with `trust_tests_in_process=True` (the verdict is then forgeable).
 
+Any of the list or dict forms may come as a JSON string (as APPS stores it, and as a dataset column whose rows
+differ in form must be stored).
+
 The sandbox gets the inputs and calls only; expected outputs stay in the parent.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ def parse_tests(tests, row: int, trusted: bool = False) -> Cases | None:
     """The row's cases, or None when the row has none (None or empty)."""
     if tests is None or (isinstance(tests, (list, tuple, dict, str)) and len(tests) == 0):
         return None
-    if isinstance(tests, str) and tests.lstrip().startswith("{"):
+    if isinstance(tests, str) and tests.lstrip().startswith(("[", "{")):  # a JSON column, as APPS stores it
         tests = _json_column(tests, row)
     if isinstance(tests, dict):
         return _apps_cases(tests, row)
@@ -63,7 +66,7 @@ def _json_column(text: str, row: int):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"tests[{row}] looks like JSON but does not parse: {exc}") from exc
+        raise ValueError(f"tests[{row}] starts like JSON but does not parse: {exc}") from exc
 
 
 def _apps_cases(tests: dict, row: int) -> Cases:
