@@ -7,6 +7,7 @@ the machine still starts processes. The strong sandbox must run here (CI runs as
 machine): a check that cannot run fails, it does not skip.
 """
 import gc
+import json
 import os
 import shutil
 import signal
@@ -415,3 +416,86 @@ def test_bad_arguments_name_the_argument():
         run_cases("print(1)", "1 2")
     with pytest.raises(ValueError, match="mode"):
         run_cases("print(1)", [""], mode="asserts")
+
+
+# ------------------------------------------------------------- the named weaker mode, as an unprivileged user
+
+LANDLOCK_HARNESS = """
+import dataclasses, json, os, signal, socket, sys, types
+given = json.loads(sys.stdin.read())
+package = types.ModuleType("sbx")
+package.__path__ = []
+sys.modules["sbx"] = package
+for name in ("sandbox_bwrap", "sandbox_seccomp", "sandbox"):  # fastrl's modules, from source: no checkout needed
+    module = types.ModuleType("sbx." + name)
+    module.__package__, module.__file__ = "sbx", "/not-read/" + name + ".py"
+    sys.modules[module.__name__] = module
+    exec(compile(given["sources"][name], name + ".py", "exec"), module.__dict__)
+sandbox = sys.modules["sbx.sandbox"]
+sandbox._runner_source = lambda: given["sources"]["sandbox_runner"]
+received = []
+signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
+controls = {"reads the secret": open(given["secret"]).read() == "s3cret"}
+for family, address in ((socket.AF_INET, tuple(given["tcp"])), (socket.AF_UNIX, given["unix"])):
+    with socket.socket(family) as s:
+        s.connect(address)
+        controls[str(family)] = True
+results = [dataclasses.asdict(sandbox.run_cases(program, ["1 2\\n"], "stdin", sandbox.SandboxLimits(timeout=3),
+                                                 "landlock")[0]) for program in given["programs"]]
+print(json.dumps({"uid": os.getuid(), "controls": controls, "results": results, "signals": len(received)}))
+"""
+
+
+@pytest.fixture
+def open_dir():
+    """A directory other users may enter (pytest's tmp_path is below a 0700 directory)."""
+    import tempfile
+    path = tempfile.mkdtemp(prefix="fastrl-landlock-test-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_landlock_mode_as_an_unprivileged_user(open_dir):
+    """isolation='landlock' where it is meant to run (a non-root caller): a correct program passes; reading the
+    caller's files, writing, forking, TCP, the host's unix socket and signals to the caller all fail, though the
+    caller itself (the control) can read, connect and be signalled."""
+    import fastrl.rewards.sandbox as sandbox_source
+    from pathlib import Path
+    place = Path(open_dir)
+    secret = place / "secret.txt"
+    secret.write_text("s3cret")
+    os.chmod(secret, 0o644)
+    unix_path = str(place / "host.sock")
+    unix, tcp = socket.socket(socket.AF_UNIX), socket.socket()
+    with unix, tcp:
+        unix.bind(unix_path)
+        os.chmod(unix_path, 0o777)
+        unix.listen(8)
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(8)
+        attacks = {
+            "fork": "import os\nos.fork()",
+            "reads the caller's file": f"open({str(secret)!r}).read()",
+            "writes /tmp": f"open('/tmp/fastrl-escape-{uuid.uuid4().hex}', 'w').write('x')",
+            "TCP to the host": f"import socket\nsocket.create_connection(('127.0.0.1', {tcp.getsockname()[1]}))",
+            "host unix socket": f"import socket\nsocket.socket(socket.AF_UNIX).connect({unix_path!r})",
+            "signals the caller": "import os, signal\nos.kill(os.getppid(), 0)\n"
+                                  "os.kill(int(open('/proc/self/stat').read().split()[3]), signal.SIGUSR1)",
+        }
+        programs = [SUM_PROGRAM] + [code + "\nprint(3)" for code in attacks.values()]
+        sources = {name: open(os.path.join(os.path.dirname(sandbox_source.__file__), name + ".py")).read()
+                   for name in ("sandbox_bwrap", "sandbox_seccomp", "sandbox", "sandbox_runner")}
+        given = {"sources": sources, "secret": str(secret), "tcp": tcp.getsockname(), "unix": unix_path,
+                 "programs": programs}
+        done = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", LANDLOCK_HARNESS], input=json.dumps(given),
+                              capture_output=True, text=True, timeout=120, user=65534, group=65534,
+                              extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["uid"] == 65534 and all(report["controls"].values()) and len(report["controls"]) == 3
+    correct, *attacked = report["results"]
+    assert (correct["exit_code"], correct["stdout"]) == (0, "3\n")
+    for name, result in zip(attacks, attacked):
+        assert result["stdout"] == "" and result["exit_code"] != 0, (name, result)
+    assert report["signals"] == 0

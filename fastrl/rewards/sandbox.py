@@ -10,8 +10,9 @@ expected output: the caller (fastrl.rewards.code) compares. Isolations:
 - "bwrap" (the default, strong): bubblewrap as a uid of its own per sandbox, user/PID/network/IPC namespaces, a
   read-only minimal root, a tmpfs of `disk_mb`, no_new_privs and a seccomp filter (sandbox_bwrap.py says why).
 - "landlock" (named, weaker; for a non-root user without user namespaces): a plain child of the caller under
-  Landlock (read-only access to the interpreter's files, no writes, no TCP, no signals out), the seccomp filter,
-  and no forks. It refuses to run as root.
+  Landlock (read-only access to the interpreter's files, no writes, no TCP, no signals out), the seccomp filter
+  with no sockets at all, and no forks. No per-sandbox uid and no total disk cap (nothing is writable). It
+  refuses to run as root.
 
 `check_isolation(isolation)` tries the isolation once and raises SandboxUnavailable saying what is missing.
 Infrastructure failures (the sandbox cannot start) raise too: a broken sandbox must not quietly score 0.
@@ -147,7 +148,7 @@ def _run_landlocked(job: dict, limits: SandboxLimits, backstop: float, max_repor
     python = os.path.realpath(sys.executable)
     readable = sorted({sys.base_prefix, sys.prefix, os.path.dirname(python), "/usr", "/lib", "/lib64",
                        "/etc/ld.so.cache"} - {""})
-    job = {**job, "seccomp": seccomp_filter().hex(), "readable": [p for p in readable if os.path.exists(p)]}
+    job = {**job, "seccomp": seccomp_filter(unix_sockets=False).hex(), "readable": [p for p in readable if os.path.exists(p)]}
     with tempfile.TemporaryDirectory(prefix="fastrl-sandbox-") as workdir:
         proc = subprocess.Popen([python, "-I", "-S", "-c", _runner_source()], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_CLEAN_ENV, cwd=workdir,

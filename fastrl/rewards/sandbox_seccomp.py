@@ -4,7 +4,8 @@ The filter allows by default and refuses, with EPERM, the system calls a program
 answer never needs and that widen the kernel surface it can reach: debugging other processes, mounts and
 namespaces, kernel keyrings, BPF, perf, userfaultfd, io_uring, module loading and the like. Sockets other than
 AF_UNIX are refused with EAFNOSUPPORT (in the strong mode the network namespace has nothing to reach anyway;
-this also closes netlink, packet and vsock sockets). System calls of another architecture's ABI (i386 on x86_64)
+this also closes netlink, packet and vsock sockets); in the landlock mode every socket is (Landlock does not
+govern connecting to a host's unix socket). System calls of another architecture's ABI (i386 on x86_64)
 kill the process: libseccomp's default for a foreign architecture.
 
 The list follows what container runtimes refuse by default (Docker's default seccomp profile and bubblewrap's
@@ -62,8 +63,8 @@ def load_libseccomp() -> ctypes.CDLL:
     return lib
 
 
-@lru_cache(maxsize=1)
-def seccomp_filter() -> bytes:
+@lru_cache(maxsize=2)
+def seccomp_filter(unix_sockets: bool = True) -> bytes:
     """The compiled BPF program (an array of 8-byte sock_filter instructions), built once per process."""
     lib = load_libseccomp()
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
@@ -72,7 +73,10 @@ def seccomp_filter() -> bytes:
     try:
         for name in REFUSED:
             _add(lib, ctx, errno_action(errno.EPERM), name)
-        _add(lib, ctx, errno_action(errno.EAFNOSUPPORT), "socket", ArgCmp(0, SCMP_CMP_NE, socket.AF_UNIX, 0))
+        if unix_sockets:
+            _add(lib, ctx, errno_action(errno.EAFNOSUPPORT), "socket", ArgCmp(0, SCMP_CMP_NE, socket.AF_UNIX, 0))
+        else:
+            _add(lib, ctx, errno_action(errno.EAFNOSUPPORT), "socket")
         for flag in NEW_NAMESPACE_FLAGS:  # clone(flags & CLONE_NEWxxx): one rule per flag (a masked compare)
             _add(lib, ctx, errno_action(errno.EPERM), "clone", ArgCmp(0, SCMP_CMP_MASKED_EQ, flag, flag))
         fd = os.memfd_create("seccomp-bpf")
