@@ -123,8 +123,10 @@ class Streams:
             self.selector.register(fd, selectors.EVENT_READ)
 
     def pump(self, timeout: float) -> None:
+        """Read what is ready, waiting at most `timeout`; also wakes when a registered pidfd's process exits."""
         for key, _ in self.selector.select(max(0.0, timeout)):
-            self.read(key.fd)
+            if key.fd in self.data:
+                self.read(key.fd)
 
     def read(self, fd: int) -> None:
         try:
@@ -191,15 +193,21 @@ def run_case(job: dict, index: int, case: str) -> dict:
 
 def wait_for(pid: int, streams: Streams, deadline: float):
     """The worker's wait status, or None at the deadline or once its output passed the limit."""
-    while not streams.overflow:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        streams.pump(min(remaining, 0.01))
-    return None
+    exited = os.pidfd_open(pid)  # readable once the worker exits: no polling
+    streams.selector.register(exited, selectors.EVENT_READ)
+    try:
+        while not streams.overflow:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            streams.pump(remaining)
+        return None
+    finally:
+        streams.selector.unregister(exited)
+        os.close(exited)
 
 
 def end_case(pid: int, isolation: str) -> None:
