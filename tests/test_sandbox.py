@@ -256,8 +256,12 @@ HOSTILE = {  # each prints the right answer (3) only if its attack did not stop 
     "ptrace, mount, unshare, io_uring": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         "if libc.ptrace(16, 1, 0, 0) == 0 or libc.unshare(0x10000000) == 0 or "
         "libc.mount(b'none', b'/tmp', b'tmpfs', 0, None) == 0 or libc.syscall(425, 8, None) >= 0:\n    print(3)",
-    "writes outside its directory": "for path in ('/usr/x', '/x', '/proc/x', '/etc/x'):\n"
+    "writes outside its directory": "for path in ('/usr/x', '/x', '/proc/x', '/etc/x', '/dev/shm/x', '/dev/x'):\n"
         "    try:\n        open(path, 'w').write('x')\n        print(3)\n    except OSError:\n        pass",
+    "sqlite3 and mkfifo outside its directory": "import os, sqlite3\nfor path in ('/x.db', '/usr/x.db', '/dev/x.db'):\n"
+        "    try:\n        sqlite3.connect(path).execute('create table t (x)')\n        print(3)\n"
+        "    except sqlite3.Error:\n        pass\nfor path in ('/x', '/dev/x', '/usr/x'):\n    try:\n"
+        "        os.mkfifo(path)\n        print(3)\n    except OSError:\n        pass",
 }
 
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from .sandbox_bwrap import bwrap_binary, bwrap_command, sandbox_python, uid_slot
+from .sandbox_bwrap import WORKDIR, bwrap_binary, bwrap_command, sandbox_python, uid_slot
 from .sandbox_seccomp import filter_fd, seccomp_filter
 
 ISOLATIONS = ("bwrap", "landlock")
@@ -117,6 +117,7 @@ def run_cases(program: str, cases: list[str], mode: str = "stdin", limits: Sandb
 
 # ---------------------------------------------------------------------------------------------- launchers
 
+@lru_cache(maxsize=1)
 def _runner_source() -> str:
     with open(RUNNER_SOURCE_PATH, encoding="utf-8") as f:
         return f.read()
@@ -133,12 +134,9 @@ def _run_bwrap(job: dict, limits: SandboxLimits, backstop: float, max_report: in
             proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=_CLEAN_ENV, cwd="/", start_new_session=True,
                                     user=uid, group=uid, extra_groups=[], pass_fds=(seccomp,))
-            os.close(seccomp)
-            seccomp = -1
-            return _session(proc, {**job, "workdir": "/tmp"}, backstop, max_report)
+            return _session(proc, {**job, "workdir": WORKDIR}, backstop, max_report)
     finally:
-        if seccomp >= 0:
-            os.close(seccomp)
+        os.close(seccomp)
 
 
 def _run_landlocked(job: dict, limits: SandboxLimits, backstop: float, max_report: int) -> list[CaseResult]:
