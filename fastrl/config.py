@@ -42,10 +42,7 @@ UNSUPPORTED = {
     "fsdp": (None, "FSDP is not supported yet"),
     "label_smoothing_factor": (0.0, "label smoothing does not apply to the GRPO loss"),
     "fp16": (False, "fp16 needs loss scaling, which is not implemented; use bf16=True"),
-    "do_eval": (False, "evaluation is not implemented"),
-    "eval_strategy": ("no", "evaluation is not implemented"),
-    "num_generations_eval": (None, "evaluation is not implemented"),
-    "load_best_model_at_end": (False, "evaluation is not implemented"),
+    "load_best_model_at_end": (False, "keeping the best checkpoint by an eval metric is not implemented"),
     "push_to_hub": (False, "no network: hub upload is not supported"),
     "sapo_temperature_pos": (1.0, "the fused loss uses TRL's default SAPO temperatures"),
     "sapo_temperature_neg": (1.05, "the fused loss uses TRL's default SAPO temperatures"),
@@ -97,6 +94,12 @@ class GRPOConfig:
     gradient_checkpointing_offload: bool = False
     use_liger_kernel: bool = False
     use_cpu: bool = False
+    # ---- evaluation (TrainingArguments; fastrl.evaluation) ----
+    do_eval: bool = False  # set when eval_strategy is not "no" (transformers' rule)
+    eval_strategy: str = "no"  # "no", "steps" (every eval_steps) or "epoch"
+    eval_steps: float | None = None  # None -> logging_steps; in (0, 1): a ratio of max_steps
+    eval_on_start: bool = False
+    per_device_eval_batch_size: int = 8  # completions per eval batch
     dataloader_num_workers: int = 0
     remove_unused_columns: bool | None = False
     average_tokens_across_devices: bool = True
@@ -109,8 +112,6 @@ class GRPOConfig:
     deepspeed: str | dict | None = None
     fsdp: str | list | None = None
     do_train: bool = False
-    do_eval: bool = False
-    eval_strategy: str = "no"
     load_best_model_at_end: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = None
@@ -219,6 +220,8 @@ class GRPOConfig:
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
         self.report_to = list(self.report_to or [])
+        if self.eval_strategy != "no":
+            self.do_eval = True
         self._refuse_unsupported()
         self._check_values()
         self._derive_batch_sizes()
@@ -268,6 +271,14 @@ class GRPOConfig:
         need(self.beta >= 0, "beta", "a number >= 0")
         need(self.epsilon >= 0, "epsilon", "a number >= 0")
         need(self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}")
+        need(self.eval_strategy in ("no", "steps", "epoch"), "eval_strategy", "'no', 'steps' or 'epoch'")
+        need(self.eval_steps is None or self.eval_steps > 0, "eval_steps", "None or a number > 0")
+        need(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", "an integer >= 1")
+        need(self.num_generations_eval is None or self.num_generations_eval >= 1, "num_generations_eval",
+             "None or an integer >= 1")
+        eval_g = self.num_generations_eval or self.num_generations
+        need(not self.do_eval or self.eval_strategy == "no" or self.per_device_eval_batch_size % eval_g == 0,
+             "per_device_eval_batch_size", f"a multiple of the number of generations used for evaluation ({eval_g})")
         need(self.multi_objective_aggregation in AGGREGATIONS, "multi_objective_aggregation", f"one of {AGGREGATIONS}")
         need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards", "'group', 'batch' or 'none'")
         need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level",

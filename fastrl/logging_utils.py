@@ -1,7 +1,7 @@
 """Where per-step metrics go: OUTPUT_DIR/metrics.jsonl, a progress bar, tensorboard/wandb, and curves.png.
 
 metrics.jsonl has one JSON object per optimizer step (always every step, whatever logging_steps says), each with
-"step" and "reward". The progress bar and tensorboard/wandb get the averages over each logging_steps window, the
+"step" and "reward", and one per evaluation (its eval_* metrics and "step"). The progress bar and tensorboard/wandb get the averages over each logging_steps window, the
 same dicts that go into state.log_history (TRL's behaviour).
 
 With log_completions=True, each logging step also appends the latest generation batch to
@@ -68,22 +68,30 @@ class MetricsLogger:
 
     def step(self, step: int, metrics: dict) -> None:
         """Every optimizer step: one line of metrics.jsonl and a progress-bar tick."""
-        record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.jsonl_path, {"step": step, **metrics})
         self.progress.update(1)
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        """After each evaluation: its eval_* metrics as one more line of metrics.jsonl, and to the dashboards."""
+        append_jsonl(self.jsonl_path, {"step": step, **metrics})
+        self._to_backends(step, metrics)
 
     def window(self, step: int, averaged: dict) -> None:
         """Every logging_steps: the averaged metrics to the bar and the dashboards."""
         shown = {k: averaged[k] for k in ("loss", "reward", "kl") if averaged.get(k) is not None}
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        self._to_backends(step, {f"train/{k}": v for k, v in averaged.items()})
+
+    def _to_backends(self, step: int, metrics: dict) -> None:
+        """Numbers to tensorboard/wandb; eval_x is logged as eval/x (transformers' rewrite)."""
+        numbers = {k.replace("eval_", "eval/", 1) if k.startswith("eval_") else k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and _finite(v) is not None}
         for kind, backend in self.backends:
-            numbers = {k: v for k, v in averaged.items() if isinstance(v, (int, float)) and _finite(v) is not None}
             if kind == "tensorboard":
                 for k, v in numbers.items():
-                    backend.add_scalar(f"train/{k}", v, step)
+                    backend.add_scalar(k, v, step)
             else:
-                backend.log({f"train/{k}": v for k, v in numbers.items()}, step=step)
+                backend.log(numbers, step=step)
 
     def completions(self, step: int, records: list[dict], num_to_print: int | None = None,
                     unique_prompts: bool = False) -> None:
@@ -147,6 +155,13 @@ def _as_text(entry) -> str:
     return str(entry)
 
 
+def append_jsonl(path: str, record: dict) -> None:
+    """One JSON line; NaN and inf become null (JSON has neither)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
+
+
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -167,7 +182,8 @@ def _truncate_jsonl(path: str, keep_through_step: int) -> None:
 
 
 def plot_curves(jsonl_path: str, png_path: str) -> str | None:
-    """reward, KL and completion length against step (matplotlib Agg, no display needed)."""
+    """reward, KL and completion length against step (matplotlib Agg, no display needed); each eval set's values
+    (eval_reward, eval_<set>_reward, ...) as points on the same axes."""
     rows = read_jsonl(jsonl_path)
     if not rows:
         return None
@@ -179,8 +195,14 @@ def plot_curves(jsonl_path: str, png_path: str) -> str | None:
     for ax, (key, title) in zip(axes, CURVES):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if points:
-            ax.plot(*zip(*points), lw=1.2)
-        else:
+            ax.plot(*zip(*points), lw=1.2, label="train")
+        for name in sorted({k[:-len(key) - 1] for r in rows for k in r if k.startswith("eval") and
+                            k.endswith("_" + key) and "/" not in k[:-len(key)]}):  # eval, eval_<set>
+            ax.plot(*zip(*[(r["step"], r[f"{name}_{key}"]) for r in rows if r.get(f"{name}_{key}") is not None]),
+                    "o-", ms=3, lw=1, label=name)
+        if len(ax.get_lines()) > 1:
+            ax.legend(fontsize=7)
+        if not ax.get_lines():
             ax.text(0.5, 0.5, "not logged (beta = 0)" if key == "kl" else "not logged", ha="center",
                     va="center", transform=ax.transAxes)
         ax.set_title(title)

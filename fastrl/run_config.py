@@ -6,6 +6,7 @@ Schema (top-level keys):
   task         a built-in task name (fastrl.tasks.get_task)   } exactly one of the two
   task_args    dict of keyword arguments for the task          }
   dataset      a local .jsonl/.json/.parquet/.csv file with a `prompt` column
+  eval_dataset a local prompt file for evaluation (GRPOConfig's eval_strategy etc.); a task may bring its own
   rewards      list of reward functions, "module:function" or built-in names; default: the task's rewards
   peft         dict of peft.LoraConfig keyword arguments: train a LoRA adapter (needs `pip install fastrl[peft]`)
   anything else: a GRPOConfig field.
@@ -29,9 +30,9 @@ import yaml
 
 from fastrl.config import GRPOConfig
 
-RUN_KEYS = ("model", "tiny_model", "task", "task_args", "dataset", "rewards", "peft")
+RUN_KEYS = ("model", "tiny_model", "task", "task_args", "dataset", "eval_dataset", "rewards", "peft")
 MAPPING_RUN_KEYS = ("tiny_model", "task_args", "peft")
-TEXT_RUN_KEYS = ("model", "task", "dataset")
+TEXT_RUN_KEYS = ("model", "task", "dataset", "eval_dataset")
 
 
 # ------------------------------------------------------------------ reading YAML with the fields' types in mind
@@ -152,8 +153,9 @@ def split_run_config(raw: dict) -> tuple[dict, GRPOConfig]:
         raise ValueError("tiny_model: only used with model: tiny")
     if (run["task"] is None) == (run["dataset"] is None):
         raise ValueError("task / dataset: give exactly one (a built-in task name, or a local prompt file)")
-    if run["dataset"] is not None and not os.path.isfile(run["dataset"]):
-        raise ValueError(f"dataset: file {run['dataset']!r} does not exist")
+    for key in ("dataset", "eval_dataset"):
+        if run[key] is not None and not os.path.isfile(run[key]):
+            raise ValueError(f"{key}: file {run[key]!r} does not exist")
     if run["dataset"] is not None and not run["rewards"]:
         raise ValueError("rewards: required with dataset (only built-in tasks bring their own rewards)")
     if run["model"] != "tiny" and _looks_like_path(run["model"]) and not os.path.exists(run["model"]):
@@ -206,14 +208,17 @@ def build_trainer(raw: dict):
 
         task = get_task(run["task"], **(run["task_args"] or {}))
         dataset, reward_funcs, weights = task.train_dataset, task.reward_funcs, task.reward_weights
+        eval_dataset = task.eval_dataset
     else:
-        dataset = load_prompt_file(run["dataset"])
+        dataset, eval_dataset = load_prompt_file(run["dataset"]), None
+    if run["eval_dataset"] is not None:
+        eval_dataset = load_prompt_file(run["eval_dataset"])
     if run["rewards"]:
         reward_funcs, weights = [import_reward(r) for r in run["rewards"]], None
     if config.reward_weights is None and weights is not None:
         config.reward_weights = list(weights)
     return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
-                       peft_config=peft_config)
+                       eval_dataset=eval_dataset, peft_config=peft_config)
 
 
 def lora_config(kwargs: dict):

@@ -39,12 +39,13 @@ from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, 
 from fastrl.config import GRPOConfig
 from fastrl.data import PromptSampler, check_dataset, completions_for_rewards, tokenize_prompts
 from fastrl.dynamic_sampling import ScoredGroups, fill_generation_batch
+from fastrl.evaluation import check_eval_dataset, eval_due, evaluate_set, named_sets
 from fastrl.generation.base import SamplingConfig
 from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 from fastrl.kernels.loss_spec import LOSS_RULES, SEQUENCE_MEAN, LossSpec
-from fastrl.logging_utils import MetricsLogger
+from fastrl.logging_utils import MetricsLogger, append_jsonl
 from fastrl.policy import (activations_offloaded, completion_hidden, frozen_reference, lm_head, is_peft,
                            load_policy, load_tokenizer, prepare_for_training, reference_on, training_device)
 from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_reference, reference_state,
@@ -105,11 +106,15 @@ class GRPOTrainer:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
             args = GRPOConfig(f"{name.split('/')[-1]}-GRPO")
         self.args = args
-        if eval_dataset is not None:
-            raise ValueError("eval_dataset: evaluation is not implemented yet")
         set_seed(args.seed)
         _warn_like_trl(args)
         check_dataset(train_dataset)
+        if eval_dataset is not None:
+            check_eval_dataset(eval_dataset)
+        elif args.eval_strategy != "no":  # transformers' rule
+            raise ValueError(f"eval_dataset: eval_strategy={args.eval_strategy!r} needs an eval_dataset (or set "
+                             "eval_strategy='no')")
+        self.eval_dataset = eval_dataset
         check_sync_supported(args, peft_config)
         self.train_dataset = train_dataset
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs)
@@ -138,6 +143,7 @@ class GRPOTrainer:
         self.control = TrainerControl()
         self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks or []]  # transformers' rule
         self.optimizer = self.lr_scheduler = None
+        self._logger: MetricsLogger | None = None  # while train() runs
         self.loss_spec = LossSpec.from_config(args)  # every normaliser and accumulation factor of the loss
         self._loss_fn = fused_linear_grpo_loss  # injectable: tests swap in the float64 reference
         self._logprob_fn = fused_linear_logprobs
@@ -161,13 +167,16 @@ class GRPOTrainer:
         if resume:
             self._load_checkpoint(resume)
         self._set_run_settings()
-        logger = MetricsLogger(args.output_dir, args.report_to, args.run_name, self.state.max_steps,
-                               self.state.global_step, disable_tqdm=bool(args.disable_tqdm), config=args.to_dict(),
-                               log_completions=args.log_completions)
+        self._logger = logger = MetricsLogger(
+            args.output_dir, args.report_to, args.run_name, self.state.max_steps, self.state.global_step,
+            disable_tqdm=bool(args.disable_tqdm), config=args.to_dict(), log_completions=args.log_completions)
         started, first_step, losses = time.time(), self.state.global_step, []
         self.control.should_training_stop = False
         self._callback("on_train_begin")
+        if args.eval_on_start and self.state.global_step == 0:
+            self.evaluate()
         while self.state.global_step < self.state.max_steps:
+            epoch_before = self.state.epoch
             self.control.should_log = self.control.should_save = self.control.should_evaluate = False
             self._callback("on_step_begin")
             metrics = self._training_step()
@@ -179,6 +188,9 @@ class GRPOTrainer:
             losses.append(metrics["loss"])
             self._callback("on_step_end")  # a callback may ask to log, save or stop after this step
             self._log_step(metrics, logger)
+            if self.control.should_evaluate or eval_due(args, self.state.global_step, self.state.eval_steps,
+                                                        epoch_before, self.state.epoch):
+                self.evaluate()  # after the log and before the checkpoint, as transformers does
             if self._should_save() or self.control.should_save:
                 self._save_checkpoint()
                 self.control.should_save = False
@@ -187,6 +199,7 @@ class GRPOTrainer:
                 break
         runtime = time.time() - started  # the training loop; drawing curves.png below is not training
         logger.close()
+        self._logger = None
         steps = self.state.global_step - first_step
         samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         summary = {"train_runtime": round(runtime, 4),  # transformers' speed_metrics, rounded as it rounds them
@@ -212,9 +225,6 @@ class GRPOTrainer:
             tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
             for k, v in {**loss_metrics, **self._buffer_info["metrics"]}.items():
                 per_batch[k].append(float(v))
-            for extreme, mean in (("low_min", "low_mean"), ("high_max", "high_mean")):  # TRL's min/max over
-                if f"clip_ratio/{mean}" in loss_metrics:  # processes of the clip ratios: one process here
-                    per_batch[f"clip_ratio/{extreme}"].append(float(loss_metrics[f"clip_ratio/{mean}"]))
         self.state.num_input_tokens_seen += tokens
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
@@ -238,9 +248,12 @@ class GRPOTrainer:
         self.state.micro_step += 1
         return micro_batch
 
-    def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict]:
-        """The GRPO loss of one micro-batch, scaled for gradient accumulation as TRL scales it."""
-        args = self.args
+    def _micro_batch_loss(self, mb: RolloutBatch, spec: LossSpec | None = None,
+                          loss_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+        """The GRPO loss of one micro-batch, scaled for gradient accumulation as TRL scales it (by default the
+        run's spec and the current generation batch's token count; evaluation passes its own)."""
+        args, spec = self.args, spec or self.loss_spec
+        loss_tokens = self._buffer_info["loss_tokens"] if loss_tokens is None else loss_tokens
         ids, attention = mb.input_ids()  # [b, P+T]
         with self._autocast(), activations_offloaded(args.gradient_checkpointing_offload, self.device):
             hidden = completion_hidden(self.model, ids, attention, mb.prompt_ids.shape[1])  # [b, T, H]
@@ -248,14 +261,22 @@ class GRPOTrainer:
         loss, metrics = self._loss_fn(
             hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
             old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio,
-            **self.loss_spec.loss_kwargs(self._buffer_info["loss_tokens"]))
-        return loss * self.loss_spec.micro_batch_scale, metrics
+            **spec.loss_kwargs(loss_tokens))
+        for extreme, mean in (("low_min", "low_mean"), ("high_max", "high_mean")):  # TRL's min/max over processes
+            if f"clip_ratio/{mean}" in metrics:  # of the clip ratios: one process here
+                metrics[f"clip_ratio/{extreme}"] = metrics[f"clip_ratio/{mean}"]
+        return loss * spec.micro_batch_scale, metrics
 
     # ------------------------------------------------------------------ one generation batch
-    def _generate_and_score(self) -> tuple[RolloutBatch, dict]:
-        """Prompts -> completions -> rewards -> advantages -> (old, reference) logprobs, as one RolloutBatch."""
-        args, G = self.args, self.args.num_generations
-        if args.dynamic_sampling:  # DAPO: only groups whose rewards differ, sampling more prompts until full
+    def _generate_and_score(self, rows: list[dict] | None = None,
+                            num_generations: int | None = None) -> tuple[RolloutBatch, dict]:
+        """Prompts -> completions -> rewards -> advantages -> (old, reference) logprobs, as one RolloutBatch.
+        Training draws the prompts from the sampler; evaluation passes its `rows` and num_generations_eval, and
+        gets no old logprobs (nothing is updated, so the policy is its own old policy)."""
+        args, G, training = self.args, num_generations or self.args.num_generations, rows is None
+        if rows is not None:
+            scored, sampling_metrics = self._sample_and_score(rows, G), {}
+        elif args.dynamic_sampling:  # DAPO: only groups whose rewards differ, sampling more prompts until full
             scored, sampling_metrics = fill_generation_batch(self._sample_and_score, args.prompts_per_generation, G,
                                                              args.dynamic_sampling_max_attempts)
         else:
@@ -268,9 +289,9 @@ class GRPOTrainer:
 
         batch = self._to_tensors([ids for ids in prompt_ids for _ in range(G)], rollout, advantages)
         with torch.no_grad():
-            if self._needs_old_logprobs():
+            if training and self._needs_old_logprobs():
                 batch.old_logprobs = self._completion_logprobs(self.model, batch)  # [B, T]
-            if args.use_vllm and args.vllm_importance_sampling_correction:
+            if training and args.use_vllm and args.vllm_importance_sampling_correction:
                 batch.is_ratio = sampling_ratio(batch.old_logprobs, self._padded(rollout.logprobs, batch),
                                                 batch.completion_mask, args.vllm_importance_sampling_mode,
                                                 args.vllm_importance_sampling_clip_min,
@@ -285,10 +306,12 @@ class GRPOTrainer:
                 self._padded(rollout.logprobs, batch), batch.old_logprobs, batch.completion_attention)
         return batch, {"loss_tokens": loss_tokens, "metrics": metrics, "completions": records}
 
-    def _sample_and_score(self) -> ScoredGroups:
-        """P prompts from the sampler -> G completions each -> rewards (weighted nansum; None = NaN, excluded)."""
-        args, G = self.args, self.args.num_generations
-        rows = [self.train_dataset[i] for i in self.sampler.next_batch()]  # P prompts
+    def _sample_and_score(self, rows: list[dict] | None = None, num_generations: int | None = None) -> ScoredGroups:
+        """P prompts (from the sampler unless given) -> G completions each -> rewards (weighted nansum; None = NaN,
+        excluded)."""
+        args, G = self.args, num_generations or self.args.num_generations
+        if rows is None:
+            rows = [self.train_dataset[i] for i in self.sampler.next_batch()]  # P prompts
         prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], args.max_prompt_length,
                                       args.chat_template_kwargs)
         # each backend wakes what it needs itself: the weights for the push, then the KV cache to generate
@@ -311,7 +334,7 @@ class GRPOTrainer:
     def _records(self, scored: ScoredGroups, advantages: torch.Tensor) -> list[dict]:
         """One row per completion of TRL's completions table: prompt, completion (as the reward functions saw
         them), one column per reward function, advantage, then the columns reward functions added (log_extra)."""
-        G = self.args.num_generations
+        G = len(scored.rollout.completion_ids) // len(scored.rows)
         prompts = [r["prompt"] for r in scored.rows for _ in range(G)]
         texts = self.tokenizer.batch_decode(scored.rollout.completion_ids, skip_special_tokens=True)
         rewards, advantages = scored.rewards_per_func.tolist(), advantages.tolist()  # [B, F], [B]
@@ -358,6 +381,34 @@ class GRPOTrainer:
                 return self._completion_logprobs(self.model, batch)
         with reference_on(self.ref_model, self.device, self.args.ref_model_offload):
             return self._completion_logprobs(self.ref_model, batch)
+
+    # ------------------------------------------------------------------ evaluation (fastrl.evaluation)
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Generation, rewards and the loss on the eval set(s), no update (transformers' signature; a str picks
+        one set of a dict). The metrics go to log_history, metrics.jsonl and the dashboards."""
+        if isinstance(eval_dataset, str):
+            if not isinstance(self.eval_dataset, dict) or eval_dataset not in self.eval_dataset:
+                raise ValueError(f"eval_dataset: no eval set named {eval_dataset!r}")
+            eval_dataset, metric_key_prefix = self.eval_dataset[eval_dataset], f"{metric_key_prefix}_{eval_dataset}"
+        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if eval_dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        check_eval_dataset(eval_dataset)
+        metrics = {}
+        for prefix, dataset in named_sets(eval_dataset, metric_key_prefix).items():
+            found = {**evaluate_set(self, dataset, prefix), f"{prefix}_num_tokens": self.state.num_input_tokens_seen,
+                     "epoch": self.state.epoch}
+            entry = {**found, "step": self.state.global_step}
+            self.state.log_history.append(entry)
+            if self._logger is not None:
+                self._logger.evaluation(self.state.global_step, found)
+            else:
+                append_jsonl(f"{self.args.output_dir}/metrics.jsonl", {"step": self.state.global_step, **found})
+            self._callback("on_log", logs=entry)
+            metrics.update(found)
+        self.control.should_evaluate = False
+        self._callback("on_evaluate", metrics=metrics)
+        return metrics
 
     # ------------------------------------------------------------------ helpers of the loop
     def _needs_old_logprobs(self) -> bool:
@@ -546,7 +597,7 @@ class GRPOTrainer:
         """The state fields that describe this run's settings (after a resume too: a resumed run may change them)."""
         a, s = self.args, self.state
         s.logging_steps, s.save_steps = self._every(a.logging_steps), self._every(a.save_steps)
-        s.eval_steps = s.logging_steps  # transformers' default when eval_steps is unset; no evaluation here
+        s.eval_steps = self._every(a.eval_steps) if a.eval_steps is not None else s.logging_steps  # transformers
         s.train_batch_size, s.num_train_epochs = a.per_device_train_batch_size, a.num_train_epochs
 
     # ------------------------------------------------------------------ callbacks (transformers' TrainerCallback)

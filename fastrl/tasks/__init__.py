@@ -26,6 +26,7 @@ class Task:
     train_dataset: Dataset  # columns: prompt (text) and answer
     reward_funcs: list[Callable]  # TRL's reward signature
     reward_weights: list[float] | None  # one per reward function, or None for all 1.0
+    eval_dataset: Dataset | None = None  # same columns, drawn with another seed
 
 
 # Partial credit carries most of the weight: from a random model, exact answers are too rare to learn from
@@ -35,11 +36,17 @@ DIGIT_REWARD_WEIGHTS = [0.6, 0.2, 0.2]
 
 
 def digit_task(operation: str, *, num_examples: int = 5000, min_digits: int = 3, max_digits: int = 3,
-               seed: int = 0) -> Task:
-    """A digit-string task (copy, reverse, sort, add) scored by partial credit, exact match and format."""
+               seed: int = 0, num_eval_examples: int = 0) -> Task:
+    """A digit-string task (copy, reverse, sort, add) scored by partial credit, exact match and format; with
+    num_eval_examples > 0, an eval set of that many examples drawn with seed + 1 (short strings may repeat
+    training prompts: there are only so many)."""
     dataset = make_digit_dataset(operation, num_examples=num_examples, min_digits=min_digits,
                                  max_digits=max_digits, seed=seed)
-    return Task(operation, dataset, list(DIGIT_REWARDS), list(DIGIT_REWARD_WEIGHTS))
+    eval_dataset = None
+    if num_eval_examples > 0:
+        eval_dataset = make_digit_dataset(operation, num_examples=num_eval_examples, min_digits=min_digits,
+                                          max_digits=max_digits, seed=seed + 1)
+    return Task(operation, dataset, list(DIGIT_REWARDS), list(DIGIT_REWARD_WEIGHTS), eval_dataset)
 
 
 TASKS: dict[str, Callable[..., Task]] = {name: partial(digit_task, name) for name in OPERATIONS}

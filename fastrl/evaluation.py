@@ -1,0 +1,105 @@
+"""Evaluation as TRL 1.16 runs it: generation and rewards on held-out prompts, and the loss, with no update.
+
+`GRPOTrainer.evaluate()` (and `eval_strategy` / `eval_steps` / `eval_on_start` during training) walks the eval
+set in batches of per_device_eval_batch_size completions, num_generations_eval (default num_generations) per
+prompt, in a seeded order (TRL's RepeatSampler for a `Dataset`; an `IterableDataset` is read in its own order),
+the last batch possibly smaller. Each batch is generated and scored like a training batch and its loss computed on
+policy (old = current logprobs) without gradients. The result is one dict, as transformers' `evaluate` returns it:
+`{prefix}_loss`, `{prefix}_runtime`, `{prefix}_samples_per_second`, `{prefix}_steps_per_second`, and every
+training metric of the batches (reward, rewards/<name>/mean, kl, completions/*, ...) averaged over them under the
+same prefix. The prefix is "eval", or "eval_<name>" for each set of a dict / DatasetDict of eval sets (TRL
+prefixes its own metrics of a named set with plain "eval_"; here a named set keeps all its keys apart).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+
+
+def named_sets(eval_dataset, prefix: str) -> dict[str, object]:
+    """One eval set, or a dict / DatasetDict of them -> {metric prefix: dataset}."""
+    if isinstance(eval_dataset, dict):
+        if not eval_dataset:
+            raise ValueError("eval_dataset: an empty dict of eval sets")
+        return {f"{prefix}_{name}": ds for name, ds in eval_dataset.items()}
+    return {prefix: eval_dataset}
+
+
+def check_eval_dataset(eval_dataset) -> None:
+    for name, ds in named_sets(eval_dataset, "eval_dataset").items():
+        columns = getattr(ds, "column_names", None)
+        if columns is None and _is_stream(ds):  # a generator's stream declares no columns: rows are checked as read
+            continue
+        if columns is None or "prompt" not in columns:
+            raise ValueError(f"{name}: expected a Dataset or IterableDataset with a 'prompt' column, "
+                             f"got {type(ds).__name__} with columns {columns}")
+
+
+def prompt_batches(dataset, num_prompts: int, seed: int) -> Iterator[list[dict]]:
+    """Rows of `dataset`, num_prompts at a time (the last batch may be smaller): a seeded permutation of a
+    `Dataset` (as TRL's eval RepeatSampler), an `IterableDataset` in its stream order."""
+    if not _is_stream(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        rows: Iterator[dict] = (dataset[i] for i in order)
+    else:
+        rows = iter(dataset)
+    while batch := list(itertools.islice(rows, num_prompts)):
+        missing = [r for r in batch if "prompt" not in r]
+        if missing:
+            raise ValueError(f"eval_dataset: expected a 'prompt' column, got a row {missing[0]}")
+        yield batch
+
+
+def _is_stream(ds) -> bool:
+    return not hasattr(ds, "__len__") and hasattr(ds, "__iter__")
+
+
+def evaluate_set(trainer, dataset, prefix: str) -> dict[str, float]:
+    """Generation, rewards and the on-policy loss over one eval set -> {prefix}_* metrics."""
+    args = trainer.args
+    G = args.num_generations_eval or args.num_generations
+    if args.per_device_eval_batch_size % G:
+        raise ValueError(f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) must be divisible by the "
+                         f"number of generations used for evaluation ({G}) (num_generations_eval)")
+    # one eval batch is one generation batch and one micro-batch: no accumulation scaling
+    spec = dataclasses.replace(trainer.loss_spec, gradient_accumulation_steps=1, steps_per_generation=1)
+    started, was_training = time.time(), trainer.model.training
+    losses, sizes, per_batch = [], [], defaultdict(list)
+    trainer.model.eval()
+    try:
+        for rows in prompt_batches(dataset, args.per_device_eval_batch_size // G, args.seed):
+            batch, info = trainer._generate_and_score(rows, G)
+            with torch.no_grad():
+                loss, loss_metrics = trainer._micro_batch_loss(batch, spec, info["loss_tokens"])
+            losses.append(float(loss))
+            sizes.append(len(batch))
+            for k, v in {**loss_metrics, **info["metrics"]}.items():
+                per_batch[k].append(float(v))
+    finally:
+        trainer.model.train(was_training)
+    if not sizes:
+        raise ValueError(f"{prefix}: the eval set is empty")
+    runtime, samples = time.time() - started, sum(sizes)
+    metrics = {f"{prefix}_loss": sum(x * n for x, n in zip(losses, sizes)) / samples,
+               f"{prefix}_runtime": round(runtime, 4),  # transformers' speed_metrics, rounded as it rounds them
+               f"{prefix}_samples_per_second": round(samples / max(runtime, 1e-9), 3),
+               f"{prefix}_steps_per_second": round(len(sizes) / max(runtime, 1e-9), 3)}
+    for k, values in per_batch.items():
+        valid = [v for v in values if not math.isnan(v)]
+        metrics[f"{prefix}_{k}"] = sum(valid) / len(valid) if valid else None
+    return metrics
+
+
+def eval_due(args, step: int, every: int, epoch_before: float, epoch_after: float) -> bool:
+    """eval_strategy 'steps': every `every` steps; 'epoch': when the epoch count passes a whole number."""
+    if args.eval_strategy == "steps":
+        return step % every == 0
+    if args.eval_strategy == "epoch":
+        return math.floor(epoch_after) > math.floor(epoch_before)
+    return False
