@@ -6,7 +6,7 @@ The public functions are imported on first use, so `fastrl.config` can read `los
 import importlib
 
 _PUBLIC = {"fused_linear_logprobs": ".logprobs", "group_advantages": ".advantages",
-           "fused_linear_grpo_loss": ".grpo_loss"}
+           "fused_linear_grpo_loss": ".grpo_loss", "LogitTransform": ".params"}
 
 
 def __getattr__(name):

@@ -1,12 +1,13 @@
 """Input validation: every bad input gets a ValueError naming the argument and what was expected."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
 from .loss_spec import LOSS_TYPES
-from .params import IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS, GRPOLossParams
+from .params import IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS, GRPOLossParams, LogitTransform
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -56,9 +57,28 @@ def check_linear_inputs(hidden, weight, targets, bias) -> None:
             _fail("bias", f"dtype {hidden.dtype} on {hidden.device}", f"{bias.dtype} on {bias.device}")
 
 
-def check_temperature(temperature) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_logit_transform(temperature, transform: LogitTransform | None) -> LogitTransform:
+    """The checked LogitTransform of a call: the model's post-processing (`transform`, its temperature left at 1)
+    with the sampling temperature."""
+    if not _positive(temperature):
         _fail("temperature", "a positive number", temperature)
+    if transform is None:
+        return LogitTransform(temperature=float(temperature))
+    if not isinstance(transform, LogitTransform):
+        _fail("logit_transform", "a fastrl.kernels.LogitTransform or None", type(transform).__name__)
+    if transform.temperature != 1.0:
+        _fail("logit_transform.temperature", "1.0 (pass the sampling temperature as temperature=)",
+              transform.temperature)
+    for name in ("logit_scale", "hidden_scale"):
+        if not _positive(getattr(transform, name)):
+            _fail(f"logit_transform.{name}", "a positive finite number", getattr(transform, name))
+    if transform.softcap is not None and not _positive(transform.softcap):
+        _fail("logit_transform.softcap", "a positive finite number or None", transform.softcap)
+    return replace(transform, temperature=float(temperature))
 
 
 @dataclass
@@ -99,7 +119,6 @@ def _check_advantage_source(advantages, rewards, num_generations, scale_rewards,
 def _check_loss_settings(p: GRPOLossParams, ref_logprobs) -> None:
     _check_choice("loss_type", p.loss_type, LOSS_TYPES)
     _check_choice("importance_sampling_level", p.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
-    check_temperature(p.temperature)
     if p.loss_type == "dr_grpo" and not (isinstance(p.max_completion_length, int) and p.max_completion_length > 0):
         _fail("max_completion_length", "a positive integer when loss_type='dr_grpo'", p.max_completion_length)
     if p.beta < 0:
@@ -121,7 +140,7 @@ def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewa
                          epsilon=0.2, epsilon_high=None, delta=None, temperature=1.0, loss_type="dapo",
                          importance_sampling_level="token", use_bias_correction_kl=False,
                          max_completion_length=None, num_items_in_batch=None, is_ratio=None,
-                         top_entropy_quantile=1.0) -> GRPOInputs:
+                         top_entropy_quantile=1.0, logit_transform=None) -> GRPOInputs:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         _fail("hidden", "a tensor [B, T, H]", getattr(hidden, "shape", type(hidden).__name__))
     check_linear_inputs(hidden, weight, targets, bias)
@@ -140,7 +159,8 @@ def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewa
     params = GRPOLossParams(
         loss_type=loss_type, beta=float(beta), epsilon_low=float(epsilon),
         epsilon_high=float(epsilon if epsilon_high is None else epsilon_high), delta=delta,
-        temperature=temperature, importance_sampling_level=importance_sampling_level,
+        logits=check_logit_transform(temperature, logit_transform),
+        importance_sampling_level=importance_sampling_level,
         use_bias_correction_kl=bool(use_bias_correction_kl), max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, top_entropy_quantile=float(top_entropy_quantile))
     _check_loss_settings(params, ref_logprobs)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .params import LogitTransform
+
 # 2^21 fp32 logits = 8 MiB per tile buffer: at V = 32768 that is 64 rows, a GEMM tall enough to run at full rate
 # on a CPU core, and two such buffers (logits, probabilities) stay well under the 80 MiB working-memory goal.
 TILE_ELEMENTS = 1 << 21
@@ -27,22 +29,32 @@ def rows_per_tile(n_rows: int, vocab: int, elements: int = TILE_ELEMENTS) -> int
     return min(rows, max(n_rows, 1))
 
 
-def logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias, temperature: float, out: torch.Tensor):
-    """[n, H] @ [H, V] (+ b) / τ -> out [n, V] float32. The GEMM runs in the input dtype, writing straight into a
-    reused buffer when the dtype is fp32 (a fresh 8 MiB tensor per tile costs page faults on every tile), with 1/τ
-    as the GEMM's alpha/beta (no extra pass over the tile)."""
-    inv_t = 1.0 / temperature
-    if hidden.dtype == torch.float32 and bias is None and temperature == 1.0:
+def logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias, t: LogitTransform, out: torch.Tensor):
+    """[n, H] @ [H, V] -> out [n, V] float32: the logits z of LogitTransform t (scales, softcap, 1/τ).
+
+    The GEMM runs in the input dtype, writing straight into a reused buffer when the dtype is fp32 (a fresh 8 MiB
+    tensor per tile costs page faults on every tile), with the scales and 1/τ as the GEMM's alpha/beta (no extra
+    pass over the tile). A softcap adds one pass: tanh and its factor c/τ."""
+    alpha, beta = t.gemm_scale, t.bias_scale
+    if hidden.dtype == torch.float32 and bias is None and alpha == 1.0:
         torch.mm(hidden, weight.T, out=out)
-    elif hidden.dtype == torch.float32 and bias is None:  # 1/τ as the GEMM's alpha, not a pass over the tile
-        torch.addmm(out, hidden, weight.T, beta=0.0, alpha=inv_t, out=out)
+    elif hidden.dtype == torch.float32 and bias is None:
+        torch.addmm(out, hidden, weight.T, beta=0.0, alpha=alpha, out=out)
     elif hidden.dtype == torch.float32:
-        torch.addmm(bias, hidden, weight.T, beta=inv_t, alpha=inv_t, out=out)
-    else:
-        out.copy_(hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T))
-        if temperature != 1.0:
-            out.div_(temperature)
+        torch.addmm(bias, hidden, weight.T, beta=beta, alpha=alpha, out=out)
+    else:  # h·Wᵀ (+ b, with s_h as the GEMM's alpha) in the input dtype, then the rest as one fp32 factor
+        out.copy_(hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T, alpha=t.hidden_scale))
+        factor = alpha if bias is None else beta
+        if factor != 1.0:
+            out.mul_(factor)
+    if t.softcap is not None:
+        out.tanh_().mul_(t.cap_scale)
     return out
+
+
+def softcap_derivative(z: torch.Tensor, t: LogitTransform, out: torch.Tensor) -> torch.Tensor:
+    """z [n, V] (softcapped logits) -> out = 1 − tanh² = 1 − (z / cap_scale)², the elementwise factor of dz."""
+    return torch.div(z, t.cap_scale, out=out).square_().neg_().add_(1.0)
 
 
 # Below this probability the target's own probability cannot give its logprob accurately (fp32 underflows near
@@ -73,7 +85,7 @@ def row_entropy_(z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, p: torch.Ten
     return s - z.sub_(m[:, None]).mul_(p).sum(dim=1)
 
 
-def forward_sweep(hidden, weight, targets, bias, temperature: float, with_entropy: bool):
+def forward_sweep(hidden, weight, targets, bias, logits: LogitTransform, with_entropy: bool):
     """hidden [N, H], weight [V, H], targets [N] -> lse [2, N] (row max m, log Σ exp(z − m)), logp [N],
     entropy [N] | None (all fp32). See kernels/README.md."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -84,7 +96,7 @@ def forward_sweep(hidden, weight, targets, bias, temperature: float, with_entrop
     z_buf, p_buf = (torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(2))
     for s in range(0, n_rows, rows):
         e = min(s + rows, n_rows)
-        z = logits_tile(hidden[s:e], weight, bias, temperature, z_buf[: e - s])  # [n, V]
+        z = logits_tile(hidden[s:e], weight, bias, logits, z_buf[: e - s])  # [n, V]
         p = p_buf[: e - s]
         lse[0, s:e], lse[1, s:e], logp[s:e] = softmax_tile(z, targets[s:e], p)
         if with_entropy:

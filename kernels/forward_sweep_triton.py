@@ -2,9 +2,10 @@
 logprob and (optionally) the entropy.
 
 Each program owns BLOCK_N rows of `hidden`. It walks the vocabulary in tiles of BLOCK_V; for each tile it forms
-z = (h Wᵀ + b) / τ as a [BLOCK_N, BLOCK_V] fp32 tile by looping over H in chunks of BLOCK_H (`tl.dot`, tensor
-cores, fp32 accumulator), then folds the tile into a running max / sum-exp (online log-sum-exp), picks the
-target logit if it falls in the tile, and, when asked, keeps a running Σ exp(z − max)·(z − max) for the entropy
+z = (h Wᵀ + b) / τ (or the logits of a LogitTransform: scales, tanh softcap) as a [BLOCK_N, BLOCK_V] fp32 tile by
+looping over H in chunks of BLOCK_H (`tl.dot`, tensor cores, fp32 accumulator), then folds the tile into a running
+max / sum-exp (online log-sum-exp), picks the target logit if it falls in the tile, and, when asked, keeps a
+running Σ exp(z − max)·(z − max) for the entropy
 (entropy = log Σ exp(z − max) − Σ exp(z − max)·(z − max) / Σ exp(z − max): both terms ≥ 0, so unlike
 lse − Σ p·z it does not cancel when the logits are large). Nothing of size N×V is ever written.
 
@@ -62,10 +63,21 @@ def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
 
 
 @triton.jit
-def logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_temp,
-               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def tanh(x):
+    """tanh from one exp (no tanh in triton.language): sign(x)·(1 − e)/(1 + e), e = exp(−2|x|) ≤ 1, never
+    overflowing; absolute error ~1e-7 (the cancellation in 1 − e near 0 is absolute, not relative)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, z_scale, bias_scale, cap_scale,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """z = (h Wᵀ + b) / τ for rows o_n and vocab columns o_v: [BLOCK_N, BLOCK_V] fp32, −inf in columns ≥ V."""
+    """The logits of a LogitTransform for rows o_n and vocab columns o_v: [BLOCK_N, BLOCK_V] fp32, −inf in
+    columns ≥ V. u = z_scale·h Wᵀ + bias_scale·b (its gemm_scale, bias_scale), then z = cap_scale·tanh(u) when
+    SOFTCAP, else z = u (1/τ already inside the scales)."""
     b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
@@ -79,17 +91,25 @@ def logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_t
             b_w = b_w.to(tl.float32)
         # [BN, BH] @ [BH, BV] -> [BN, BV]
         b_acc = tl.dot(b_h, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+    b_z = b_acc * z_scale
     if HAS_BIAS:
         # [BV]
         b_bias = tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_acc += b_bias[None, :]
-    b_z = b_acc * inv_temp
+        b_z += b_bias[None, :] * bias_scale
+    if SOFTCAP:
+        b_z = tanh(b_z) * cap_scale
     return tl.where(m_v[None, :], b_z, float("-inf"))
 
 
+def logit_scalars(t) -> tuple[float, float, float]:
+    """(z_scale, bias_scale, cap_scale) of a LogitTransform, as `logit_tile` takes them."""
+    return t.gemm_scale, t.bias_scale, t.cap_scale if t.softcap is not None else 1.0
+
+
 @triton.jit
-def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, stride_hn, stride_wv, inv_temp,
-                          HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
+def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, stride_hn, stride_wv, z_scale,
+                          bias_scale, cap_scale, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                          WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
                           DOT_PRECISION: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     i_n = tl.program_id(0)
@@ -105,8 +125,8 @@ def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, str
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         m_v = o_v < V
         # [BN, BV]
-        b_z = logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_temp,
-                         HAS_BIAS, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        b_z = logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, z_scale, bias_scale, cap_scale,
+                         HAS_BIAS, SOFTCAP, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         b_new = tl.maximum(b_max, tl.max(b_z, axis=1))  # finite: every tile has at least one column < V
         b_scale = tl.exp(b_max - b_new)
         b_e = tl.exp(b_z - b_new[:, None])  # 0 in columns ≥ V
@@ -130,9 +150,9 @@ def _forward_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_logp, p_ent, N, H, V, str
         tl.store(p_ent + o_n, tl.log(b_sum) - b_q / b_sum, mask=m_n)
 
 
-def forward_sweep(hidden, weight, targets, bias, temperature, with_entropy):
+def forward_sweep(hidden, weight, targets, bias, logits, with_entropy):
     """lse [2, N] (row max m, s = log Σ exp(z − m)), logp [N] (and entropy [N] or None), all fp32, from
-    hidden [N, H], weight [V, H], targets [N]."""
+    hidden [N, H], weight [V, H], targets [N] and `logits` (a LogitTransform)."""
     hidden, weight = hidden.contiguous(), weight.contiguous()
     n, h = hidden.shape
     v = weight.shape[0]
@@ -146,8 +166,9 @@ def forward_sweep(hidden, weight, targets, bias, temperature, with_entropy):
     grid = (triton.cdiv(n, cfg.block_n),)
     _forward_sweep_kernel[grid](
         hidden, weight, bias.contiguous() if bias is not None else hidden, targets.contiguous(), lse, logp,
-        entropy if with_entropy else logp, n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        entropy if with_entropy else logp, n, h, v, hidden.stride(0), weight.stride(0), *logit_scalars(logits),
+        HAS_BIAS=bias is not None, SOFTCAP=logits.softcap is not None, WITH_ENTROPY=with_entropy,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -2,13 +2,15 @@
 
 For each row tile the logits are recomputed, then with p = softmax(z) and y the target:
     dL/dz_j = g_logp · (1[j = y] − p_j) − g_entropy · p_j · (log p_j + entropy)
-and, since z = (h Wᵀ + b) / τ, dh = (dz/τ) @ W, dW += (dz/τ)ᵀ @ h, db += Σ_rows dz/τ, accumulated in fp32.
+and, with z = (h Wᵀ + b) / τ, dh = (dz/τ) @ W, dW += (dz/τ)ᵀ @ h, db += Σ_rows dz/τ, accumulated in fp32.
+A LogitTransform replaces 1/τ by its grad_scale, and a softcap multiplies dz by 1 − (z / cap_scale)² first.
 """
 from __future__ import annotations
 
 import torch
 
-from .forward_sweep import ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, rows_per_tile
+from .forward_sweep import ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, rows_per_tile, softcap_derivative
+from .params import LogitTransform
 
 
 def logit_grad_(log_p: torch.Tensor, p: torch.Tensor, targets, g_logp, g_entropy, entropy,
@@ -35,7 +37,7 @@ def logit_grad_(log_p: torch.Tensor, p: torch.Tensor, targets, g_logp, g_entropy
 
 
 def accumulate_grads(dz, hidden, weight, grad_hidden, grad_weight, grad_bias) -> None:
-    """dz [n, V] fp32 (already divided by τ) -> writes grad_hidden [n, H], adds into grad_weight, grad_bias."""
+    """dz [n, V] fp32 (already times grad_scale) -> writes grad_hidden [n, H], adds into grad_weight, grad_bias."""
     dz_in = dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype)
     if grad_hidden is not None and grad_hidden.dtype == dz_in.dtype:
         torch.mm(dz_in, weight, out=grad_hidden)  # [n, V] @ [V, H] -> [n, H]
@@ -59,27 +61,29 @@ def allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias
     return dh, dw, db
 
 
-def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entropy, logp, entropy,
+def grad_sweep(hidden, weight, targets, bias, logits: LogitTransform, lse, g_logp, g_entropy, logp, entropy,
                need_hidden_grad, need_weight_grad, need_bias_grad):
     """See kernels/README.md. Returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in fp32 or None.
 
     lse [2, N]: the row max m and s = log Σ exp(z − m) from the forward sweep. Each tile forms z − m (exact near
     the max) and e = exp(z − m); p = e·exp(−s) is never formed, exp(−s) scales the per-row coefficients."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    # fp32 without an entropy gradient (GRPO's three-phase path, logprobs whose entropy is only logged): p in one
-    # buffer and no dz pass, as in grpo_single_pass (dh and dW straight from p: lean_tile_grads below).
-    lean = hidden.dtype == torch.float32 and g_entropy is None
+    # fp32 without an entropy gradient or softcap (GRPO's three-phase path, logprobs whose entropy is only
+    # logged): p in one buffer and no dz pass, as in grpo_single_pass (dh and dW straight from p: lean_tile_grads)
+    lean = hidden.dtype == torch.float32 and g_entropy is None and logits.softcap is None
     dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad,
                                 zero_weight=not lean or n_rows == 0)
-    g_logp = g_logp.float() / temperature
-    g_entropy = None if g_entropy is None else g_entropy.float() / temperature
+    g_logp = g_logp.float() * logits.grad_scale
+    g_entropy = None if g_entropy is None else g_entropy.float() * logits.grad_scale
     rows = rows_per_tile(n_rows, vocab, ONE_BUFFER_TILE_ELEMENTS if lean else TILE_ELEMENTS)
     z_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
     p_buf = None if lean else torch.empty_like(z_buf)
+    cap_buf = None if logits.softcap is None else torch.empty_like(z_buf)
     row_max, log_sum = lse[0], lse[1]
     for a in range(0, n_rows, rows):
         e = min(a + rows, n_rows)
-        z = logits_tile(hidden[a:e], weight, bias, temperature, z_buf[: e - a])  # [n, V]
+        z = logits_tile(hidden[a:e], weight, bias, logits, z_buf[: e - a])  # [n, V]
+        cap = None if cap_buf is None else softcap_derivative(z, logits, cap_buf[: e - a])  # [n, V]
         z.sub_(row_max[a:e, None])  # z − m
         if lean:
             ex = z.exp_()  # [n, V] in place: exp(z − m) = p·exp(s)
@@ -90,13 +94,16 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
         ent = None if g_entropy is None else entropy[a:e]
         dz = logit_grad_(z, ex, targets[a:e], g_logp[a:e], None if ent is None else g_entropy[a:e], ent,
                          log_sum=log_sum[a:e])
+        if cap is not None:
+            dz.mul_(cap)
         accumulate_grads(dz, hidden[a:e], weight, None if dh is None else dh[a:e], dw, db)
-    return dh, dw, db
+    return dh, dw, logits.bias_grad_(db)
 
 
 def lean_tile_grads(p, h, weight, targets, gs, grad_hidden, grad_weight, grad_bias, *, first: bool, q=None,
                     row_scale=None):
-    """fp32 row tile, p = softmax(z) [n, V], gs = (dL/dlogp)/τ [n], no entropy term, so dz = gs·(onehot(y) − p):
+    """fp32 row tile, p = softmax(z) [n, V], gs = (dL/dlogp)·grad_scale [n], no entropy term or softcap,
+    so dz = gs·(onehot(y) − p):
         dh  = gs · (W_y − p @ W)                      [n, H]   (the GEMM reads p, no dz is formed)
         dW += pᵀ (−gs·h) + onehot(y)ᵀ (gs·h)          [V, H]   (a GEMM plus an index_add of n rows)
         db += pᵀ (−gs) + onehot(y)ᵀ gs                [V]

@@ -4,6 +4,7 @@ A 2-D grid: program (i_n, i_v) owns rows [i_n·BLOCK_N, +BLOCK_N) and vocab colu
 It recomputes its z tile (the same `logit_tile` as the forward sweep), forms
     p  = exp((z − m) − s)                 # m, s = lse[0], lse[1]: row max and log Σ exp(z − m)
     dz = [g_logp·(1[j = y] − p) − g_entropy·p·(log p + entropy)] / τ        # [BLOCK_N, BLOCK_V], fp32
+(with a LogitTransform: times its grad_scale instead of 1/τ, and by 1 − (z / cap_scale)² with a softcap)
 once, then walks H in chunks of BLOCK_H and adds its share into the fp32 outputs with `tl.atomic_add`:
     dh[rows, chunk] += dz @ W[cols, chunk]        dW[cols, chunk] += dzᵀ @ h[rows, chunk]        db[cols] += Σ_rows dz
 Constexpr flags drop the dh, dW or db work entirely when that gradient is not needed (a frozen or LoRA-wrapped
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward_sweep_triton import SweepConfig, dot_settings, forward_config, logit_tile
+from .forward_sweep_triton import SweepConfig, dot_settings, forward_config, logit_scalars, logit_tile
 
 # BLOCK_N 64, BLOCK_V 128, 8 warps (256 threads): the fp32 z/dz tile is 64·128 / 256 = 32 registers per thread,
 # and it stays live through the whole H loop (both products reuse it). BLOCK_H 32: the per-chunk fp32 results are
@@ -65,13 +66,15 @@ def ordered_num_stages(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N, H, stride_hn, stride_wv,
-             inv_temp, HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+             z_scale, bias_scale, cap_scale, grad_scale, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+             HAS_ENTROPY_GRAD: tl.constexpr,
              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_HZ: tl.constexpr):
-    """dL/dz / τ for rows o_n and columns o_v: [BLOCK_N, BLOCK_V] fp32, 0 outside [0, N) × [0, V)."""
+    """dL/d(h Wᵀ) = dL/dz · ∂z/∂(h Wᵀ) for rows o_n and columns o_v: [BLOCK_N, BLOCK_V] fp32, 0 outside
+    [0, N) × [0, V)."""
     # [BN, BV]
-    b_z = logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, inv_temp,
-                     HAS_BIAS, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_HZ)
+    b_z = logit_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_wv, z_scale, bias_scale, cap_scale,
+                     HAS_BIAS, SOFTCAP, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_HZ)
     # [BN] the row max m and s = log Σ exp(z − m), lse = m + s kept as two fp32 numbers (p_lse is [2, N])
     b_m = tl.load(p_lse + o_n, mask=m_n, other=0.0)
     b_s = tl.load(p_lse + N + o_n, mask=m_n, other=0.0)
@@ -88,7 +91,12 @@ def _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N,
         b_ge = tl.load(p_ge + o_n, mask=m_n, other=0.0)
         b_ent = tl.load(p_ent + o_n, mask=m_n, other=0.0)
         b_dz -= b_ge[:, None] * b_p * (b_logp + b_ent[:, None])
-    return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0) * inv_temp
+    if SOFTCAP:
+        # tanh(u), 0 in columns ≥ V (z = −inf there). A multiply by the reciprocal: the IEEE division spilled
+        # 16 bytes in the fp32-fma ordered dW kernel on sm_80
+        b_t = tl.where(m_v[None, :], b_z * (1.0 / cap_scale), 0.0)
+        b_dz *= 1.0 - b_t * b_t
+    return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0) * grad_scale
 
 
 @triton.jit
@@ -102,8 +110,8 @@ def _dot_operand(b_x, p_like, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_dh, p_dw, p_db,
-                       N, H, V, stride_hn, stride_wv, inv_temp,
-                       HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                       N, H, V, stride_hn, stride_wv, z_scale, bias_scale, cap_scale, grad_scale,
+                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
                        NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -115,7 +123,8 @@ def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_dh, p_dw, 
     m_n, m_v = o_n < N, o_v < V
     # [BN, BV]
     b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N, H, stride_hn,
-                    stride_wv, inv_temp, HAS_BIAS, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+                    stride_wv, z_scale, bias_scale, cap_scale, grad_scale, HAS_BIAS, SOFTCAP, HAS_ENTROPY_GRAD,
+                    DOT_FP32, DOT_PRECISION,
                     BLOCK_N, BLOCK_V, BLOCK_HZ)
     if NEED_DB:
         tl.atomic_add(p_db + o_v, tl.sum(b_dz, axis=0), mask=m_v)
@@ -145,8 +154,8 @@ def _grad_sweep_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_dh, p_dw, 
 
 @triton.jit
 def _grad_hidden_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_dh,
-                                N, H, V, stride_hn, stride_wv, inv_temp,
-                                HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                                N, H, V, stride_hn, stride_wv, z_scale, bias_scale, cap_scale, grad_scale,
+                                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
                                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                                 BLOCK_HZ: tl.constexpr):
@@ -159,7 +168,8 @@ def _grad_hidden_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_d
         m_v = o_v < V
         # [BN, BV]
         b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N, H, stride_hn,
-                        stride_wv, inv_temp, HAS_BIAS, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+                        stride_wv, z_scale, bias_scale, cap_scale, grad_scale, HAS_BIAS, SOFTCAP, HAS_ENTROPY_GRAD,
+                    DOT_FP32, DOT_PRECISION,
                         BLOCK_N, BLOCK_V, BLOCK_HZ)
         b_dz_op = _dot_operand(b_dz, p_h, DOT_FP32)
         for h0 in range(0, H, BLOCK_H):
@@ -180,8 +190,8 @@ def _grad_hidden_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_d
 
 @triton.jit
 def _grad_weight_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_dw, p_db,
-                                N, H, V, stride_hn, stride_wv, inv_temp,
-                                HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                                N, H, V, stride_hn, stride_wv, z_scale, bias_scale, cap_scale, grad_scale,
+                                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
                                 NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -196,7 +206,8 @@ def _grad_weight_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_d
         m_n = o_n < N
         # [BN, BV]
         b_dz = _dz_tile(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, o_n, m_n, o_v, m_v, N, H, stride_hn,
-                        stride_wv, inv_temp, HAS_BIAS, HAS_ENTROPY_GRAD, DOT_FP32, DOT_PRECISION,
+                        stride_wv, z_scale, bias_scale, cap_scale, grad_scale, HAS_BIAS, SOFTCAP, HAS_ENTROPY_GRAD,
+                    DOT_FP32, DOT_PRECISION,
                         BLOCK_N, BLOCK_V, BLOCK_HZ)
         b_db += tl.sum(b_dz, axis=0)
         if NEED_DW:
@@ -220,9 +231,10 @@ def _grad_weight_ordered_kernel(p_h, p_w, p_b, p_y, p_lse, p_g, p_ge, p_ent, p_d
         tl.store(p_db + o_v, b_db, mask=m_v)
 
 
-def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entropy, logp, entropy,
+def grad_sweep(hidden, weight, targets, bias, logits, lse, g_logp, g_entropy, logp, entropy,
                need_hidden_grad, need_weight_grad, need_bias_grad, deterministic=False):
-    """(grad_hidden [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None), fp32, carrying the 1/τ.
+    """(grad_hidden [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None), fp32, carrying the
+    LogitTransform `logits`' chain factors (1/τ, scales, softcap).
 
     `logp` is not read (the contract's argument): (z_y − m) − s recomputed here equals it bit for bit.
     `deterministic=True` replaces the atomics by two ordered sweeps (see the module docstring).
@@ -245,8 +257,8 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
     inputs = (hidden, weight, bias.contiguous() if bias is not None else hidden, targets.contiguous(),
               lse.contiguous(), g_logp.contiguous(),
               g_entropy.contiguous() if has_ent else stand_in, entropy.contiguous() if has_ent else stand_in)
-    sizes = (n, h, v, hidden.stride(0), weight.stride(0), 1.0 / temperature)
-    flags = dict(HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=has_ent,
+    sizes = (n, h, v, hidden.stride(0), weight.stride(0), *logit_scalars(logits), logits.grad_scale)
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=logits.softcap is not None, HAS_ENTROPY_GRAD=has_ent,
                  DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
                  BLOCK_H=cfg.block_h, BLOCK_HZ=forward_config(hidden.dtype, precision).block_h,
                  num_warps=cfg.num_warps)
@@ -257,7 +269,7 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
                                  NEED_DW=need_weight_grad, NEED_DB=need_bias_grad,
                                  num_stages=atomic_num_stages(cfg, need_weight_grad),
                                  **flags)
-        return grad_h, grad_w, grad_b
+        return grad_h, grad_w, logits.bias_grad_(grad_b)
     stages = ordered_num_stages(hidden.dtype)
     if need_hidden_grad:
         _grad_hidden_ordered_kernel[(triton.cdiv(n, cfg.block_n),)](*inputs, grad_h, *sizes, num_stages=stages,
@@ -266,4 +278,4 @@ def grad_sweep(hidden, weight, targets, bias, temperature, lse, g_logp, g_entrop
         _grad_weight_ordered_kernel[(triton.cdiv(v, cfg.block_v),)](
             *inputs, out(grad_w), out(grad_b), *sizes, NEED_DW=need_weight_grad, NEED_DB=need_bias_grad,
             num_stages=stages, **flags)
-    return grad_h, grad_w, grad_b
+    return grad_h, grad_w, logits.bias_grad_(grad_b)

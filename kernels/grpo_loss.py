@@ -17,12 +17,12 @@ def _three_phase(impl, hidden, weight, targets, bias, inputs, advantages, mask, 
     """Phase 1 over all rows, phase 2 over [B, T], phase 3 over all rows. hidden [N, H], targets [N]."""
     p = inputs.params
     batch, length = mask.shape
-    lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, p.temperature, True)
+    lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, p.logits, True)
     loss, g, metrics = impl.grpo_epilogue(logp.view(batch, length), mask, advantages, inputs.old_logprobs,
                                           inputs.ref_logprobs, inputs.is_ratio, entropy.view(batch, length), p)
     grads = (None, None, None)
     if any(needs):
-        grads = impl.grad_sweep(hidden, weight, targets, bias, p.temperature, lse, g.reshape(-1), None, logp,
+        grads = impl.grad_sweep(hidden, weight, targets, bias, p.logits, lse, g.reshape(-1), None, logp,
                                 entropy, *needs)
     return loss, metrics, grads
 
@@ -75,13 +75,14 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, re
                            epsilon=0.2, epsilon_high=None, delta=None, temperature=1.0, loss_type="dapo",
                            importance_sampling_level="token", use_bias_correction_kl=False,
                            max_completion_length=None, num_items_in_batch=None, is_ratio=None,
-                           top_entropy_quantile=1.0, backend="auto"):
+                           top_entropy_quantile=1.0, logit_transform=None, backend="auto"):
     """GRPO loss of completions from the policy's final hidden states, never materializing [B·T, V] logits.
 
     hidden [B, T, H] (aligned with targets [B, T]: no shift inside), weight [V, H], mask [B, T]; advantages [B],
     or rewards [B] with num_generations (group-normalized here, TRL's rule). Semantics, argument names and metric
     names follow TRL's GRPOTrainer._compute_loss (see kernels/grpo_epilogue.py). Returns (loss, metrics) with
     metrics a dict of detached scalars: entropy, kl (beta != 0), clip_ratio/low_mean, /high_mean, /region_mean.
+    logit_transform: the model's logit post-processing (a LogitTransform: scales, softcap), None = plain h·Wᵀ + b.
     """
     inputs = validate_grpo_inputs(
         hidden, weight, targets, mask, advantages, rewards=rewards, num_generations=num_generations,
@@ -89,7 +90,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, re
         epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, temperature=temperature, loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, use_bias_correction_kl=use_bias_correction_kl,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, is_ratio=is_ratio,
-        top_entropy_quantile=top_entropy_quantile)
+        top_entropy_quantile=top_entropy_quantile, logit_transform=logit_transform)
     if advantages is None:
         advantages = group_advantages(rewards, num_generations, scale_rewards=scale_rewards)
     metrics: dict = {}

@@ -7,7 +7,8 @@ forward sweep + gradient sweep, and the tile's logits never leave cache between 
 and entropy quantiles need the whole batch first; they take the three-phase path in `grpo_loss.py`.
 
 fp32 inputs (the CPU case) take `_fp32_tile_softmax` and `grad_sweep.lean_tile_grads`: one [n, V] buffer, no elementwise
-pass over it besides the softmax (see the comment above them). Other dtypes keep the dz route (logits copied to
+pass over it besides the softmax (see the comment above them). Other dtypes and softcapped logits (whose dz has
+the factor 1 − tanh² per element) keep the dz route (logits copied to
 fp32, dz formed in fp32 and rounded once to the input dtype for the GEMMs), whose low-precision error is tested
 against PyTorch's own at that dtype; the fp32 route's W_y − q would cancel in bf16.
 """
@@ -16,10 +17,10 @@ from __future__ import annotations
 import torch
 
 from .forward_sweep import (_TINY, ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, row_entropy_,
-                            rows_per_tile, softmax_tile)
+                            rows_per_tile, softcap_derivative, softmax_tile)
 from .grad_sweep import accumulate_grads, allocate_grads, lean_tile_grads, logit_grad_
 from .grpo_epilogue import finish_metrics, objective_terms, token_weights
-from .params import GRPOLossParams
+from .params import GRPOLossParams, LogitTransform
 
 
 def _flat_token_inputs(mask, advantages, old_logp, ref_logp, is_ratio, p: GRPOLossParams):
@@ -52,24 +53,27 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
                      p: GRPOLossParams, need_hidden_grad, need_weight_grad, need_bias_grad):
     """hidden [N, H] (N = B·T), targets [N], mask [B, T] -> (loss, metrics, grad_hidden, grad_weight, grad_bias)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
+    t = p.logits
     flat = _flat_token_inputs(mask, advantages, old_logp, ref_logp, is_ratio, p)
     want_grad = need_hidden_grad or need_weight_grad or need_bias_grad
-    fp32 = hidden.dtype == torch.float32
+    lean = hidden.dtype == torch.float32 and t.softcap is None
     dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad,
-                                zero_weight=not fp32 or n_rows == 0)  # fp32: the first tile's GEMM writes dW
+                                zero_weight=not lean or n_rows == 0)  # lean: the first tile's GEMM writes dW
     loss, totals, entropy_sum = torch.zeros((), dtype=torch.float32), {}, torch.zeros(())
-    rows = rows_per_tile(n_rows, vocab, ONE_BUFFER_TILE_ELEMENTS if fp32 else TILE_ELEMENTS)
-    bufs = 1 if fp32 else 2
-    z_buf, p_buf = [torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device) for _ in range(bufs)] + \
-        [None] * (2 - bufs)
+    rows = rows_per_tile(n_rows, vocab, ONE_BUFFER_TILE_ELEMENTS if lean else TILE_ELEMENTS)
+    bufs = 1 if lean else 2 + (t.softcap is not None and want_grad)
+    z_buf, p_buf, cap_buf = [torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+                             for _ in range(bufs)] + [None] * (3 - bufs)
     for s in range(0, n_rows, rows):
         sl = slice(s, min(s + rows, n_rows))
-        h_t, y_t = hidden[sl], targets[sl]
-        if fp32:
-            prob, q, logp, entropy = _fp32_tile_softmax(h_t, weight, y_t, bias, p.temperature, z_buf[: sl.stop - s])
+        h_t, y_t, n = hidden[sl], targets[sl], sl.stop - s
+        cap = None
+        if lean:
+            prob, q, logp, entropy = _fp32_tile_softmax(h_t, weight, y_t, bias, t, z_buf[:n])
         else:
-            z = logits_tile(h_t, weight, bias, p.temperature, z_buf[: sl.stop - s])  # [n, V]
-            prob = p_buf[: sl.stop - s]
+            z = logits_tile(h_t, weight, bias, t, z_buf[:n])  # [n, V]
+            cap = None if cap_buf is None else softcap_derivative(z, t, cap_buf[:n])  # [n, V]
+            prob = p_buf[:n]
             row_max, log_sum, logp = softmax_tile(z, y_t, prob)
             entropy = row_entropy_(z, row_max, log_sum, prob)  # z is spent after
         entropy_sum = entropy_sum + (entropy * flat["mask"][sl]).sum()
@@ -80,11 +84,12 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
         if not want_grad:
             continue
         grads = (None if dh is None else dh[sl], dw, db)
-        if fp32:
-            lean_tile_grads(prob, h_t, weight, y_t, g / p.temperature, *grads, first=s == 0, q=q)
+        if lean:
+            lean_tile_grads(prob, h_t, weight, y_t, g * t.grad_scale, *grads, first=s == 0, q=q)
         else:
-            dz = logit_grad_(None, prob, y_t, g / p.temperature, None, None)
-            accumulate_grads(dz, h_t, weight, *grads)
+            dz = logit_grad_(None, prob, y_t, g * t.grad_scale, None, None)
+            accumulate_grads(dz if cap is None else dz.mul_(cap), h_t, weight, *grads)
+    t.bias_grad_(db)
     metrics = finish_metrics(totals, float(mask.sum()), mask.shape[0], False, entropy_sum)
     return loss, metrics, dh, dw, db
 
@@ -96,14 +101,16 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
 #   H     = lse − Σ_j p_j z_j = lse − (h · q + p · b) / τ
 #   dh    = Σ_j dz_j W_j / τ = g · (W_y − q) / τ        with dz = g · (onehot(y) − p)
 #   dW   += dzᵀ h / τ = pᵀ (−g·h/τ) + onehot(y)ᵀ (g·h/τ)   (a GEMM plus an index_add of n rows)
+# (written for z = (h·Wᵀ + b)/τ; a LogitTransform without softcap only changes the scalars: 1/τ on h·Wᵀ becomes
+# gemm_scale = grad_scale, on b bias_scale)
 # so the tile costs three GEMMs (2·n·H·V flops each) and the three passes of ATen's fused softmax, with no
 # [n, V] elementwise pass for the entropy or for dz. Tile height: forward_sweep.ONE_BUFFER_TILE_ELEMENTS.
 
 
-def _fp32_tile_softmax(h, weight, targets, bias, temperature: float, buf):
-    """h [n, H] fp32 -> (p [n, V] in buf, q = p @ W [n, H], logp [n], entropy [n])."""
-    inv_t = 1.0 / temperature
-    z = logits_tile(h, weight, bias, temperature, buf)  # [n, H] @ [H, V] -> [n, V], 1/τ inside the GEMM
+def _fp32_tile_softmax(h, weight, targets, bias, t: LogitTransform, buf):
+    """h [n, H] fp32 -> (p [n, V] in buf, q = p @ W [n, H], logp [n], entropy [n]); t without a softcap, so
+    z = gemm_scale·(h·Wᵀ) + bias_scale·b is linear in h."""
+    z = logits_tile(h, weight, bias, t, buf)  # [n, H] @ [H, V] -> [n, V], the factors inside the GEMM
     idx = targets[:, None].long()
     z_y = z.gather(1, idx).squeeze(1)  # [n]
     prob = torch.ops.aten._softmax.out(z, 1, False, out=z)  # in place, row by row: z is spent, buf holds p
@@ -113,13 +120,12 @@ def _fp32_tile_softmax(h, weight, targets, bias, temperature: float, buf):
     logp = torch.log(p_y)
     tiny = p_y < _TINY
     if tiny.any():  # rare: recompute those rows' logits, logp = (z_y − m) − log Σ exp(z − m) directly
-        rows_z = h[tiny] @ weight.T if bias is None else torch.addmm(bias, h[tiny], weight.T)
-        rows_z = rows_z * inv_t
+        rows_z = logits_tile(h[tiny], weight, bias, t, torch.empty(int(tiny.sum()), weight.shape[0], device=h.device))
         m = rows_z.max(dim=1).values
         logp[tiny] = (z_y[tiny] - m) - torch.logsumexp(rows_z - m[:, None], dim=1)
     lse = z_y - logp
     q = prob @ weight  # [n, V] @ [V, H] -> [n, H]
-    pz = (h * q).sum(dim=1)  # Σ_j p_j (h · W_j), [n]
+    pz = (h * q).sum(dim=1) * t.gemm_scale  # Σ_j p_j z_j without the bias, [n]
     if bias is not None:
-        pz += prob @ bias  # [n, V] @ [V] -> [n]
-    return prob, q, logp, lse - pz * inv_t
+        pz += (prob @ bias) * t.bias_scale  # [n, V] @ [V] -> [n]
+    return prob, q, logp, lse - pz

@@ -4,20 +4,20 @@ from __future__ import annotations
 import torch
 
 from .backend import phases, resolve_backend
-from .checks import check_linear_inputs, check_temperature
+from .checks import check_linear_inputs, check_logit_transform
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
     """Forward: phase 1. Backward: phase 3 with the incoming dL/dlogp (and dL/dentropy)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend):
-        # hidden [N, H], weight [V, H], bias [V] | None, targets [N]
+    def forward(ctx, hidden, weight, bias, targets, logits, with_entropy, backend):
+        # hidden [N, H], weight [V, H], bias [V] | None, targets [N], logits: a LogitTransform
         impl = phases(backend)
-        lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, temperature, with_entropy)
+        lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, logits, with_entropy)
         # lse [2, N]: row max and log Σ exp(z − max), kept apart (README: internal contract)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, logp, entropy)
-        ctx.temperature, ctx.with_entropy, ctx.impl = temperature, with_entropy, impl
+        ctx.logits, ctx.with_entropy, ctx.impl = logits, with_entropy, impl
         ctx.set_materialize_grads(False)  # an output nobody differentiates arrives as None, not as zeros
         return (logp, entropy) if with_entropy else logp
 
@@ -33,7 +33,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
             return None, None, None, None, None, None, None
         if g_logp is None:
             g_logp = torch.zeros_like(logp)
-        dh, dw, db = ctx.impl.grad_sweep(hidden, weight, targets, bias, ctx.temperature, lse, g_logp.float(),
+        dh, dw, db = ctx.impl.grad_sweep(hidden, weight, targets, bias, ctx.logits, lse, g_logp.float(),
                                          None if g_entropy is None else g_entropy.float(), logp, entropy,
                                          need_h, need_w, need_b and bias is not None)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
@@ -41,18 +41,19 @@ class FusedLinearLogprobs(torch.autograd.Function):
 
 
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, with_entropy=False,
-                          backend="auto"):
-    """log softmax((h Wᵀ + b) / τ)[targets] for hidden [..., H], weight [V, H], targets [...].
+                          logit_transform=None, backend="auto"):
+    """log softmax((h Wᵀ + b) / τ)[targets] for hidden [..., H], weight [V, H], targets [...]; with a
+    `logit_transform` (a LogitTransform: the model's scales and softcap) log softmax of its logits z instead.
 
     Returns logp [...] in float32 (and entropy [...] when with_entropy), differentiable in hidden, weight and
     bias. Targets are aligned with hidden (no shift inside). Memory beyond inputs and outputs is O(tile), never
     the [N, V] logits; the backward recomputes each logits tile.
     """
     check_linear_inputs(hidden, weight, targets, bias)
-    check_temperature(temperature)
+    logits = check_logit_transform(temperature, logit_transform)
     lead = hidden.shape[:-1]
     out = FusedLinearLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
-                                    float(temperature), bool(with_entropy),
+                                    logits, bool(with_entropy),
                                     resolve_backend(backend, hidden.device))
     if with_entropy:
         return out[0].view(lead), out[1].view(lead)

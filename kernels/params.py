@@ -14,13 +14,58 @@ SAPO_TEMPERATURE_NEG = 1.05
 
 
 @dataclass(frozen=True)
+class LogitTransform:
+    """How the logits a model samples from are made from the head's output h·Wᵀ, per element of a logits tile:
+
+        u = s_l · (s_h · h·Wᵀ + b)            hidden_scale s_h, logit_scale s_l
+        z = c · tanh(u / c) / τ               softcap c (None: z = u / τ), sampling temperature τ
+
+    The order is the models' own (kernels/README.md maps each family to its factors): a scale on the hidden state
+    before the head (MiniCPM3), a scale on the logits (Granite's 1/logits_scaling, Cohere's logit_scale,
+    FalconH1's lm_head_multiplier), then tanh soft-capping (Gemma2/3), then TRL's division by the temperature.
+    Without a softcap every factor folds into the logits GEMM's alpha/beta and the per-row gradient coefficient:
+    no pass over a tile beyond the plain path's."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    hidden_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def gemm_scale(self) -> float:
+        """Factor on h·Wᵀ in the tile's first form: z itself without a softcap, u / c with one."""
+        return self.hidden_scale * self.logit_scale / (self.softcap or self.temperature)
+
+    @property
+    def bias_scale(self) -> float:
+        """Factor on b in the tile's first form (as gemm_scale)."""
+        return self.logit_scale / (self.softcap or self.temperature)
+
+    @property
+    def cap_scale(self) -> float:
+        """c / τ: z = cap_scale · tanh(u / c) (softcap only)."""
+        return self.softcap / self.temperature
+
+    @property
+    def grad_scale(self) -> float:
+        """∂z/∂(h·Wᵀ) = s_h·s_l/τ, times 1 − tanh²(u/c) = 1 − (z/cap_scale)² per element (softcap)."""
+        return self.hidden_scale * self.logit_scale / self.temperature
+
+    def bias_grad_(self, grad_bias):
+        """Sweeps form db with the h·Wᵀ chain factor grad_scale; b's own is s_l/τ = grad_scale / s_h."""
+        if grad_bias is not None and self.hidden_scale != 1.0:
+            grad_bias.div_(self.hidden_scale)
+        return grad_bias
+
+
+@dataclass(frozen=True)
 class GRPOLossParams:
     loss_type: str = "dapo"
     beta: float = 0.0
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     delta: float | None = None  # cap on the unclipped ratio (two-sided clipping), None = off
-    temperature: float = 1.0
+    logits: LogitTransform = LogitTransform()  # temperature and the model's logit post-processing
     importance_sampling_level: str = "token"
     use_bias_correction_kl: bool = False
     max_completion_length: int | None = None  # dr_grpo's constant normalizer

@@ -7,24 +7,31 @@ the baseline low-precision tests compare the fused paths' error against.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .checks import validate_grpo_inputs
-from .params import GRPOLossParams
+from .checks import check_logit_transform, validate_grpo_inputs
+from .params import GRPOLossParams, LogitTransform
 
 
-def _logits(hidden, weight, bias, temperature, dtype):
-    # [N, H] @ [H, V] -> [N, V], all in `dtype`
-    z = hidden.to(dtype) @ weight.to(dtype).T
+def _logits(hidden, weight, bias, t: LogitTransform, dtype):
+    """The model's order: hidden scale, head, logit scale, softcap, then 1/τ. [N, H] @ [H, V] -> [N, V] in dtype."""
+    z = (hidden.to(dtype) * t.hidden_scale) @ weight.to(dtype).T
     if bias is not None:
         z = z + bias.to(dtype)
-    return z / temperature
+    z = z * t.logit_scale
+    if t.softcap is not None:
+        z = t.softcap * torch.tanh(z / t.softcap)
+    return z / t.temperature
 
 
 def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, with_entropy=False,
-                       dtype=torch.float64):
-    """log softmax((h Wᵀ + b)/τ) at `targets` (and the entropy), computed in `dtype`, differentiable."""
-    logp_all = torch.log_softmax(_logits(hidden, weight, bias, temperature, dtype), dim=-1)  # [..., V]
+                       dtype=torch.float64, logit_transform=None):
+    """log softmax(z) at `targets` (and the entropy), z = (h Wᵀ + b)/τ or the logits of `logit_transform` at
+    temperature τ, computed in `dtype`, differentiable."""
+    t = check_logit_transform(temperature, logit_transform)
+    logp_all = torch.log_softmax(_logits(hidden, weight, bias, t, dtype), dim=-1)  # [..., V]
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp
@@ -113,7 +120,8 @@ def reference_grpo_loss(hidden, weight, targets, mask, advantages=None, dtype=to
         adv = reference_group_advantages(inputs.rewards, inputs.num_generations, inputs.scale_rewards)
     mask64 = mask.double()
     adv = adv.double()
-    logp, entropy = reference_logprobs(hidden, weight, targets, inputs.bias, p.temperature, True, dtype)
+    logp, entropy = reference_logprobs(hidden, weight, targets, inputs.bias, p.logits.temperature, True, dtype,
+                                       replace(p.logits, temperature=1.0))
     logp, entropy = logp.double(), entropy.double()  # the loss arithmetic itself is O(B·T): float64 always
     old = logp.detach() if inputs.old_logprobs is None else inputs.old_logprobs.double()
     per_token, ratio = _per_token_loss(logp, old, adv, mask64, p)

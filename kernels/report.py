@@ -17,6 +17,8 @@ Per record:
   LOCAL bytes (local memory is where spills go). The goal is 0 for every kernel;
 - tensor_core_instructions: `mma` instructions in the PTX on sm_80, `wgmma.mma_async` on sm_90. The goal is > 0
   for both vocabulary sweeps (bf16 and tf32 dots).
+The sweeps are compiled once more with SOFTCAP=True (tanh soft-capping of the logits, `*_softcap` records) at the
+larger H, in each dot mode.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ HIDDEN_SIZES = (896, 4096)
 N_ROWS = 8192  # B·T of a typical GRPO micro-batch (e.g. 16 completions × 512 tokens)
 VOCAB = 151936  # Qwen2/2.5 vocabulary
 GRAD_VARIANTS = ("grad_sweep", "grad_sweep_frozen_head", "grad_hidden_ordered", "grad_weight_ordered")
+SOFTCAP_SUFFIX = "_softcap"  # the kernels compiled with SOFTCAP=True (LogitTransform.softcap set)
 
 
 @dataclass
@@ -62,9 +65,12 @@ class KernelSpec:
         return out
 
 
+LOGIT_SCALARS = ("z_scale", "bias_scale", "cap_scale", "grad_scale")  # a LogitTransform's factors (forward: 3)
+
+
 def _sweep_args(h: int) -> dict:
     return {"N": ("i32", N_ROWS), "H": ("i32", h), "V": ("i32", VOCAB), "stride_hn": ("i32", h),
-            "stride_wv": ("i32", h), "inv_temp": ("fp32", None)}
+            "stride_wv": ("i32", h), **{k: ("fp32", None) for k in LOGIT_SCALARS}}
 
 
 # How the dots run: bf16 operands; fp32 operands as TF32 (torch.set_float32_matmul_precision("high"/"medium"));
@@ -84,20 +90,20 @@ def _torch_dtype(dtype: str):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
-def _forward_spec(h: int, dot: str = "bf16") -> KernelSpec:
+def _forward_spec(h: int, dot: str = "bf16", softcap: bool = False) -> KernelSpec:
     from .forward_sweep_triton import _forward_sweep_kernel, forward_config
 
     dtype, precision = DOTS[dot]
     c = forward_config(_torch_dtype(dtype), precision)
     args = {**_operand_args(dtype), "p_lse": ("*fp32", None), "p_logp": ("*fp32", None), "p_ent": ("*fp32", None),
             **_sweep_args(h)}
-    const = {"HAS_BIAS": False, "WITH_ENTROPY": True, "DOT_FP32": False, "DOT_PRECISION": precision,
-             "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h}
-    return KernelSpec("forward_sweep", _forward_sweep_kernel, args, const, c.num_warps, c.num_stages,
-                      {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
+    const = {"HAS_BIAS": False, "SOFTCAP": softcap, "WITH_ENTROPY": True, "DOT_FP32": False,
+             "DOT_PRECISION": precision, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h}
+    return KernelSpec("forward_sweep" + SOFTCAP_SUFFIX * softcap, _forward_sweep_kernel, args, const, c.num_warps,
+                      c.num_stages, {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
-def _grad_spec(h: int, variant: str, dot: str = "bf16") -> KernelSpec:
+def _grad_spec(h: int, variant: str, dot: str = "bf16", softcap: bool = False) -> KernelSpec:
     """variant: "grad_sweep" (atomics, dh + dW), "grad_sweep_frozen_head" (atomics, dh only), or the
     deterministic pair "grad_hidden_ordered" / "grad_weight_ordered"."""
     from . import grad_sweep_triton as g
@@ -116,12 +122,12 @@ def _grad_spec(h: int, variant: str, dot: str = "bf16") -> KernelSpec:
         needs["NEED_DB"] = False  # Qwen-style heads have no bias
     ptrs = ["p_lse", "p_g", "p_ge", "p_ent", *outputs]
     args = {**_operand_args(dtype), **{p: ("*fp32", None) for p in ptrs}, **_sweep_args(h)}
-    const = {"HAS_BIAS": False, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
+    const = {"HAS_BIAS": False, "SOFTCAP": softcap, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
              "DOT_PRECISION": precision, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
              "BLOCK_HZ": forward_config(_torch_dtype(dtype), precision).block_h}
     stages = (g.ordered_num_stages(_torch_dtype(dtype)) if "ordered" in variant
               else g.atomic_num_stages(c, needs["NEED_DW"]))
-    return KernelSpec(variant, fn, args, const, c.num_warps, stages,
+    return KernelSpec(variant + SOFTCAP_SUFFIX * softcap, fn, args, const, c.num_warps, stages,
                       {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
@@ -132,6 +138,9 @@ def kernel_specs() -> list[KernelSpec]:
     for dot in ("tf32", "fp32-fma"):  # fp32 inputs at the larger H: twice the operand bytes, the tightest fit
         specs += [_forward_spec(max(HIDDEN_SIZES), dot)] + [_grad_spec(max(HIDDEN_SIZES), v, dot)
                                                              for v in GRAD_VARIANTS]
+    for dot in DOTS:  # tanh soft-capping (Gemma2/3) adds an exp and a division per logit, in every dot mode
+        specs += [_forward_spec(max(HIDDEN_SIZES), dot, True)] + [_grad_spec(max(HIDDEN_SIZES), v, dot, True)
+                                                                  for v in GRAD_VARIANTS]
     specs += _epilogue_specs()
     return specs
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastrl.kernels.forward_sweep_triton import FORWARD_CONFIG, FORWARD_CONFIG_FP32_IEEE, forward_sweep
+from fastrl.kernels.params import LogitTransform
 from fastrl.kernels.reference import reference_logprobs
 from kernel_cases import assert_no_worse_than, make_linear_inputs
 
@@ -33,7 +34,8 @@ def test_forward_sweep_matches_reference(shape, with_bias, dtype):
     h, w, y, b = make_linear_inputs(n, hs, v, dtype, seed, bias=with_bias, peaked=True)
     y[0], y[-1] = 0, v - 1  # first and last vocabulary column (the last sits in a ragged tile)
     tau = 0.7
-    lse, logp, entropy = forward_sweep(h.detach(), w.detach(), y, None if b is None else b.detach(), tau, True)
+    lse, logp, entropy = forward_sweep(h.detach(), w.detach(), y, None if b is None else b.detach(),
+                                       LogitTransform(temperature=tau), True)
     assert lse.dtype == logp.dtype == entropy.dtype == torch.float32
     assert lse.shape == (2, n) and logp.shape == entropy.shape == (n,)  # lse split: row max m, log Σ exp(z − m)
     truth = reference_logprobs(h, w, y, b, tau, with_entropy=True)
@@ -47,9 +49,9 @@ def test_forward_sweep_matches_reference(shape, with_bias, dtype):
 def test_without_entropy_returns_none_and_same_logp():
     h, w, y, _ = make_linear_inputs(37, 48, 300, torch.float32, 3)
     h, w = h.detach(), w.detach()
-    lse, logp, entropy = forward_sweep(h, w, y, None, 1.0, False)
+    lse, logp, entropy = forward_sweep(h, w, y, None, LogitTransform(), False)
     assert entropy is None
-    lse2, logp2, _ = forward_sweep(h, w, y, None, 1.0, True)
+    lse2, logp2, _ = forward_sweep(h, w, y, None, LogitTransform(), True)
     assert torch.equal(lse, lse2) and torch.equal(logp, logp2)
 
 
@@ -57,7 +59,7 @@ def test_sharply_peaked_rows_stay_finite():
     """Logits of magnitude ~1e3 with one dominant column: the online max must keep exp() in range."""
     h, w, y, _ = make_linear_inputs(40, 64, 300, torch.float32, 5)
     h, w = h.detach() * 60.0, w.detach()
-    lse, logp, entropy = forward_sweep(h, w, y, None, 1.0, True)
+    lse, logp, entropy = forward_sweep(h, w, y, None, LogitTransform(), True)
     truth_logp, truth_ent = reference_logprobs(h, w, y, with_entropy=True)
     assert torch.isfinite(lse).all() and torch.isfinite(entropy).all()
     scale = float(_lse(h, w, None, 1.0, torch.float64).abs().max())
@@ -75,5 +77,5 @@ def test_block_sizes_are_tensor_core_shapes():
 
 def test_empty_input():
     h, w, y, _ = make_linear_inputs(0, 48, 300, torch.float32, 1)
-    lse, logp, entropy = forward_sweep(h.detach(), w.detach(), y, None, 1.0, True)
+    lse, logp, entropy = forward_sweep(h.detach(), w.detach(), y, None, LogitTransform(), True)
     assert lse.shape == (2, 0) and logp.shape == entropy.shape == (0,)

@@ -17,6 +17,7 @@ import torch
 
 from fastrl.kernels.forward_sweep_triton import forward_sweep
 from fastrl.kernels.grad_sweep_triton import GRAD_CONFIG, GRAD_CONFIG_FP32_IEEE, grad_sweep
+from fastrl.kernels.params import LogitTransform
 from fastrl.kernels.reference import reference_logprobs
 from kernel_cases import MAX_FACTOR, MEAN_FACTOR, RELATIVE_SLACK, make_linear_inputs
 
@@ -64,9 +65,9 @@ def _assert_close(ours, plain, truth, dtype, extra, what):
 
 def _run(h, w, b, y, tau, g_logp, g_ent, need=(True, True, True), deterministic=False):
     hd, wd, bd = h.detach(), w.detach(), None if b is None else b.detach()
-    lse, logp, ent = forward_sweep(hd, wd, y, bd, tau, g_ent is not None)
+    lse, logp, ent = forward_sweep(hd, wd, y, bd, LogitTransform(temperature=tau), g_ent is not None)
     g_ent32 = None if g_ent is None else g_ent.float()
-    return grad_sweep(hd, wd, y, bd, tau, lse, g_logp.float(), g_ent32, logp, ent, need[0], need[1],
+    return grad_sweep(hd, wd, y, bd, LogitTransform(temperature=tau), lse, g_logp.float(), g_ent32, logp, ent, need[0], need[1],
                       need[2] and b is not None, deterministic=deterministic)
 
 
@@ -156,7 +157,7 @@ def test_entropy_grad_needs_entropy():
     h, w, y, _ = make_linear_inputs(16, 32, 64, torch.float32, 1)
     z = torch.zeros(16)
     with pytest.raises(ValueError, match="entropy"):
-        grad_sweep(h.detach(), w.detach(), y, None, 1.0, z, z, z, z, None, True, True, False)
+        grad_sweep(h.detach(), w.detach(), y, None, LogitTransform(), z, z, z, z, None, True, True, False)
 
 
 def test_block_sizes_are_tensor_core_shapes():

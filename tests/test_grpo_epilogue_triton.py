@@ -18,7 +18,7 @@ from fastrl.kernels.forward_sweep_triton import forward_sweep
 from fastrl.kernels.grad_sweep_triton import grad_sweep
 from fastrl.kernels.grpo_epilogue import grpo_epilogue as torch_epilogue
 from fastrl.kernels.grpo_epilogue_triton import grpo_epilogue
-from fastrl.kernels.params import GRPOLossParams
+from fastrl.kernels.params import GRPOLossParams, LogitTransform
 from fastrl.kernels.reference import reference_grpo_loss, reference_logprobs
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -113,7 +113,7 @@ E2E_CASES = [
 
 def _reference_kwargs(p: GRPOLossParams, old, ref, isr, bias):
     return dict(old_logprobs=old, ref_logprobs=ref, is_ratio=isr, bias=bias, beta=p.beta, epsilon=p.epsilon_low,
-                epsilon_high=p.epsilon_high, delta=p.delta, temperature=p.temperature, loss_type=p.loss_type,
+                epsilon_high=p.epsilon_high, delta=p.delta, temperature=p.logits.temperature, loss_type=p.loss_type,
                 importance_sampling_level=p.importance_sampling_level,
                 use_bias_correction_kl=p.use_bias_correction_kl, max_completion_length=p.max_completion_length,
                 num_items_in_batch=p.num_items_in_batch, top_entropy_quantile=p.top_entropy_quantile)
@@ -134,14 +134,14 @@ def test_three_triton_phases_match_float64_reference(case):
     ref = base + torch.randn(batch, length, generator=g) * 0.3
     isr = {"bt": torch.rand(batch, length, generator=g) + 0.5, "b1": torch.rand(batch, 1, generator=g) + 0.5}
     p, isr_kind, on_policy = _split_case(case, length)
-    p = GRPOLossParams(**{**p.__dict__, "temperature": 0.8})
+    p = GRPOLossParams(**{**p.__dict__, "logits": LogitTransform(temperature=0.8)})
     old, ref, isr = None if on_policy else old, ref if p.beta else None, None if isr_kind is None else isr[isr_kind]
 
     h2, y2 = hidden.detach().reshape(-1, hs), targets.reshape(-1)
-    lse, logp, entropy = forward_sweep(h2, weight.detach(), y2, None, p.temperature, True)
+    lse, logp, entropy = forward_sweep(h2, weight.detach(), y2, None, p.logits, True)
     loss, g_logp, metrics = grpo_epilogue(logp.view(batch, length), mask, adv, old, ref, isr,
                                           entropy.view(batch, length), p)
-    dh, dw, _ = grad_sweep(h2, weight.detach(), y2, None, p.temperature, lse, g_logp.reshape(-1), None, logp,
+    dh, dw, _ = grad_sweep(h2, weight.detach(), y2, None, p.logits, lse, g_logp.reshape(-1), None, logp,
                            entropy, True, True, False)
 
     want_loss, want_metrics = reference_grpo_loss(hidden, weight, targets, mask, adv,

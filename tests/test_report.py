@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fastrl.kernels.report import ARCHS, HIDDEN_SIZES, TENSOR_CORE_DOTS, format_table
+from fastrl.kernels.report import ARCHS, DOTS, HIDDEN_SIZES, SOFTCAP_SUFFIX, TENSOR_CORE_DOTS, format_table
 
 SWEEPS = ("forward_sweep", "grad_sweep", "grad_sweep_frozen_head", "grad_hidden_ordered", "grad_weight_ordered")
 # Largest dynamic shared memory a block may request (CUDA programming guide, compute capabilities table).
@@ -35,6 +35,16 @@ def test_every_kernel_is_reported_for_both_archs_hidden_sizes_and_dtypes(records
     assert {r["arch"] for r in records if r["kernel"] == "grpo_epilogue"} == {f"sm_{a}" for a in ARCHS}
     for r in records:
         assert {"kernel", "arch", "registers", "spills", "shared_bytes", "tensor_core_instructions"} <= r.keys()
+
+
+def test_softcap_sweeps_are_reported_and_use_tensor_cores(records):
+    """The SOFTCAP=True variants (tanh soft-capping, LogitTransform.softcap) in every dot mode on both archs."""
+    by_key = {(r["kernel"], r["arch"], r["dot"]): r for r in records if r["kernel"].endswith(SOFTCAP_SUFFIX)}
+    for kernel in SWEEPS:
+        for arch in ARCHS:
+            for dot in DOTS:
+                r = by_key[(kernel + SOFTCAP_SUFFIX, f"sm_{arch}", dot)]
+                assert dot not in TENSOR_CORE_DOTS or r["tensor_core_instructions"] > 0, r
 
 
 def test_no_kernel_spills(records):
