@@ -13,10 +13,12 @@ Fields fall in three groups:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastrl.generation.extra_kwargs import check_generation_kwargs
 from fastrl.kernels.loss_spec import LOSS_TYPES
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # multi_objective_aggregation (fastrl.scoring)
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -31,7 +33,6 @@ UNSUPPORTED = {
     "off_policy_mask_threshold": (None, "off-policy sequence masking is not implemented"),
     "cast_lm_head_to_fp32": (False, "the fused loss accumulates in fp32 already; casting the head is not implemented"),
     "router_aux_loss_coef": (None, "MoE router auxiliary losses are not implemented"),
-    "generation_kwargs": (None, "extra generation kwargs are not implemented; use the named sampling fields"),
     "max_tool_calling_iterations": (None, "tool calling is not implemented"),
     "use_transformers_continuous_batching": (False, "continuous batching is not implemented"),
     "use_transformers_paged": (False, "continuous batching is not implemented"),
@@ -138,7 +139,7 @@ class GRPOConfig:
     top_k: int = 0
     min_p: float | None = None
     repetition_penalty: float = 1.0
-    generation_kwargs: dict | None = None
+    generation_kwargs: dict | None = None  # merged over the fields above (fastrl.generation.extra_kwargs)
     chat_template_kwargs: dict | None = None
     cache_implementation: str | None = None
     use_transformers_continuous_batching: bool = False
@@ -279,6 +280,9 @@ class GRPOConfig:
         eval_g = self.num_generations_eval or self.num_generations
         need(not self.do_eval or self.eval_strategy == "no" or self.per_device_eval_batch_size % eval_g == 0,
              "per_device_eval_batch_size", f"a multiple of the number of generations used for evaluation ({eval_g})")
+        if isinstance(self.generation_kwargs, str):  # TRL accepts a JSON string (from a command line)
+            self.generation_kwargs = json.loads(self.generation_kwargs)
+        check_generation_kwargs(self.generation_kwargs, self.use_vllm)
         need(self.multi_objective_aggregation in AGGREGATIONS, "multi_objective_aggregation", f"one of {AGGREGATIONS}")
         need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards", "'group', 'batch' or 'none'")
         need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level",

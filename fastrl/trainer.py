@@ -41,6 +41,7 @@ from fastrl.data import PromptSampler, check_dataset, completions_for_rewards, t
 from fastrl.dynamic_sampling import ScoredGroups, fill_generation_batch
 from fastrl.evaluation import check_eval_dataset, eval_due, evaluate_set, named_sets
 from fastrl.generation.base import SamplingConfig
+from fastrl.generation.extra_kwargs import transformers_generation_config
 from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
@@ -422,7 +423,8 @@ class GRPOTrainer:
         a = self.args
         return SamplingConfig(max_completion_length=a.max_completion_length, temperature=a.temperature,
                               top_p=a.top_p, top_k=a.top_k or 0, min_p=a.min_p or 0.0,
-                              repetition_penalty=a.repetition_penalty, seed=a.seed)
+                              repetition_penalty=a.repetition_penalty, seed=a.seed,
+                              generation_kwargs=a.generation_kwargs)
 
     def _head_for(self, hidden: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The head in the hidden states' dtype (under bf16 autocast the hidden states are bf16)."""
@@ -586,6 +588,9 @@ class GRPOTrainer:
 
             return VLLMGenerator(model=self.model, args=a, tokenizer=tok)
         from fastrl.generation.transformers import TransformersGenerator
+
+        if a.generation_kwargs:  # unknown GenerationConfig keys are refused now, not at the first generation
+            transformers_generation_config(a.generation_kwargs, self._sampling())
 
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = [tok.eos_token_id] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

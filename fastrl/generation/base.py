@@ -22,6 +22,7 @@ class SamplingConfig:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    generation_kwargs: dict | None = None  # GRPOConfig.generation_kwargs, merged per backend (extra_kwargs.py)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from .base import SamplingConfig
+from .extra_kwargs import transformers_generation_config
 
 
 def logits_processors(sampling: SamplingConfig) -> LogitsProcessorList:
@@ -62,9 +63,15 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
     Rows that sampled an eos are padded with pad_token_id afterwards (logprob 0); T ≤ max_completion_length
     (the loop stops once every row has finished)."""
-    processors = logits_processors(sampling)
-    cache_arg = cache_argument(model)
     eos = torch.tensor(eos_token_ids, device=input_ids.device)
+    processors, max_new_tokens = logits_processors(sampling), sampling.max_completion_length
+    if sampling.generation_kwargs:  # transformers builds the processors of the merged GenerationConfig
+        config = transformers_generation_config(sampling.generation_kwargs, sampling)
+        config._eos_token_tensor = eos  # what generate() sets before building them (min_new_tokens needs it)
+        processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=input_ids.shape[1],
+                                                 encoder_input_ids=input_ids, device=input_ids.device)
+        max_new_tokens = config.max_new_tokens
+    cache_arg = cache_argument(model)
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     cache = DynamicCache()
@@ -72,7 +79,7 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     step_ids, mask = input_ids, attention_mask
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
     tokens_out, logps_out = [], []
-    for _ in range(sampling.max_completion_length):
+    for _ in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                     logits_to_keep=1, **{cache_arg: cache})
         scores = processors(seen, out.logits[:, -1, :].float())  # [B, V]

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import torch
 
 from .base import Rollout, SamplingConfig
+from .extra_kwargs import vllm_sampling_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -294,11 +295,12 @@ class VLLMGenerator:
             # A fixed seed per request would replay the same random numbers every step, so every request of every
             # call gets its own block of n seeds: reproducible runs, independent samples.
             seed = sampling.seed + (self._calls * num_prompts + prompt_index) * n
-        return self._sampling_params_cls(
-            n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
-            min_p=sampling.min_p or 0.0, repetition_penalty=sampling.repetition_penalty,
-            max_tokens=sampling.max_completion_length, seed=seed, logprobs=0,
-            stop_token_ids=self.eos_token_ids, detokenize=False)
+        named = dict(n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
+                     min_p=sampling.min_p or 0.0, repetition_penalty=sampling.repetition_penalty,
+                     max_tokens=sampling.max_completion_length, seed=seed, logprobs=0,
+                     stop_token_ids=self.eos_token_ids, detokenize=False)
+        return self._sampling_params_cls(**vllm_sampling_kwargs(sampling.generation_kwargs or {}, named,
+                                                                self._sampling_params_cls))
 
     def _check_prompts(self, prompt_ids, num_generations: int, sampling: SamplingConfig) -> None:
         if num_generations < 1:
