@@ -198,6 +198,15 @@ class GRPOConfig:
     log_completions: bool = False
     num_completions_to_print: int | None = None
     log_unique_prompts: bool = False  # the printed table shows each prompt once (TRL: its wandb/trackio table)
+    # ---- packed batches (fastrl) ----
+    # True: the decoder and the loss read each micro-batch padding-free (PackedBatch: tokens back to back, the
+    # sequences kept apart by their position ids); False: the padded [B, P+T] path, TRL's, kept as the test twin
+    padding_free: bool = True
+    # micro-batches of at most this many prompt + completion tokens (first-fit over the sequences sorted by
+    # length) instead of per_device_train_batch_size sequences each; needs padding_free. None = off
+    max_tokens_per_micro_batch: int | None = None
+    use_dynamic_bsz: bool = False  # veRL's name: with ppo_max_token_len_per_gpu, sets max_tokens_per_micro_batch
+    ppo_max_token_len_per_gpu: int | None = None  # veRL's name for max_tokens_per_micro_batch
     # ---- distributed (explicit; one process for now) ----
     world_size: int = 1
     process_index: int = 0
@@ -218,6 +227,10 @@ class GRPOConfig:
         self.vllm_max_model_len = self.vllm_max_model_length
         if self.vllm_importance_sampling_cap is not None:
             self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+        if self.use_dynamic_bsz:  # veRL's names for the token budget
+            if self.ppo_max_token_len_per_gpu is None:
+                raise ValueError("ppo_max_token_len_per_gpu: expected a token count when use_dynamic_bsz=True")
+            self.max_tokens_per_micro_batch = self.ppo_max_token_len_per_gpu
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
         self.report_to = list(self.report_to or [])
@@ -307,6 +320,10 @@ class GRPOConfig:
              "False when gradient_checkpointing=False (it offloads the checkpointed activations; without "
              "checkpointing every activation and weight autograd saves would be copied)")
         need(self.dynamic_sampling_max_attempts >= 1, "dynamic_sampling_max_attempts", "an integer >= 1")
+        need(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+             "max_tokens_per_micro_batch", "None or a positive token count")
+        need(self.max_tokens_per_micro_batch is None or self.padding_free, "max_tokens_per_micro_batch",
+             "None when padding_free=False (token-budget micro-batches are packed)")
         if self.loss_type == "dr_grpo":
             need(self.max_completion_length is not None, "max_completion_length", "set for loss_type='dr_grpo'")
         lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
@@ -332,6 +349,10 @@ class GRPOConfig:
         if self.generation_batch_size % self.num_generations:
             raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be divisible by "
                              f"num_generations ({self.num_generations})")
+        if self.max_tokens_per_micro_batch is not None and self.steps_per_generation % self.gradient_accumulation_steps:
+            raise ValueError(f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
+                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) with "
+                             "max_tokens_per_micro_batch: an optimizer step regroups one generation batch's sequences")
 
     # ---- derived quantities the trainer uses ----
     @property

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import importlib.util
 import os
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -152,6 +153,45 @@ def completion_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     t = input_ids.shape[1] - prompt_width
     return out.last_hidden_state[:, prompt_width - 1: prompt_width - 1 + t]  # [B, T, H]
+
+
+def packed_completion_hidden(model: torch.nn.Module, packed) -> torch.Tensor:
+    """Final hidden states [N, H] predicting each completion row of a PackedBatch, padding-free.
+
+    The decoder reads all sequences as one row [1, S] with no attention mask: transformers then finds the
+    sequences from the position ids restarting at 0 (masking_utils.find_packed_sequence_indices) and keeps them
+    apart: a block-diagonal causal mask for sdpa/eager, a document BlockMask for flex_attention, varlen
+    cu_seqlens for flash_attention_2.
+    """
+    decoder = base_model(model).get_decoder()
+    out = decoder(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None], use_cache=False)
+    return out.last_hidden_state[0, packed.predict_index]  # [S, H] -> [N, H]
+
+
+def check_packed_attention(model: torch.nn.Module) -> None:
+    """padding_free needs the decoder to keep packed sequences apart (packed_completion_hidden); a model whose
+    attention ignores the position ids' sequence boundaries would silently attend across sequences. Checked
+    once on two short sequences: the second one's hidden states packed behind the first must equal its own."""
+    inner = base_model(model)
+    device = next(inner.parameters()).device
+    ids = torch.arange(7, device=device) % inner.config.vocab_size  # [7]: sequences of 3 and 4 tokens
+    pos = torch.tensor([0, 1, 2, 0, 1, 2, 3], device=device)
+    was_training = inner.training
+    inner.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            packed = packed_completion_hidden(inner, SimpleNamespace(input_ids=ids, position_ids=pos,
+                                                                     predict_index=torch.arange(3, 7)))
+            alone = packed_completion_hidden(inner, SimpleNamespace(input_ids=ids[3:], position_ids=pos[3:],
+                                                                    predict_index=torch.arange(4)))
+    finally:
+        inner.train(was_training)
+    scale = float(alone.float().abs().max()) + 1e-6
+    tol = 1e-4 if alone.dtype == torch.float32 else 3e-2
+    if float((packed.float() - alone.float()).abs().max()) > tol * scale:
+        raise ValueError(f"padding_free=True: the attention of this model ({type(inner).__name__}, "
+                         f"attn_implementation={inner.config._attn_implementation!r}) mixes packed sequences; "
+                         "use an sdpa, eager, flex_attention or flash_attention_2 model, or padding_free=False")
 
 
 def frozen_reference(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:

@@ -47,12 +47,13 @@ from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 from fastrl.kernels.loss_spec import LOSS_RULES, SEQUENCE_MEAN, LossSpec
 from fastrl.logging_utils import MetricsLogger, append_jsonl
-from fastrl.policy import (activations_offloaded, completion_hidden, frozen_reference, lm_head, is_peft,
-                           load_policy, load_tokenizer, prepare_for_training, reference_on, training_device)
+from fastrl.policy import (activations_offloaded, check_packed_attention, completion_hidden, frozen_reference,
+                           is_peft, lm_head, load_policy, load_tokenizer, packed_completion_hidden,
+                           prepare_for_training, reference_on, training_device)
 from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_reference, reference_state,
                              restore_reference, sync_due)
 from fastrl.rewards.reward_model import wrap_reward_models
-from fastrl.rollout_batch import RolloutBatch
+from fastrl.rollout_batch import PackedBatch, RolloutBatch, token_budget_bins
 from fastrl.scoring import aggregate_advantages, combine, resolve_reward_funcs, score
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ class GRPOTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # padding is always masked out; TRL does the same
         self.model = prepare_for_training(load_policy(model, args, self.device), args, self.device, peft_config)
         self.head = lm_head(self.model)  # rejects heads the fused loss can not reproduce, before any work
+        if args.padding_free:
+            check_packed_attention(self.model)  # refuses a model whose attention would mix packed sequences
         # beta > 0: a frozen copy for full fine-tuning (in host memory with ref_model_offload); a PEFT policy is
         # its own reference with the adapter disabled, so no second copy of the model exists (TRL does the same)
         self.ref_model = None
@@ -218,9 +221,8 @@ class GRPOTrainer:
         args, t0 = self.args, time.perf_counter()
         self.model.train()
         loss_total, tokens, per_batch = 0.0, 0, defaultdict(list)
-        for _ in range(args.gradient_accumulation_steps):
-            batch = self._next_micro_batch()
-            loss, loss_metrics = self._micro_batch_loss(batch)
+        for batch, scale in self._step_micro_batches():
+            loss, loss_metrics = self._micro_batch_loss(batch, scale=scale)
             loss.backward()
             loss_total += loss.item()
             tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
@@ -249,24 +251,50 @@ class GRPOTrainer:
         self.state.micro_step += 1
         return micro_batch
 
-    def _micro_batch_loss(self, mb: RolloutBatch, spec: LossSpec | None = None,
-                          loss_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
-        """The GRPO loss of one micro-batch, scaled for gradient accumulation as TRL scales it (by default the
-        run's spec and the current generation batch's token count; evaluation passes its own)."""
-        args, spec = self.args, spec or self.loss_spec
+    def _step_micro_batches(self):
+        """(micro-batch, the factor on its loss) for one optimizer step: gradient_accumulation_steps micro-batches
+        of per_device_train_batch_size sequences (TRL's), or, with max_tokens_per_micro_batch, the same sequences
+        regrouped into micro-batches of at most that many tokens (LossSpec.token_budget_scale keeps the step's
+        loss independent of the grouping)."""
+        args, spec = self.args, self.loss_spec
+        if args.max_tokens_per_micro_batch is None:
+            for _ in range(args.gradient_accumulation_steps):
+                yield self._next_micro_batch(), spec.micro_batch_scale
+            return
+        window = RolloutBatch.cat([self._next_micro_batch() for _ in range(args.gradient_accumulation_steps)])
+        lengths = (window.prompt_mask.sum(1) + window.completion_attention.sum(1)).tolist()
+        totals = (len(window), float(window.completion_mask.sum()))
+        for index in token_budget_bins(lengths, args.max_tokens_per_micro_batch):
+            mb = window.select(torch.tensor(index))
+            yield mb, spec.token_budget_scale((len(mb), float(mb.completion_mask.sum())), totals)
+
+    def _micro_batch_loss(self, mb: RolloutBatch, spec: LossSpec | None = None, loss_tokens: float | None = None,
+                          scale: float | None = None) -> tuple[torch.Tensor, dict]:
+        """The GRPO loss of one micro-batch times `scale` (by default the run's spec, the current generation
+        batch's token count and TRL's gradient-accumulation factor; evaluation passes its own spec and count,
+        token-budget micro-batches their own factor)."""
+        spec = spec or self.loss_spec
         loss_tokens = self._buffer_info["loss_tokens"] if loss_tokens is None else loss_tokens
-        ids, attention = mb.input_ids()  # [b, P+T]
-        with self._autocast(), activations_offloaded(args.gradient_checkpointing_offload, self.device):
-            hidden = completion_hidden(self.model, ids, attention, mb.prompt_ids.shape[1])  # [b, T, H]
+        with activations_offloaded(self.args.gradient_checkpointing_offload, self.device):
+            hidden, rows = self._decode(self.model, mb)  # padded [b, T, H] or packed [N, H]
         weight, bias = self._head_for(hidden, self.head)  # the loss keeps its tensors on the device
-        loss, metrics = self._loss_fn(
-            hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages, bias=bias,
-            old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio,
-            **spec.loss_kwargs(loss_tokens))
+        inputs = rows.loss_inputs()
+        loss, metrics = self._loss_fn(hidden, weight, inputs.pop("targets"), inputs.pop("mask"),
+                                      inputs.pop("advantages"), bias=bias, **inputs, **spec.loss_kwargs(loss_tokens))
         for extreme, mean in (("low_min", "low_mean"), ("high_max", "high_mean")):  # TRL's min/max over processes
             if f"clip_ratio/{mean}" in metrics:  # of the clip ratios: one process here
                 metrics[f"clip_ratio/{extreme}"] = metrics[f"clip_ratio/{mean}"]
-        return loss * spec.micro_batch_scale, metrics
+        return loss * (spec.micro_batch_scale if scale is None else scale), metrics
+
+    def _decode(self, model, mb: RolloutBatch):
+        """(final hidden states, the batch in their layout): packed rows [N, H] and mb's PackedBatch with
+        padding_free, else padded [b, T, H] and mb itself."""
+        with self._autocast():
+            if self.args.padding_free:
+                packed = PackedBatch.from_rollout(mb)
+                return packed_completion_hidden(model, packed), packed
+            ids, attention = mb.input_ids()
+            return completion_hidden(model, ids, attention, mb.prompt_ids.shape[1]), mb
 
     # ------------------------------------------------------------------ one generation batch
     def _generate_and_score(self, rows: list[dict] | None = None,
@@ -366,12 +394,11 @@ class GRPOTrainer:
         """Per-token logprobs [B, T] of the completions under `model`, one micro-batch at a time, no logits."""
         out = []
         for mb in batch.split(max(1, len(batch) // self.args.per_device_train_batch_size)):
-            ids, attention = mb.input_ids()
-            with self._autocast():
-                hidden = completion_hidden(model, ids, attention, mb.prompt_ids.shape[1])  # [b, T, H]
+            hidden, rows = self._decode(model, mb)
             weight, bias = self._head_for(hidden, lm_head(model))
-            out.append(self._logprob_fn(hidden, weight, mb.completion_ids, bias=bias,
-                                        temperature=self.args.temperature))
+            logp = self._logprob_fn(hidden, weight, rows.loss_inputs()["targets"], bias=bias,
+                                    temperature=self.args.temperature)  # [b, T], or [N] packed
+            out.append(logp if rows is mb else rows.to_padded(logp, mb.completion_ids.shape))
         return torch.cat(out).float()
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:

@@ -91,9 +91,9 @@ class GRPOInputs:
     num_generations: int | None
     scale_rewards: str
     bias: torch.Tensor | None
-    old_logprobs: torch.Tensor | None  # [B, T]
-    ref_logprobs: torch.Tensor | None  # [B, T]
-    is_ratio: torch.Tensor | None  # [B, T] or [B, 1]
+    old_logprobs: torch.Tensor | None  # [B, T] ([N] packed)
+    ref_logprobs: torch.Tensor | None  # [B, T] ([N] packed)
+    is_ratio: torch.Tensor | None  # [B, T] ([N] packed) or [B, 1]
 
 
 def _check_choice(name, value, choices):
@@ -135,24 +135,47 @@ def _check_loss_settings(p: GRPOLossParams, ref_logprobs) -> None:
         _fail("num_items_in_batch", "a positive token count", p.num_items_in_batch)
 
 
+def check_cu_seqlens(cu_seqlens, n_rows: int) -> int:
+    """cu_seqlens [B + 1]: integer row offsets from 0 to N, non-decreasing (sequence b owns rows
+    cu_seqlens[b]:cu_seqlens[b + 1]). Returns B."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        _fail("cu_seqlens", "a 1-D tensor [B + 1] of row offsets", getattr(cu_seqlens, "shape", cu_seqlens))
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        _fail("cu_seqlens", "integer row offsets", cu_seqlens.dtype)
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n_rows or bool((cu_seqlens.diff() < 0).any()):
+        _fail("cu_seqlens", f"offsets rising from 0 to N = hidden.shape[0] = {n_rows}", cu_seqlens.tolist())
+    return cu_seqlens.numel() - 1
+
+
+def _token_layout(hidden, cu_seqlens) -> tuple[int, tuple, str]:
+    """(B, the shape of a per-token tensor, its name): [B, T] for padded hidden [B, T, H], [N] for packed
+    hidden [N, H] with cu_seqlens."""
+    if cu_seqlens is None:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            _fail("hidden", "a tensor [B, T, H] (or packed rows [N, H] with cu_seqlens)",
+                  getattr(hidden, "shape", type(hidden).__name__))
+        return hidden.shape[0], tuple(hidden.shape[:2]), "[B, T]"
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        _fail("hidden", "packed rows [N, H] when cu_seqlens is given", getattr(hidden, "shape", type(hidden)))
+    return check_cu_seqlens(cu_seqlens, hidden.shape[0]), (hidden.shape[0],), "[N]"
+
+
 def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewards=None, num_generations=None,
                          scale_rewards="group", old_logprobs=None, ref_logprobs=None, bias=None, beta=0.0,
                          epsilon=0.2, epsilon_high=None, delta=None, temperature=1.0, loss_type="dapo",
                          importance_sampling_level="token", use_bias_correction_kl=False,
                          max_completion_length=None, num_items_in_batch=None, is_ratio=None,
-                         top_entropy_quantile=1.0, logit_transform=None) -> GRPOInputs:
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        _fail("hidden", "a tensor [B, T, H]", getattr(hidden, "shape", type(hidden).__name__))
+                         top_entropy_quantile=1.0, logit_transform=None, cu_seqlens=None) -> GRPOInputs:
+    batch, tokens, what = _token_layout(hidden, cu_seqlens)
     check_linear_inputs(hidden, weight, targets, bias)
-    batch, length = hidden.shape[:2]
-    check_shape("mask", mask, (batch, length), "[B, T]")
+    check_shape("mask", mask, tokens, what)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if t is not None:
-            check_shape(name, t, (batch, length), "[B, T]")
+            check_shape(name, t, tokens, what)
             check_finite(name, t)
     if is_ratio is not None:
-        if tuple(is_ratio.shape) not in ((batch, length), (batch, 1)):
-            _fail("is_ratio", f"shape [B, T] = {(batch, length)} or [B, 1]", tuple(is_ratio.shape))
+        if tuple(is_ratio.shape) not in (tokens, (batch, 1)):
+            _fail("is_ratio", f"shape {what} = {tokens} or [B, 1]", tuple(is_ratio.shape))
         check_finite("is_ratio", is_ratio)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = float(num_items_in_batch)

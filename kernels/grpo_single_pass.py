@@ -23,18 +23,14 @@ from .grpo_epilogue import finish_metrics, objective_terms, token_weights
 from .params import GRPOLossParams, LogitTransform
 
 
-def _flat_token_inputs(mask, advantages, old_logp, ref_logp, is_ratio, p: GRPOLossParams):
-    """[B, T] / [B] inputs -> per-token [N] fp32 tensors (None stays None)."""
-    length = mask.shape[1]
-    flat = {"mask": mask.float().reshape(-1), "w": token_weights(mask, p).reshape(-1),
-            "adv": advantages.float().repeat_interleave(length)}
-    flat["old"] = None if old_logp is None else old_logp.float().reshape(-1)
-    flat["ref"] = None if ref_logp is None else ref_logp.float().reshape(-1)
-    if is_ratio is not None:
-        flat["isr"] = is_ratio.float().expand(mask.shape).reshape(-1)
-    else:
-        flat["isr"] = None
-    return flat
+def _flat_token_inputs(mask, advantages, old_logp, ref_logp, is_ratio, p: GRPOLossParams, index=None):
+    """[B, T] / [B] inputs -> per-row [N] fp32 tensors (None stays None): all B·T entries in order, or the
+    entries `index` [N] of the flattened [B, T] (packed rows)."""
+    flat = {"mask": mask.float(), "w": token_weights(mask, p), "adv": advantages.float()[:, None].expand(mask.shape),
+            "old": old_logp, "ref": ref_logp,
+            "isr": None if is_ratio is None else is_ratio.expand(mask.shape)}
+    take = (lambda t: t.reshape(-1)) if index is None else (lambda t: t.reshape(-1)[index])  # noqa: E731
+    return {k: None if v is None else take(v.float()) for k, v in flat.items()}
 
 
 def _tile_loss(logp_tile, sl, flat, p: GRPOLossParams, want_grad: bool):
@@ -50,11 +46,12 @@ def _tile_loss(logp_tile, sl, flat, p: GRPOLossParams, want_grad: bool):
 
 
 def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, ref_logp, is_ratio,
-                     p: GRPOLossParams, need_hidden_grad, need_weight_grad, need_bias_grad):
-    """hidden [N, H] (N = B·T), targets [N], mask [B, T] -> (loss, metrics, grad_hidden, grad_weight, grad_bias)."""
+                     p: GRPOLossParams, need_hidden_grad, need_weight_grad, need_bias_grad, index=None):
+    """hidden [N, H], targets [N], mask [B, T] -> (loss, metrics, grad_hidden, grad_weight, grad_bias).
+    N = B·T, or the packed rows at entries `index` [N] of the flattened [B, T]."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     t = p.logits
-    flat = _flat_token_inputs(mask, advantages, old_logp, ref_logp, is_ratio, p)
+    flat = _flat_token_inputs(mask, advantages, old_logp, ref_logp, is_ratio, p, index)
     want_grad = need_hidden_grad or need_weight_grad or need_bias_grad
     lean = hidden.dtype == torch.float32 and t.softcap is None
     dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad,

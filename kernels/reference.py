@@ -109,11 +109,31 @@ def _entropy_mask(entropy, mask, quantile):
     return ((entropy * mask >= threshold) & mask.bool()).to(mask.dtype)
 
 
+def _unpack(cu_seqlens, hidden, targets, mask, kwargs):
+    """Packed rows (sequence b at cu_seqlens[b]:cu_seqlens[b+1]) -> right-padded [B, T] tensors, one sequence at a
+    time; is_ratio [B, 1] stays. Padding gets mask 0."""
+    bounds = cu_seqlens.tolist()
+    width = max([1] + [e - s for s, e in zip(bounds, bounds[1:])])
+
+    def pad(t):
+        rows = [t[s:e] for s, e in zip(bounds, bounds[1:])]
+        return torch.stack([torch.cat([r, r.new_zeros(width - len(r), *r.shape[1:])]) for r in rows])
+
+    out = {k: pad(v) if k in ("old_logprobs", "ref_logprobs") and v is not None else v for k, v in kwargs.items()}
+    if out.get("is_ratio") is not None and out["is_ratio"].dim() == 1:
+        out["is_ratio"] = pad(out["is_ratio"])
+    return pad(hidden), pad(targets), pad(mask), out
+
+
 def reference_grpo_loss(hidden, weight, targets, mask, advantages=None, dtype=torch.float64, **kwargs):
     """Same signature and semantics as `fused_linear_grpo_loss`, materializing in `dtype` (float64 by default).
 
     Returns (loss, metrics)."""
     kwargs.pop("backend", None)
+    validate_grpo_inputs(hidden, weight, targets, mask, advantages, **kwargs)
+    cu_seqlens = kwargs.pop("cu_seqlens", None)
+    if cu_seqlens is not None:  # packed rows: lay them out padded, then the padded computation
+        hidden, targets, mask, kwargs = _unpack(cu_seqlens, hidden, targets, mask, kwargs)
     inputs = validate_grpo_inputs(hidden, weight, targets, mask, advantages, **kwargs)
     p, adv = inputs.params, inputs.advantages
     if adv is None:
