@@ -11,6 +11,7 @@ from datasets import Dataset
 import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
 from fastrl.policy import frozen_reference
+from fastrl.rollout_batch import PackedBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -95,7 +96,9 @@ def test_offload_hooks_see_the_layer_inputs_and_not_the_head(tmp_path, monkeypat
     batch, info = trainer._generate_and_score()
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Spy)
     loss_and_grads(trainer, batch, info)
-    b, s = batch.input_ids()[0].shape
+    # the decoder's input layout: one packed row [1, S] (padding_free), else [B, P+T]
+    b, s = (1, PackedBatch.from_rollout(batch).input_ids.numel()) if trainer.args.padding_free \
+        else batch.input_ids()[0].shape
     hidden, vocab = trainer.model.config.hidden_size, trainer.model.config.vocab_size
     layers = trainer.model.config.num_hidden_layers
     assert packed.count((b, s, hidden)) >= layers  # each checkpointed layer's input
