@@ -15,7 +15,10 @@ trl = pytest.importorskip("trl")
 # Fields fastrl has and TRL 1.16 does not: transformers-4 names still accepted, and vLLM options of fastrl's own.
 FASTRL_ONLY = {"overwrite_output_dir", "logging_dir", "warmup_ratio", "max_prompt_length", "vllm_sleep_level",
                "vllm_max_model_len", "dynamic_sampling", "dynamic_sampling_max_attempts", "ref_model_offload",
-               "gradient_checkpointing_offload"}
+               "gradient_checkpointing_offload",
+               # packed batches: padding_free is TRL's name (its SFT/DPO configs; not in TRL 1.16's GRPOConfig),
+               # the token budget has fastrl's name and veRL's two
+               "padding_free", "max_tokens_per_micro_batch", "use_dynamic_bsz", "ppo_max_token_len_per_gpu"}
 
 
 def both(**kwargs):
@@ -119,3 +122,15 @@ def test_warmup_ratio_and_fractional_warmup_steps():
     assert GRPOConfig(warmup_ratio=0.1).warmup_steps_for(100) == 10
     assert GRPOConfig(warmup_steps=0.25).warmup_steps_for(10) == 3  # ceil, as transformers does
     assert GRPOConfig(warmup_steps=4).warmup_steps_for(10) == 4
+
+
+def test_token_budget_fields():
+    assert GRPOConfig(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=4096).max_tokens_per_micro_batch == 4096
+    for kwargs, name in [(dict(use_dynamic_bsz=True), "ppo_max_token_len_per_gpu"),
+                         (dict(max_tokens_per_micro_batch=0), "max_tokens_per_micro_batch"),
+                         (dict(max_tokens_per_micro_batch=512, padding_free=False), "max_tokens_per_micro_batch"),
+                         (dict(max_tokens_per_micro_batch=512, gradient_accumulation_steps=2,
+                               steps_per_generation=3, per_device_train_batch_size=4, num_generations=4),
+                          "steps_per_generation")]:
+        with pytest.raises(ValueError, match=name):
+            GRPOConfig(**kwargs)
