@@ -82,7 +82,7 @@ def _fastrl_step(model_dir, batch, padding_free):
     trainer._buffer_info = {"loss_tokens": float(batch.completion_mask.sum())}
 
     def step():
-        loss, _ = trainer._micro_batch_loss(batch, trainer.loss_spec.micro_batch_scale)
+        loss, _ = trainer._micro_batch_loss(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
