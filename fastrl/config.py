@@ -47,6 +47,62 @@ UNSUPPORTED = {
     "push_to_hub": (False, "no network: hub upload is not supported"),
     "sapo_temperature_pos": (1.0, "the fused loss uses TRL's default SAPO temperatures"),
     "sapo_temperature_neg": (1.05, "the fused loss uses TRL's default SAPO temperatures"),
+    "vllm_structured_outputs_regex": (None, "use generation_kwargs={'structured_outputs': {'regex': ...}}"),
+    "full_determinism": (False, "transformers' deterministic-algorithms switch is not applied"),
+    "bf16_full_eval": (False, "evaluation runs under the training precision (bf16 autocast or fp32)"),
+    "fp16_full_eval": (False, "fp16 is not supported"),
+    "dataloader_drop_last": (False, "the last partial eval batch is always evaluated (training batches are "
+                                    "always whole)"),
+    "enable_jit_checkpoint": (False, "checkpoints are written at save_steps only"),
+    "fsdp_config": (None, "FSDP is not supported yet"),
+    "ignore_data_skip": (False, "a resumed run always continues from the checkpoint's data position"),
+    "liger_kernel_config": (None, "use_liger_kernel patches a fixed set (norms, MLP, RoPE)"),
+    "optim_args": (None, "fastrl's AdamW takes no extra optimizer arguments"),
+    "optim_target_modules": (None, "fastrl's AdamW takes no extra optimizer arguments"),
+    "parallelism_config": (None, "only one process is supported so far"),
+    "restore_callback_states_from_checkpoint": (False, "callback states are not saved in checkpoints"),
+    "torch_compile_backend": (None, "torch.compile of the policy is not implemented"),
+    "torch_compile_mode": (None, "torch.compile of the policy is not implemented"),
+    "transformers_continuous_batching_config": (None, "continuous batching is not implemented"),
+}
+
+# TRL / transformers fields accepted with no effect on a fastrl run, and why (`fastrl trl-fields` lists them)
+NO_EFFECT = {
+    "do_train": "a flag for scripts", "do_predict": "a flag for scripts", "debug": "no debug modes",
+    "log_level": "fastrl logs through Python's logging", "log_level_replica": "one process",
+    "log_on_each_node": "one process", "save_on_each_node": "one process", "local_rank": "one process",
+    "ddp_backend": "one process", "ddp_broadcast_buffers": "one process", "ddp_bucket_cap_mb": "one process",
+    "ddp_find_unused_parameters": "one process", "ddp_static_graph": "one process", "ddp_timeout": "one process",
+    "accelerator_config": "no accelerate: one process, batches are never dispatched",
+    "average_tokens_across_devices": "one process", "ds3_gather_for_generation": "no DeepSpeed",
+    "dataloader_num_workers": "no DataLoader: prompts are read in the main process",
+    "dataloader_pin_memory": "no DataLoader", "dataloader_persistent_workers": "no DataLoader",
+    "dataloader_prefetch_factor": "no DataLoader", "dataloader_multiprocessing_context": "no DataLoader",
+    "dataloader_in_order": "no DataLoader", "remove_unused_columns": "every dataset column reaches the rewards",
+    "train_sampling_strategy": "GRPO samples prompt groups its own way (TRL ignores it too)",
+    "length_column_name": "no length grouping", "hub_model_id": "no hub upload", "hub_token": "no hub upload",
+    "hub_strategy": "no hub upload", "hub_private_repo": "no hub upload", "hub_always_push": "no hub upload",
+    "hub_revision": "no hub upload", "log_completions_hub_repo": "no hub upload",
+    "project": "no trackio", "trackio_space_id": "no trackio", "trackio_bucket_id": "no trackio",
+    "trackio_static_space_id": "no trackio", "skip_memory_metrics": "peak memory is always logged",
+    "include_num_input_tokens_seen": "tokens are always counted (num_tokens)",
+    "logging_strategy": "logging_steps decides", "logging_nan_inf_filter": "non-finite values are logged as null",
+    "torch_empty_cache_steps": "no cache emptying", "save_only_model": "checkpoints always hold the optimizer state",
+    "cache_implementation": "fastrl's sampling loop keeps a dynamic KV cache (a speed choice, not the math)",
+    "use_cache": "the training forward never uses a KV cache",
+    "eval_accumulation_steps": "eval metrics are scalars", "eval_do_concat_batches": "eval metrics are scalars",
+    "eval_use_gather_object": "one process", "batch_eval_metrics": "GRPO has no compute_metrics",
+    "include_for_metrics": "GRPO has no compute_metrics", "label_names": "GRPO has no labels",
+    "prediction_loss_only": "evaluation returns the loss and the generation metrics",
+    "metric_for_best_model": "load_best_model_at_end is refused", "greater_is_better": "load_best_model_at_end is "
+    "refused", "log_multimodal": "text models only", "pad_to_multiple_of": "completions are not padded to a multiple",
+    "entropy_target": "use_adaptive_entropy is refused", "entropy_coef_min": "use_adaptive_entropy is refused",
+    "entropy_coef_max": "use_adaptive_entropy is refused", "entropy_coef_delta": "use_adaptive_entropy is refused",
+    "vespo_k_pos": "loss_type 'vespo' is refused", "vespo_k_neg": "loss_type 'vespo' is refused",
+    "vespo_lambda_pos": "loss_type 'vespo' is refused", "vespo_lambda_neg": "loss_type 'vespo' is refused",
+    "vllm_server_base_url": "vllm_mode 'server' is refused", "vllm_server_host": "vllm_mode 'server' is refused",
+    "vllm_server_port": "vllm_mode 'server' is refused", "vllm_server_timeout": "vllm_mode 'server' is refused",
+    "vllm_group_port": "vllm_mode 'server' is refused",
 }
 
 
@@ -95,12 +151,75 @@ class GRPOConfig:
     gradient_checkpointing_offload: bool = False
     use_liger_kernel: bool = False
     use_cpu: bool = False
+    activation_checkpointing: bool | None = None  # transformers 5's name for gradient_checkpointing (wins when set)
+    activation_checkpointing_kwargs: dict | None = None  # ... and for gradient_checkpointing_kwargs
     # ---- evaluation (TrainingArguments; fastrl.evaluation) ----
     do_eval: bool = False  # set when eval_strategy is not "no" (transformers' rule)
     eval_strategy: str = "no"  # "no", "steps" (every eval_steps) or "epoch"
     eval_steps: float | None = None  # None -> logging_steps; in (0, 1): a ratio of max_steps
     eval_on_start: bool = False
     per_device_eval_batch_size: int = 8  # completions per eval batch
+    eval_delay: float = 0  # no evaluation before this many steps
+    # ---- TRL / transformers fields with no effect here (NO_EFFECT) or refused when changed (UNSUPPORTED) ----
+    accelerator_config: dict | str | None = None
+    batch_eval_metrics: bool = False
+    bf16_full_eval: bool = False
+    fp16_full_eval: bool = False
+    dataloader_drop_last: bool = False
+    dataloader_in_order: bool = True
+    dataloader_multiprocessing_context: str | None = None
+    dataloader_persistent_workers: bool = False
+    dataloader_pin_memory: bool = True
+    dataloader_prefetch_factor: int | None = None
+    ddp_backend: str | None = None
+    ddp_broadcast_buffers: bool | None = None
+    ddp_bucket_cap_mb: int | None = None
+    ddp_find_unused_parameters: bool | None = None
+    ddp_static_graph: bool | None = None
+    ddp_timeout: int = 1800
+    debug: str | list = ""
+    do_predict: bool = False
+    ds3_gather_for_generation: bool = True
+    enable_jit_checkpoint: bool = False
+    eval_accumulation_steps: int | None = None
+    eval_do_concat_batches: bool = True
+    eval_use_gather_object: bool = False
+    fsdp_config: dict | str | None = None
+    greater_is_better: bool | None = None
+    hub_always_push: bool = False
+    hub_private_repo: bool | None = None
+    hub_revision: str | None = None
+    hub_strategy: str = "every_save"
+    ignore_data_skip: bool = False
+    include_for_metrics: list = field(default_factory=list)
+    include_num_input_tokens_seen: str | bool = "no"
+    label_names: list | None = None
+    length_column_name: str = "length"
+    liger_kernel_config: dict | None = None
+    local_rank: int = -1
+    log_completions_hub_repo: str | None = None
+    log_level_replica: str = "warning"
+    log_multimodal: bool = True
+    log_on_each_node: bool = True
+    logging_nan_inf_filter: bool = True
+    metric_for_best_model: str | None = None
+    optim_args: str | None = None
+    optim_target_modules: str | list | None = None
+    parallelism_config: Any = None
+    prediction_loss_only: bool = False
+    project: str = "huggingface"
+    restore_callback_states_from_checkpoint: bool = False
+    save_on_each_node: bool = False
+    skip_memory_metrics: bool = True
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
+    torch_empty_cache_steps: int | None = None
+    trackio_bucket_id: str | None = None
+    trackio_space_id: str | None = None
+    trackio_static_space_id: str | bool | None = None
+    train_sampling_strategy: str = "random"
+    transformers_continuous_batching_config: dict | str | None = None
+    use_cache: bool = False
     dataloader_num_workers: int = 0
     remove_unused_columns: bool | None = False
     average_tokens_across_devices: bool = True
@@ -192,6 +311,14 @@ class GRPOConfig:
     entropy_coef: float = 0.0
     use_adaptive_entropy: bool = False
     off_policy_mask_threshold: float | None = None
+    entropy_target: float = 0.2  # the adaptive entropy controller's fields (use_adaptive_entropy is refused)
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    vespo_k_pos: float = 2.0  # loss_type="vespo"'s fields (not implemented: refused by loss_type)
+    vespo_k_neg: float = 3.0
+    vespo_lambda_pos: float = 3.0
+    vespo_lambda_neg: float = 2.0
     use_bias_correction_kl: bool = True  # TRL 1.16's default
     max_tool_calling_iterations: int | None = None
     # ---- completions logging ----
@@ -236,6 +363,15 @@ class GRPOConfig:
         self.report_to = list(self.report_to or [])
         if self.eval_strategy != "no":
             self.do_eval = True
+        if self.activation_checkpointing is not None:  # transformers 5's names win over the deprecated ones
+            self.gradient_checkpointing = self.activation_checkpointing
+        if self.activation_checkpointing_kwargs is not None:
+            self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+        self.activation_checkpointing = self.gradient_checkpointing
+        self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        self.debug = self.debug.split() if isinstance(self.debug, str) else list(self.debug)  # TrainingArguments'
+        if self.use_cpu:
+            self.dataloader_pin_memory = False  # as TrainingArguments sets it (no effect here)
         self._refuse_unsupported()
         self._check_values()
         self._derive_batch_sizes()

@@ -97,7 +97,10 @@ def evaluate_set(trainer, dataset, prefix: str) -> dict[str, float]:
 
 
 def eval_due(args, step: int, every: int, epoch_before: float, epoch_after: float) -> bool:
-    """eval_strategy 'steps': every `every` steps; 'epoch': when the epoch count passes a whole number."""
+    """eval_strategy 'steps': every `every` steps; 'epoch': when the epoch count passes a whole number; never
+    before eval_delay steps (transformers' rule)."""
+    if step < args.eval_delay:
+        return False
     if args.eval_strategy == "steps":
         return step % every == 0
     if args.eval_strategy == "epoch":

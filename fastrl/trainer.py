@@ -103,11 +103,14 @@ class TrainerControl:
 class GRPOTrainer:
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
-                 peft_config=None):
+                 optimizers=(None, None), quantization_config=None, peft_config=None, tools=None, rollout_func=None,
+                 environment_factory=None):
         if args is None:  # TRL's default: an output folder named after the model
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
             args = GRPOConfig(f"{name.split('/')[-1]}-GRPO")
         self.args = args
+        _refuse_unsupported_arguments(quantization_config=quantization_config, tools=tools, rollout_func=rollout_func,
+                                      environment_factory=environment_factory)
         set_seed(args.seed)
         _warn_like_trl(args)
         check_dataset(train_dataset)
@@ -122,6 +125,8 @@ class GRPOTrainer:
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs)
         self.reward_weights = self._reward_weights()
         self.device = training_device(args.use_cpu)
+        if args.tf32 is not None and self.device.type == "cuda":  # TrainingArguments' switch
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         self.reward_funcs = wrap_reward_models(self.reward_funcs, reward_processing_classes, self.device, args)
         if processing_class is None:
             processing_class = load_tokenizer(model if isinstance(model, str) else model.config._name_or_path)
@@ -147,6 +152,7 @@ class GRPOTrainer:
         self.control = TrainerControl()
         self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks or []]  # transformers' rule
         self.optimizer = self.lr_scheduler = None
+        self._given_optimizers = optimizers  # TRL's (optimizer, scheduler); a None is built by train()
         self._logger: MetricsLogger | None = None  # while train() runs
         self.loss_spec = LossSpec.from_config(args)  # every normaliser and accumulation factor of the loss
         self._loss_fn = fused_linear_grpo_loss  # injectable: tests swap in the float64 reference
@@ -162,8 +168,8 @@ class GRPOTrainer:
     def train(self, resume_from_checkpoint=None) -> TrainOutput:
         args = self.args
         self.state.max_steps = self._total_steps()
-        self.optimizer = self._build_optimizer()
-        self.lr_scheduler = get_scheduler(
+        self.optimizer = self._given_optimizers[0] or self._build_optimizer()
+        self.lr_scheduler = self._given_optimizers[1] or get_scheduler(
             args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.warmup_steps_for(self.state.max_steps),
             num_training_steps=self.state.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
         resume = resolve_resume(resume_from_checkpoint if resume_from_checkpoint is not None
@@ -659,6 +665,16 @@ class GRPOTrainer:
 
     def remove_callback(self, callback) -> None:
         self.pop_callback(callback)
+
+
+def _refuse_unsupported_arguments(**arguments) -> None:
+    """TRL's GRPOTrainer arguments fastrl does not implement yet: a ValueError naming the one given."""
+    why = {"quantization_config": "quantized policies are not supported",
+           "tools": "tool calling is not implemented", "rollout_func": "custom rollouts are not implemented",
+           "environment_factory": "environments are not implemented"}
+    for name, value in arguments.items():
+        if value is not None:
+            raise ValueError(f"{name} is not supported by fastrl ({why[name]}); leave it out")
 
 
 def _warn_like_trl(args: GRPOConfig) -> None:

@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import torch
 from datasets import Dataset
 
 import helpers_tiny as tiny
@@ -78,8 +79,8 @@ def test_no_args_names_the_output_folder_after_the_model_as_trl(model_dir, tmp_p
 def test_trls_warnings(model_dir, tmp_path, caplog):
     ds = Dataset.from_list(tiny.addition_rows(8))
     with caplog.at_level(logging.WARNING):
-        GRPOTrainer(model_dir, tiny.short_reward, small_args(GRPOConfig, tmp_path, importance_sampling_level="sequence"),
-                    train_dataset=ds)
+        GRPOTrainer(model_dir, tiny.short_reward,
+                    small_args(GRPOConfig, tmp_path, importance_sampling_level="sequence"), train_dataset=ds)
     assert "`importance_sampling_level='sequence'`, the `'dapo'` loss sums per-token" in caplog.text
     caplog.clear()
 
@@ -96,3 +97,20 @@ def test_no_reward_source_is_trls_error(model_dir, tmp_path):
     with pytest.raises(ValueError, match="No reward source provided"):
         GRPOTrainer(model_dir, None, small_args(GRPOConfig, tmp_path),
                     train_dataset=Dataset.from_list(tiny.addition_rows(8)))
+
+
+def test_trls_other_trainer_arguments(model_dir, tmp_path):
+    """optimizers is honoured (TRL's (optimizer, scheduler) pair); what fastrl lacks is refused by name."""
+    ds = Dataset.from_list(tiny.addition_rows(8))
+    model = tiny.build_model(tiny.build_tokenizer())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = GRPOTrainer(model, tiny.short_reward, small_args(GRPOConfig, tmp_path, max_steps=1), train_dataset=ds,
+                          processing_class=tiny.build_tokenizer(), optimizers=(optimizer, None))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert trainer.optimizer is optimizer  # lr 0: SGD leaves every weight as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for name in ("quantization_config", "tools", "rollout_func", "environment_factory"):
+        with pytest.raises(ValueError, match=rf"^{name} is not supported by fastrl"):
+            GRPOTrainer(model_dir, tiny.short_reward, small_args(GRPOConfig, tmp_path), train_dataset=ds,
+                        **{name: object()})
