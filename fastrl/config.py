@@ -6,7 +6,7 @@ checks every shared default against an installed TRL, so a drift shows up as a f
 
 Fields fall in three groups:
 - supported: they do what they do in TRL;
-- accepted and harmless: they do not change the training math (hub upload off, logging directories, ...);
+- accepted and harmless: they do not change the training math (NO_EFFECT says why for each);
 - unsupported: setting them away from their default would change the math in a way fastrl does not implement,
   so `__post_init__` raises a ValueError naming the field rather than silently training something else.
 """
