@@ -2,10 +2,13 @@
 
 Order follows TRL's RepeatSampler: each epoch is a seeded permutation of the dataset (or the identity when
 shuffle_dataset is False), cut into batches of prompts_per_generation prompts; an incomplete last batch is dropped.
-The sampler's whole state is (epoch, position), so a checkpoint resumes the exact order.
+A `datasets.IterableDataset` (no length) is read as TRL streams it: a buffered shuffle seeded with `seed` (when
+shuffle_dataset), reshuffled each epoch through `set_epoch`, restarted when it ends. Either sampler's whole state is
+(epoch, position), so a checkpoint resumes the exact order (a stream by re-reading its epoch up to the position).
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -31,10 +34,22 @@ def check_dataset(ds) -> None:
     if ds is None:
         raise ValueError("train_dataset: a dataset with a 'prompt' column is required")
     columns = getattr(ds, "column_names", None)
+    if columns is None and is_stream(ds):  # a generator's stream declares no columns: rows are checked as read
+        return
     if columns is None or "prompt" not in columns:
         raise ValueError(f"train_dataset: expected a 'prompt' column, found columns {columns}")
-    if len(ds) == 0:
+    if not is_stream(ds) and len(ds) == 0:
         raise ValueError("train_dataset: the dataset is empty")
+
+
+def is_stream(ds) -> bool:
+    """An iterable dataset without a length (datasets.IterableDataset)."""
+    return not hasattr(ds, "__len__") and hasattr(ds, "__iter__")
+
+
+def make_sampler(ds, batch_size: int, seed: int, shuffle: bool = True):
+    return StreamSampler(ds, batch_size, seed, shuffle) if is_stream(ds) else PromptSampler(len(ds), batch_size,
+                                                                                             seed, shuffle)
 
 
 def is_conversational(prompt) -> bool:
@@ -66,11 +81,60 @@ class PromptSampler:
         self.position += self.batch_size
         return indices
 
+    def next_rows(self, dataset) -> list[dict]:
+        return [dataset[i] for i in self.next_batch()]
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.position / max(1, self.size)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+class StreamSampler:
+    """PromptSampler's interface over an IterableDataset: batches of rows in stream order (see the module doc)."""
+
+    SHUFFLE_BUFFER = 1000  # datasets' default buffer for IterableDataset.shuffle
+
+    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True):
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=self.SHUFFLE_BUFFER) if shuffle else dataset
+        self.batch_size, self.epoch, self.position = batch_size, 0, 0
+        self._rows = None  # the live iterator, positioned at self.position
+
+    def next_rows(self, dataset=None) -> list[dict]:
+        if self._rows is None:
+            self._rows = self._open(self.epoch, self.position)
+        batch = list(itertools.islice(self._rows, self.batch_size))
+        if len(batch) < self.batch_size:  # the stream ended: drop the tail, start the next epoch
+            if self.position == 0:
+                raise ValueError(f"train_dataset: the stream has {len(batch)} rows, fewer than the {self.batch_size} "
+                                 "prompts one generation batch needs (generation_batch_size / num_generations)")
+            self.epoch, self.position = self.epoch + 1, 0
+            self._rows = self._open(self.epoch, 0)
+            return self.next_rows()
+        missing = [r for r in batch if "prompt" not in r]
+        if missing:
+            raise ValueError(f"train_dataset: expected a 'prompt' column, got a row {missing[0]}")
+        self.position += self.batch_size
+        return batch
+
+    def _open(self, epoch: int, skip: int):
+        self.dataset.set_epoch(epoch)  # reshuffles an upstream buffered shuffle, as TRL's stream does
+        return itertools.islice(iter(self.dataset), skip, None)
+
+    @property
+    def epochs_done(self) -> float:
+        return float(self.epoch)  # a stream's length is unknown
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._rows = state["epoch"], state["position"], None
 
 
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None,

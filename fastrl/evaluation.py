@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from fastrl.data import is_stream
+
 
 def named_sets(eval_dataset, prefix: str) -> dict[str, object]:
     """One eval set, or a dict / DatasetDict of them -> {metric prefix: dataset}."""
@@ -34,7 +36,7 @@ def named_sets(eval_dataset, prefix: str) -> dict[str, object]:
 def check_eval_dataset(eval_dataset) -> None:
     for name, ds in named_sets(eval_dataset, "eval_dataset").items():
         columns = getattr(ds, "column_names", None)
-        if columns is None and _is_stream(ds):  # a generator's stream declares no columns: rows are checked as read
+        if columns is None and is_stream(ds):  # a generator's stream declares no columns: rows are checked as read
             continue
         if columns is None or "prompt" not in columns:
             raise ValueError(f"{name}: expected a Dataset or IterableDataset with a 'prompt' column, "
@@ -44,7 +46,7 @@ def check_eval_dataset(eval_dataset) -> None:
 def prompt_batches(dataset, num_prompts: int, seed: int) -> Iterator[list[dict]]:
     """Rows of `dataset`, num_prompts at a time (the last batch may be smaller): a seeded permutation of a
     `Dataset` (as TRL's eval RepeatSampler), an `IterableDataset` in its stream order."""
-    if not _is_stream(dataset):
+    if not is_stream(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
         rows: Iterator[dict] = (dataset[i] for i in order)
     else:
@@ -54,10 +56,6 @@ def prompt_batches(dataset, num_prompts: int, seed: int) -> Iterator[list[dict]]
         if missing:
             raise ValueError(f"eval_dataset: expected a 'prompt' column, got a row {missing[0]}")
         yield batch
-
-
-def _is_stream(ds) -> bool:
-    return not hasattr(ds, "__len__") and hasattr(ds, "__iter__")
 
 
 def evaluate_set(trainer, dataset, prefix: str) -> dict[str, float]:

@@ -37,7 +37,7 @@ from transformers.optimization import get_scheduler
 
 from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_seed
 from fastrl.config import GRPOConfig
-from fastrl.data import PromptSampler, check_dataset, completions_for_rewards, tokenize_prompts
+from fastrl.data import check_dataset, completions_for_rewards, is_stream, make_sampler, tokenize_prompts
 from fastrl.dynamic_sampling import ScoredGroups, fill_generation_batch
 from fastrl.evaluation import check_eval_dataset, eval_due, evaluate_set, named_sets
 from fastrl.generation.base import SamplingConfig
@@ -114,6 +114,8 @@ class GRPOTrainer:
         set_seed(args.seed)
         _warn_like_trl(args)
         check_dataset(train_dataset)
+        if is_stream(train_dataset) or any(is_stream(ds) for ds in named_sets(eval_dataset, "").values()):
+            _check_stream_settings(args, is_stream(train_dataset))
         if eval_dataset is not None:
             check_eval_dataset(eval_dataset)
         elif args.eval_strategy != "no":  # transformers' rule
@@ -146,8 +148,8 @@ class GRPOTrainer:
         if args.beta != 0.0 and not is_peft(self.model):
             self.ref_model = frozen_reference(self.model, "cpu" if args.ref_model_offload else None)
         self.generator = self._build_generator()
-        self.sampler = PromptSampler(len(train_dataset), args.prompts_per_generation,
-                                     args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset)
+        self.sampler = make_sampler(train_dataset, args.prompts_per_generation,
+                                    args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset)
         self.state = TrainerState()
         self.control = TrainerControl()
         self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks or []]  # transformers' rule
@@ -194,7 +196,7 @@ class GRPOTrainer:
             if sync_due(args, self.state.global_step) and self.ref_model is not None:  # TR-DPO resets
                 with reference_on(self.ref_model, self.device, args.ref_model_offload):
                     maybe_sync_reference(args, self.state.global_step, self.model, self.ref_model)
-            self.state.epoch = self.sampler.epoch + self.sampler.position / max(1, self.sampler.size)
+            self.state.epoch = self.sampler.epochs_done
             losses.append(metrics["loss"])
             self._callback("on_step_end")  # a callback may ask to log, save or stop after this step
             self._log_step(metrics, logger)
@@ -346,7 +348,7 @@ class GRPOTrainer:
         excluded)."""
         args, G = self.args, num_generations or self.args.num_generations
         if rows is None:
-            rows = [self.train_dataset[i] for i in self.sampler.next_batch()]  # P prompts
+            rows = self.sampler.next_rows(self.train_dataset)  # P prompts
         prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], args.max_prompt_length,
                                       args.chat_template_kwargs)
         # each backend wakes what it needs itself: the weights for the push, then the KV cache to generate
@@ -665,6 +667,17 @@ class GRPOTrainer:
 
     def remove_callback(self, callback) -> None:
         self.pop_callback(callback)
+
+
+def _check_stream_settings(args: GRPOConfig, training_stream: bool) -> None:
+    """transformers' and TRL's rules for datasets without a length (IterableDataset)."""
+    if training_stream and args.max_steps <= 0:
+        raise ValueError(f"max_steps: must be set to a positive value when train_dataset has no length (an "
+                         f"IterableDataset), was {args.max_steps}")
+    dispatch = args.accelerator_config.get("dispatch_batches") if isinstance(args.accelerator_config, dict) else None
+    if dispatch:
+        raise ValueError("Iterable datasets require `dispatch_batches=False`, but it is set to `True` in "
+                         "`accelerator_config`. Please set it to `False`.")
 
 
 def _refuse_unsupported_arguments(**arguments) -> None:
