@@ -3,17 +3,17 @@
     results = run_cases(program, ["1 2\n", "3 4\n"], mode="stdin", limits=SandboxLimits(timeout=2))
     results[0].stdout, results[0].exit_code, results[0].timed_out
 
-One sandbox session per call (one interpreter start, ~0.1 s); inside it the runner (sandbox_runner.py) forks
+One sandbox session per call (bubblewrap and one interpreter start, ~0.2 s on a loaded 2-core machine); inside it the runner (sandbox_runner.py) forks
 one worker per case. The session holds the program and the cases' inputs (stdin text or call expressions) but no
 expected output: the caller (fastrl.rewards.code) compares. Isolations:
 
 - "bwrap" (the default, strong): bubblewrap in new user/PID/network/IPC namespaces (started by root: as a uid of
   its own per sandbox; by anyone else: as that user), a read-only minimal root, a tmpfs of `disk_mb`,
   no_new_privs and a seccomp filter (sandbox_bwrap.py says why).
-- "landlock" (named, weaker; for a non-root user where user namespaces are not allowed): a plain child of the caller under
-  Landlock (read-only access to the interpreter's files, no writes, no TCP, no signals out), the seccomp filter
-  with no sockets at all, and no forks. No per-sandbox uid and no total disk cap (nothing is writable). It
-  refuses to run as root.
+- "landlock" (named, weaker; for a non-root user where user namespaces are not allowed): a plain child of the
+  caller under Landlock (read-only access to the interpreter's files, no writes, no TCP, no signals out), the
+  seccomp filter with no sockets at all, and no forks; no namespaces, no per-sandbox uid, and no disk to cap
+  (nothing is writable). It refuses to run as root.
 
 `check_isolation(isolation)` tries the isolation once and raises SandboxUnavailable saying what is missing.
 Infrastructure failures (the sandbox cannot start) raise too: a broken sandbox must not quietly score 0.
@@ -53,8 +53,8 @@ class SandboxLimits:
     """Limits for one completion's session.
 
     timeout: wall-clock seconds per case, from the worker's fork. memory_mb: address space per process
-        (RLIMIT_AS). max_processes: processes one case may have at once, itself included (RLIMIT_NPROC of the
-        session's own uid; landlock mode allows none). disk_mb: the session's tmpfs (total disk) and the largest
+        (RLIMIT_AS). max_processes: processes one case may have at once, itself included (RLIMIT_NPROC, counted in
+        the session's own user namespace; landlock mode allows none). disk_mb: the session's tmpfs (total disk) and the largest
         file. max_open_files: RLIMIT_NOFILE. max_output_bytes: stdout (or the returned value's JSON) per case;
         more fails the case."""
 
@@ -78,7 +78,8 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class CaseResult:
-    """What one case did. `value` is the JSON text the call returned (call and trusted modes), else None."""
+    """What one case did. `value`: the JSON text the call returned (call mode), "true" once the test source ran
+    to its end (trusted mode), None in stdin mode."""
 
     exit_code: int | None  # None when it was killed for time or output; negative: killed by that signal
     timed_out: bool
@@ -97,7 +98,9 @@ class CaseResult:
 def run_cases(program: str, cases: list[str], mode: str = "stdin", limits: SandboxLimits | None = None,
               isolation: str = "bwrap") -> list[CaseResult]:
     """Run `program` once per case in one sandbox session: stdin mode feeds each case to stdin; call mode
-    evaluates each case (a Python expression such as "add(1, 2)") after the program and returns its JSON."""
+    evaluates each case (a Python expression such as "add(1, 2)") after the program and returns its JSON;
+    trusted mode runs each case as test code after the program (forgeable: code_reward's
+    trust_tests_in_process)."""
     if not isinstance(program, str):
         raise ValueError(f"program must be a string of Python code, got {type(program).__name__}")
     if isinstance(cases, str) or not isinstance(cases, (list, tuple)) or not all(isinstance(c, str) for c in cases):
@@ -112,6 +115,8 @@ def run_cases(program: str, cases: list[str], mode: str = "stdin", limits: Sandb
     job = {"program": program, "mode": mode, "cases": list(cases), "limits": asdict(limits),
            "isolation": isolation}
     backstop = _SESSION_START_S + len(cases) * (limits.timeout + _CASE_OVERHEAD_S)
+    # JSON escaping at most doubles text other than control characters; past this bound the session is cut and
+    # its remaining cases fail (only a program printing control characters by the megabyte gets there)
     max_report = len(cases) * (2 * limits.max_output_bytes + 4 * 2000 + _REPORT_OVERHEAD) + _REPORT_OVERHEAD
     launch = _run_bwrap if isolation == "bwrap" else _run_landlocked
     return launch(job, limits, backstop, max_report)
