@@ -22,7 +22,7 @@ import pytest
 
 from fastrl.rewards import CodeReward, SandboxLimits, SandboxUnavailable, check_isolation, run_cases
 from fastrl.rewards import sandbox as sandbox_module
-from fastrl.rewards.sandbox_bwrap import UID_BASE, UID_SLOTS
+from fastrl.rewards import sandbox_bwrap
 
 TIMEOUT = 1.5  # seconds per case in these tests
 SLACK = 2.0  # session start, kill and reap on a loaded 2-core machine
@@ -74,17 +74,30 @@ def processes(match) -> list[int]:
     return found
 
 
+def ours(uid: int) -> bool:
+    """A uid of this module's sandboxes (other engineers may run sandboxes on this machine at the same time)."""
+    return sandbox_bwrap.UID_BASE <= uid < sandbox_bwrap.UID_BASE + sandbox_bwrap.UID_SLOTS
+
+
 def leftovers() -> list[int]:
-    """Children of this process, and any process of a sandbox uid."""
+    """Children of this process, and any process of this module's sandbox uids."""
     me = os.getpid()
-    return processes(lambda ppid, uid: ppid == me or UID_BASE <= uid < UID_BASE + UID_SLOTS)
+    return processes(lambda ppid, uid: ppid == me or ours(uid))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def strong_sandbox():
-    """The strong sandbox runs here, or every test fails saying what is missing."""
-    assert check_isolation("bwrap") == "bwrap"
-    score(ADD, CALL_TESTS)  # warm up: imports and lazily made objects exist before anything is measured
+    """The strong sandbox runs here, or every test fails saying what is missing. This module's sandboxes take
+    uids from a range of their own, so that the checks on sandbox processes see no one else's."""
+    import random
+    default = sandbox_bwrap.UID_BASE
+    sandbox_bwrap.UID_BASE = 2_100_000_000 + random.randrange(1000) * sandbox_bwrap.UID_SLOTS
+    try:
+        assert check_isolation("bwrap") == "bwrap"
+        score(ADD, CALL_TESTS)  # warm up: imports and lazily made objects exist before anything is measured
+        yield
+    finally:
+        sandbox_bwrap.UID_BASE = default
 
 
 @pytest.fixture
@@ -372,7 +385,7 @@ def test_disk_is_capped_in_total_and_the_host_is_untouched(unharmed):
 
 def sandbox_uids() -> set[int]:
     uids = set()
-    for pid in processes(lambda ppid, uid: UID_BASE <= uid < UID_BASE + UID_SLOTS):
+    for pid in processes(lambda ppid, uid: ours(uid)):
         try:
             with open(f"/proc/{pid}/status") as f:
                 uids.add(int(f.read().split("Uid:")[1].split()[0]))

@@ -77,8 +77,8 @@ def uid_slot():
         raise RuntimeError(f"{SLOT_LOCK_DIR} must be a directory owned by uid {os.geteuid()} with mode 0700")
     start = random.randrange(UID_SLOTS)
     for offset in range(UID_SLOTS):
-        slot = (start + offset) % UID_SLOTS
-        fd = os.open(os.path.join(SLOT_LOCK_DIR, str(slot)), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        uid = UID_BASE + (start + offset) % UID_SLOTS
+        fd = os.open(os.path.join(SLOT_LOCK_DIR, str(uid)), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,7 +86,7 @@ def uid_slot():
             os.close(fd)
             continue
         try:
-            yield UID_BASE + slot
+            yield uid
         finally:
             os.close(fd)  # releases the lock
         return
