@@ -45,7 +45,7 @@ from fastrl.generation.extra_kwargs import transformers_generation_config
 from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
-from fastrl.kernels.loss_spec import LOSS_RULES, SEQUENCE_MEAN, LossSpec
+from fastrl.kernels.loss_spec import COMPLETION_BUDGET, ITEMS, LOSS_RULES, MASK_TOTAL, LossSpec
 from fastrl.logging_utils import MetricsLogger, append_jsonl
 from fastrl.policy import (activations_offloaded, check_packed_attention, completion_hidden, frozen_reference,
                            is_peft, lm_head, load_policy, load_tokenizer, packed_completion_hidden,
@@ -692,12 +692,15 @@ def _refuse_unsupported_arguments(**arguments) -> None:
 
 def _warn_like_trl(args: GRPOConfig) -> None:
     """TRL's set-up warnings for settings that run but are probably not what was meant."""
-    token_summed = LOSS_RULES[args.loss_type].reduction != SEQUENCE_MEAN  # the normalizer spans sequences
-    if args.importance_sampling_level == "sequence" and token_summed:
+    token_summed = LOSS_RULES[args.loss_type].reduction in (MASK_TOTAL, COMPLETION_BUDGET, ITEMS)
+    if args.importance_sampling_level == "sequence" and token_summed:  # the normalizer spans sequences
         log.warning(f"When using `importance_sampling_level='sequence'`, the `'{args.loss_type}'` loss sums per-token "
                     "contributions, which effectively weights each sequence by its completion length instead of "
                     "optimizing the per-sequence objective. To reproduce the GSPO paper's setup, set "
                     "`loss_type='grpo'`.")
+    if args.loss_type == "luspo" and args.importance_sampling_level != "sequence":
+        log.warning("When using `'luspo'` loss, `importance_sampling_level` should be set to `'sequence'` to mirror "
+                    "the paper's setup.")
 
 
 def _nanmean(values: list[float]) -> float | None:

@@ -5,6 +5,7 @@ loss and B the micro-batch's sequences, a reduction normalises Σ m·L of one mi
     SEQUENCE_MEAN      mean over sequences of Σ_t m·L / max(1, Σ_t m)
     MASK_TOTAL         Σ m·L / max(1, Σ m)
     COMPLETION_BUDGET  Σ m·L / (B · max_completion_length)
+    SEQUENCE_SUM       Σ m·L / B                            (mean over sequences of each one's token sum)
     ITEMS              Σ m·L / max(1, num_items_in_batch)   (Σ m when num_items_in_batch is not given)
 and the trainer then divides by gradient_accumulation_steps for every reduction but ITEMS, whose
 num_items_in_batch already is one accumulation window's token count (`LossSpec`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 SEQUENCE_MEAN, MASK_TOTAL, COMPLETION_BUDGET, ITEMS = "sequence_mean", "mask_total", "completion_budget", "items"
+SEQUENCE_SUM = "sequence_sum"
 # The per-token loss L: "clip" is PPO's −min(r·A, clip(r)·A); "cispo" −sg(min(r, ε_high))·A·logp;
 # "sapo" −σ(t(r−1))·4/t·A (grpo_epilogue.policy_loss and the Triton epilogue's _policy_terms).
 OBJECTIVES = ("clip", "cispo", "sapo")
@@ -36,6 +38,7 @@ LOSS_RULES = {
     "dapo": LossRule("clip", ITEMS),
     "cispo": LossRule("cispo", ITEMS),
     "sapo": LossRule("sapo", SEQUENCE_MEAN),
+    "luspo": LossRule("clip", SEQUENCE_SUM),  # TRL 1.16: (per_token_loss * mask).sum(-1).mean()
 }
 LOSS_TYPES = tuple(LOSS_RULES)
 
@@ -46,6 +49,8 @@ def fixed_divisor(rule: LossRule, n_seq: int, max_completion_length: int | None,
     sequence; MASK_TOTAL, and ITEMS without num_items_in_batch, divide by max(1, Σ m), which the caller sums)."""
     if rule.reduction == COMPLETION_BUDGET:
         return float(n_seq * max_completion_length)
+    if rule.reduction == SEQUENCE_SUM:
+        return float(n_seq)
     if rule.reduction == ITEMS and num_items_in_batch is not None:
         return max(1.0, float(num_items_in_batch))
     return None

@@ -88,6 +88,8 @@ def _reduce(per_token, mask, p: GRPOLossParams):
         return total / mask.sum().clamp(min=1.0)
     if p.loss_type == "dr_grpo":
         return total / (mask.shape[0] * p.max_completion_length)
+    if p.loss_type == "luspo":
+        return (per_token * mask).sum(-1).mean()
     if p.loss_type in ("dapo", "cispo"):
         items = mask.sum() if p.num_items_in_batch is None else mask.new_tensor(float(p.num_items_in_batch))
         return total / items.clamp(min=1.0)

@@ -29,6 +29,8 @@ def trl_loss(h, w, y, mask, adv, loss_type, gen_tokens, accum, spg, world, max_l
         return total / mask.sum().clamp(min=1) / accum
     if loss_type == "dr_grpo":
         return total / (mask.shape[0] * max_len) / accum
+    if loss_type == "luspo":
+        return total / mask.shape[0] / accum
     return total / (max(1.0, gen_tokens) / world * accum / spg)
 
 
