@@ -23,7 +23,7 @@ from fastrl.kernels.reference import reference_grpo_loss, reference_logprobs
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
 
 def _epilogue_inputs(batch, length, seed):

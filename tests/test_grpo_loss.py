@@ -11,7 +11,7 @@ from kernel_cases import assert_no_worse_than, make_linear_inputs
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
