@@ -49,9 +49,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     raw = load_run_config(args.config, parse_overrides(args.overrides))
     split_run_config(raw)  # every value checked before anything loads
+    from fastrl import distributed
+
     trainer = build_trainer(raw)
-    trainer.train()
-    trainer.save_model()
+    try:
+        trainer.train()
+        trainer.save_model()
+    finally:
+        distributed.shutdown()  # a launched run's process group (nothing for one process)
     return 0
 
 

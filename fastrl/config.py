@@ -20,6 +20,8 @@ from typing import Any
 
 from fastrl.generation.extra_kwargs import check_generation_kwargs
 from fastrl.kernels.loss_spec import LOSS_TYPES
+from fastrl.launch import launch_from_env
+
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # multi_objective_aggregation (fastrl.scoring)
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -40,7 +42,6 @@ UNSUPPORTED = {
     "torch_compile": (False, "torch.compile of the policy is not implemented"),
     "neftune_noise_alpha": (None, "NEFTune noise is not implemented"),
     "deepspeed": (None, "DeepSpeed is not supported"),
-    "fsdp": (None, "FSDP is not supported yet"),
     "label_smoothing_factor": (0.0, "label smoothing does not apply to the GRPO loss"),
     "fp16": (False, "fp16 needs loss scaling, which is not implemented; use bf16=True"),
     "load_best_model_at_end": (False, "keeping the best checkpoint by an eval metric is not implemented"),
@@ -54,7 +55,6 @@ UNSUPPORTED = {
     "dataloader_drop_last": (False, "the last partial eval batch is always evaluated (training batches are "
                                     "always whole)"),
     "enable_jit_checkpoint": (False, "checkpoints are written at save_steps only"),
-    "fsdp_config": (None, "FSDP is not supported yet"),
     "ignore_data_skip": (False, "a resumed run always continues from the checkpoint's data position"),
     "liger_kernel_config": (None, "use_liger_kernel patches a fixed set (norms, MLP, RoPE)"),
     "optim_args": (None, "fastrl's AdamW takes no extra optimizer arguments"),
@@ -72,7 +72,7 @@ NO_EFFECT = {
     "log_level": "fastrl logs through Python's logging", "log_level_replica": "one process",
     "log_on_each_node": "one process", "save_on_each_node": "one process", "local_rank": "one process",
     "ddp_backend": "one process", "ddp_broadcast_buffers": "one process", "ddp_bucket_cap_mb": "one process",
-    "ddp_find_unused_parameters": "one process", "ddp_static_graph": "one process", "ddp_timeout": "one process",
+    "ddp_find_unused_parameters": "one process", "ddp_static_graph": "one process",
     "accelerator_config": "no accelerate: one process, batches are never dispatched",
     "average_tokens_across_devices": "one process", "ds3_gather_for_generation": "no DeepSpeed",
     "dataloader_num_workers": "no DataLoader: prompts are read in the main process",
@@ -104,6 +104,18 @@ NO_EFFECT = {
     "vllm_server_port": "vllm_mode 'server' is refused", "vllm_server_timeout": "vllm_mode 'server' is refused",
     "vllm_group_port": "vllm_mode 'server' is refused",
 }
+
+FSDP_OPTIONS = ("full_shard", "auto_wrap")
+FSDP_CONFIG_KEYS = ("reshard_after_forward",)
+
+# field -> (its required value, why) when world_size > 1: not implemented across processes yet
+MULTI_PROCESS_UNSUPPORTED = (
+    ("use_vllm", False, "a vLLM engine per rank is not implemented yet; use the transformers generator"),
+    ("ref_model_offload", False, "moving the reference between host and device is not implemented per rank"),
+    ("sync_ref_model", False, "reference resets are not implemented across processes"),
+    ("eval_strategy", "no", "evaluation across processes is not implemented yet"),
+    ("max_tokens_per_micro_batch", None, "ranks would train different numbers of micro-batches"),
+)
 
 
 @dataclass
@@ -176,7 +188,7 @@ class GRPOConfig:
     ddp_bucket_cap_mb: int | None = None
     ddp_find_unused_parameters: bool | None = None
     ddp_static_graph: bool | None = None
-    ddp_timeout: int = 1800
+    ddp_timeout: int = 1800  # seconds a collective waits before failing a multi-process run (fastrl.distributed)
     debug: str | list = ""
     do_predict: bool = False
     ds3_gather_for_generation: bool = True
@@ -184,7 +196,7 @@ class GRPOConfig:
     eval_accumulation_steps: int | None = None
     eval_do_concat_batches: bool = True
     eval_use_gather_object: bool = False
-    fsdp_config: dict | str | None = None
+    fsdp_config: dict | str | None = None  # with fsdp: {"reshard_after_forward": bool} (FSDP2's layer option)
     greater_is_better: bool | None = None
     hub_always_push: bool = False
     hub_private_repo: bool | None = None
@@ -230,7 +242,7 @@ class GRPOConfig:
     torch_compile: bool = False
     neftune_noise_alpha: float | None = None
     deepspeed: str | dict | None = None
-    fsdp: str | list | None = None
+    fsdp: str | list | None = None  # "full_shard" ("auto_wrap" accepted): FSDP2 per decoder layer + root
     do_train: bool = False
     load_best_model_at_end: bool = False
     push_to_hub: bool = False
@@ -334,9 +346,9 @@ class GRPOConfig:
     max_tokens_per_micro_batch: int | None = None
     use_dynamic_bsz: bool = False  # veRL's name: with ppo_max_token_len_per_gpu, sets max_tokens_per_micro_batch
     ppo_max_token_len_per_gpu: int | None = None  # veRL's name for max_tokens_per_micro_batch
-    # ---- distributed (explicit; one process for now) ----
-    world_size: int = 1
-    process_index: int = 0
+    # ---- distributed: filled from the launcher's environment (torchrun, accelerate launch; fastrl.distributed) ----
+    world_size: int | None = None  # None -> WORLD_SIZE (1 without a launcher); a value must agree with it
+    process_index: int | None = None  # None -> RANK
 
     def __post_init__(self):
         self._coerce_numbers()
@@ -372,6 +384,8 @@ class GRPOConfig:
         self.debug = self.debug.split() if isinstance(self.debug, str) else list(self.debug)  # TrainingArguments'
         if self.use_cpu:
             self.dataloader_pin_memory = False  # as TrainingArguments sets it (no effect here)
+        self._set_launch()
+        self._check_fsdp()
         self._refuse_unsupported()
         self._check_values()
         self._derive_batch_sizes()
@@ -395,8 +409,43 @@ class GRPOConfig:
                                  f"leave it at {default!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r} is not supported; fastrl uses torch AdamW ({OPTIMIZERS})")
-        if self.world_size != 1:
-            raise ValueError(f"world_size={self.world_size}: only one process is supported so far")
+        if self.world_size > 1:  # what is not implemented across processes yet, by name
+            for name, default, why in MULTI_PROCESS_UNSUPPORTED:
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}={getattr(self, name)!r} with world_size={self.world_size}: {why}; "
+                                     f"leave it at {default!r} or run one process")
+
+    def _check_fsdp(self) -> None:
+        """transformers' `fsdp` spelling, mapped to FSDP2: only full sharding (auto_wrap is what it does anyway)."""
+        options = self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp or [])
+        if not options:
+            if self.fsdp_config:
+                raise ValueError("fsdp_config: set without fsdp; add fsdp='full_shard'")
+            return
+        if "full_shard" not in options or set(options) - set(FSDP_OPTIONS):
+            raise ValueError(f"fsdp: expected 'full_shard' (optionally with 'auto_wrap'), got {options!r}; "
+                             "FSDP2 offload, hybrid and grad-op sharding are not implemented")
+        if self.world_size < 2:
+            raise ValueError(f"fsdp={options!r}: needs a launch with several processes (torchrun, accelerate "
+                             "launch); one process trains unsharded")
+        if self.save_strategy != "no":
+            raise ValueError(f"save_strategy={self.save_strategy!r} with fsdp: sharded checkpoints are not "
+                             "implemented yet; set save_strategy='no' (save_model still writes the whole model)")
+        if not isinstance(self.fsdp_config, (dict, type(None))):
+            raise ValueError(f"fsdp_config: expected a dict, got {self.fsdp_config!r} (a JSON file is not read)")
+        unknown = set(self.fsdp_config or {}) - set(FSDP_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"fsdp_config: keys {sorted(unknown)} are not supported; expected {FSDP_CONFIG_KEYS}")
+
+    def _set_launch(self) -> None:
+        """world_size and process_index from the launcher (torchrun / accelerate launch set WORLD_SIZE, RANK)."""
+        launch = launch_from_env()
+        for name, value in (("world_size", launch.world_size), ("process_index", launch.rank)):
+            given = getattr(self, name)
+            if given is not None and given != value:
+                raise ValueError(f"{name}={given} disagrees with the launch ({value} from the environment's "
+                                 f"{'WORLD_SIZE' if name == 'world_size' else 'RANK'}); leave it unset")
+            setattr(self, name, value)
 
     def _check_values(self) -> None:
         def need(cond: bool, name: str, expected: str) -> None:
@@ -460,6 +509,7 @@ class GRPOConfig:
              "max_tokens_per_micro_batch", "None or a positive token count")
         need(self.max_tokens_per_micro_batch is None or self.padding_free, "max_tokens_per_micro_batch",
              "None when padding_free=False (token-budget micro-batches are packed)")
+        need(self.ddp_timeout > 0, "ddp_timeout", "a number of seconds > 0")
         if self.loss_type == "dr_grpo":
             need(self.max_completion_length is not None, "max_completion_length", "set for loss_type='dr_grpo'")
         lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max

@@ -68,6 +68,11 @@ class PromptSampler:
     def batches_per_epoch(self) -> int:
         return self.size // self.batch_size
 
+    @property
+    def draws(self) -> int:
+        """Batches drawn so far, over all epochs: numbers each draw (random streams key on it)."""
+        return self.epoch * self.batches_per_epoch + self.position // self.batch_size
+
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
@@ -129,6 +134,11 @@ class StreamSampler:
     @property
     def epochs_done(self) -> float:
         return float(self.epoch)  # a stream's length is unknown
+
+    @property
+    def draws(self) -> int:
+        """Numbers each draw (random streams key on it): the epoch in the high 32 bits, the batch in the low."""
+        return (self.epoch << 32) + self.position // self.batch_size
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from fastrl.generation.base import Rollout
+from fastrl.generation.base import Rollout, concat_rollouts
 
 
 class ScoredGroups(NamedTuple):
@@ -60,10 +60,7 @@ def select_groups(scored: ScoredGroups, groups: list[int], num_generations: int)
 
 
 def concat_groups(parts: list[ScoredGroups]) -> ScoredGroups:
-    logprobs = None if any(p.rollout.logprobs is None for p in parts) else \
-        [lp for p in parts for lp in p.rollout.logprobs]
-    rollout = Rollout(completion_ids=[c for p in parts for c in p.rollout.completion_ids], logprobs=logprobs,
-                      truncated=[t for p in parts for t in p.rollout.truncated])
+    rollout = concat_rollouts([p.rollout for p in parts])
     columns = dict.fromkeys(k for p in parts for k in p.extra)  # a column some parts lack is None there
     extra = {k: [v for p in parts for v in p.extra.get(k, [None] * len(p.rewards))] for k in columns}
     return ScoredGroups([r for p in parts for r in p.rows], [x for p in parts for x in p.prompt_ids], rollout,

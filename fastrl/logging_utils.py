@@ -109,6 +109,25 @@ class MetricsLogger:
         plot_curves(self.jsonl_path, os.path.join(self.output_dir, "curves.png"))
 
 
+class NullLogger:
+    """MetricsLogger's interface, doing nothing: what ranks other than 0 log through."""
+
+    def step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        pass
+
+    def window(self, step: int, averaged: dict) -> None:
+        pass
+
+    def completions(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def print_completions(records: list[dict], step: int, num_to_print: int | None = None,
                       unique_prompts: bool = False) -> None:
     """A rich table of prompt, completion, rewards and advantage (TRL's print_prompt_completions_sample); nothing

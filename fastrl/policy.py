@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 
@@ -148,11 +149,10 @@ def completion_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention
     input_ids [B, P + T] = left-padded prompts (width P) then right-padded completions (width T).
     Returns [B, T, H]: positions P-1 .. P+T-2. Position ids count only real tokens, as in generation.
     """
-    decoder = base_model(model).get_decoder()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+T]
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     t = input_ids.shape[1] - prompt_width
-    return out.last_hidden_state[:, prompt_width - 1: prompt_width - 1 + t]  # [B, T, H]
+    return hidden[:, prompt_width - 1: prompt_width - 1 + t]  # [B, T, H]
 
 
 def packed_completion_hidden(model: torch.nn.Module, packed) -> torch.Tensor:
@@ -163,9 +163,18 @@ def packed_completion_hidden(model: torch.nn.Module, packed) -> torch.Tensor:
     apart: a block-diagonal causal mask for sdpa/eager, a document BlockMask for flex_attention, varlen
     cu_seqlens for flash_attention_2.
     """
-    decoder = base_model(model).get_decoder()
-    out = decoder(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None], use_cache=False)
-    return out.last_hidden_state[0, packed.predict_index]  # [S, H] -> [N, H]
+    hidden = final_hidden(model, input_ids=packed.input_ids[None], position_ids=packed.position_ids[None])
+    return hidden[0, packed.predict_index]  # [S, H] -> [N, H]
+
+
+def final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """The decoder's final (normed) hidden states [B, S, H], no cache. A model sharded with FSDP2 runs through its
+    root instead, whose forward gathers the root's parameters (lm_head among them) and keeps them gathered until
+    its backward; its hidden_states[-1] is the normed last hidden state, and logits_to_keep=1 makes its logits
+    [B, 1, V]."""
+    if isinstance(model, FSDPModule):
+        return model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+    return base_model(model).get_decoder()(**inputs, use_cache=False).last_hidden_state
 
 
 def check_packed_attention(model: torch.nn.Module) -> None:

@@ -19,7 +19,11 @@ log and the checkpoint; through TrainerControl they can ask to log, save, or sto
 Batch sizes are TRL's: per_device_train_batch_size counts completions; a generation batch holds
 generation_batch_size = per_device_train_batch_size × world_size × steps_per_generation completions.
 Every normaliser and accumulation factor of the loss comes from one LossSpec (fastrl.kernels.loss_spec), built from
-GRPOConfig and the world size; normalisers are global (only one process is supported so far).
+GRPOConfig and the world size.
+Several processes (torchrun, accelerate launch; fastrl.distributed): every rank draws the same prompts, samples
+its slice of the generation batch, and the completions and rewards are gathered, so advantages, normalisers and
+generation metrics are those of the whole batch; each rank then trains on its slice of every micro-batch and the
+gradients are averaged. Completions come from per-row random streams, so N processes and one sample the same.
 """
 from __future__ import annotations
 
@@ -29,27 +33,31 @@ import math
 import resource
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 from transformers.optimization import get_scheduler
 
+from fastrl import distributed
 from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_seed
 from fastrl.config import GRPOConfig
 from fastrl.data import check_dataset, completions_for_rewards, is_stream, make_sampler, tokenize_prompts
-from fastrl.dynamic_sampling import ScoredGroups, fill_generation_batch
+from fastrl.dynamic_sampling import ScoredGroups, concat_groups, fill_generation_batch
 from fastrl.evaluation import check_eval_dataset, eval_due, evaluate_set, named_sets
 from fastrl.generation.base import SamplingConfig
 from fastrl.generation.extra_kwargs import transformers_generation_config
+from fastrl.generation.streams import stream_keys
+from fastrl.launch import launch_from_env
 from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 from fastrl.kernels.loss_spec import COMPLETION_BUDGET, ITEMS, LOSS_RULES, MASK_TOTAL, LossSpec
-from fastrl.logging_utils import MetricsLogger, append_jsonl
+from fastrl.launch import launch_from_env
+from fastrl.logging_utils import MetricsLogger, NullLogger, append_jsonl
 from fastrl.policy import (activations_offloaded, check_packed_attention, completion_hidden, frozen_reference,
                            is_peft, lm_head, load_policy, load_tokenizer, packed_completion_hidden,
-                           prepare_for_training, reference_on, training_device)
+                           prepare_for_training, reference_on)
 from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_reference, reference_state,
                              restore_reference, sync_due)
 from fastrl.rewards.reward_model import wrap_reward_models
@@ -126,7 +134,9 @@ class GRPOTrainer:
         self.train_dataset = train_dataset
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs)
         self.reward_weights = self._reward_weights()
-        self.device = training_device(args.use_cpu)
+        self.launch = launch_from_env()
+        self.device = distributed.device_for(self.launch, args.use_cpu)
+        distributed.init_process_group(self.launch, self.device, args.ddp_timeout)
         if args.tf32 is not None and self.device.type == "cuda":  # TrainingArguments' switch
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         self.reward_funcs = wrap_reward_models(self.reward_funcs, reward_processing_classes, self.device, args)
@@ -139,7 +149,8 @@ class GRPOTrainer:
                 raise ValueError("processing_class: the tokenizer has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token  # padding is always masked out; TRL does the same
         self.model = prepare_for_training(load_policy(model, args, self.device), args, self.device, peft_config)
-        self.head = lm_head(self.model)  # rejects heads the fused loss can not reproduce, before any work
+        distributed.broadcast_parameters(self.model)  # replicas start from rank 0's weights
+        lm_head(self.model)  # rejects heads the fused loss can not reproduce, before any work
         if args.padding_free:
             check_packed_attention(self.model)  # refuses a model whose attention would mix packed sequences
         # beta > 0: a frozen copy for full fine-tuning (in host memory with ref_model_offload); a PEFT policy is
@@ -147,10 +158,15 @@ class GRPOTrainer:
         self.ref_model = None
         if args.beta != 0.0 and not is_peft(self.model):
             self.ref_model = frozen_reference(self.model, "cpu" if args.ref_model_offload else None)
+        if args.fsdp:  # FSDP2, after the reference copy was taken from the whole model
+            self.model = distributed.shard(self.model, self.device, args.fsdp_config)
+            if self.ref_model is not None:
+                self.ref_model = distributed.shard(self.ref_model, self.device, args.fsdp_config)
         self.generator = self._build_generator()
         self.sampler = make_sampler(train_dataset, args.prompts_per_generation,
                                     args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset)
-        self.state = TrainerState()
+        self.state = TrainerState(is_local_process_zero=self.launch.local_rank == 0,
+                                  is_world_process_zero=self.launch.rank == 0)
         self.control = TrainerControl()
         self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks or []]  # transformers' rule
         self.optimizer = self.lr_scheduler = None
@@ -179,9 +195,11 @@ class GRPOTrainer:
         if resume:
             self._load_checkpoint(resume)
         self._set_run_settings()
-        self._logger = logger = MetricsLogger(
-            args.output_dir, args.report_to, args.run_name, self.state.max_steps, self.state.global_step,
-            disable_tqdm=bool(args.disable_tqdm), config=args.to_dict(), log_completions=args.log_completions)
+        self._logger = logger = NullLogger()  # rank 0 alone writes files, dashboards and the progress bar
+        if self.state.is_world_process_zero:
+            self._logger = logger = MetricsLogger(
+                args.output_dir, args.report_to, args.run_name, self.state.max_steps, self.state.global_step,
+                disable_tqdm=bool(args.disable_tqdm), config=args.to_dict(), log_completions=args.log_completions)
         started, first_step, losses = time.time(), self.state.global_step, []
         self.control.should_training_stop = False
         self._callback("on_train_begin")
@@ -234,11 +252,21 @@ class GRPOTrainer:
             loss.backward()
             loss_total += loss.item()
             tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
+            # token means over the ranks' slices, weighted by their tokens: the micro-batch's token means
+            local = {k: float(v) for k, v in loss_metrics.items()}
+            loss_metrics = distributed.mean_over_ranks(local, weight=float(batch.completion_mask.sum()))
+            for extreme, pick in (("clip_ratio/low_min", min), ("clip_ratio/high_max", max)):
+                if extreme in local:  # TRL's min/max over processes of their clip ratios
+                    loss_metrics[extreme] = pick(distributed.gather(local[extreme]))
             for k, v in {**loss_metrics, **self._buffer_info["metrics"]}.items():
-                per_batch[k].append(float(v))
+                per_batch[k].append(float("nan") if v is None else float(v))
+        loss_total = distributed.mean_over_ranks({"loss": loss_total})["loss"]  # ranks' gradients are averaged
+        tokens = int(distributed.sum_over_ranks(tokens))
         self.state.num_input_tokens_seen += tokens
         params = [p for p in self.model.parameters() if p.requires_grad]
+        distributed.average_gradients(self.model, params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
         learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -253,7 +281,6 @@ class GRPOTrainer:
         generate_every = args.steps_per_generation * args.num_iterations
         if self.state.micro_step % generate_every == 0 or self._buffer is None:
             batch, self._buffer_info = self._generate_and_score()
-            batch = batch.select(torch.randperm(len(batch)))  # TRL shuffles before splitting
             self._buffer = batch.split(args.steps_per_generation)
         micro_batch = self._buffer[self.state.micro_step % args.steps_per_generation]
         self.state.micro_step += 1
@@ -285,12 +312,13 @@ class GRPOTrainer:
         loss_tokens = self._buffer_info["loss_tokens"] if loss_tokens is None else loss_tokens
         with activations_offloaded(self.args.gradient_checkpointing_offload, self.device):
             hidden, rows = self._decode(self.model, mb)  # padded [b, T, H] or packed [N, H]
-        weight, bias = self._head_for(hidden, self.head)  # the loss keeps its tensors on the device
+        # fetched after the forward: a sharded root holds its whole lm_head from its forward to its backward
+        weight, bias = self._head_for(hidden, lm_head(self.model))  # the loss keeps its tensors on the device
         inputs = rows.loss_inputs()
         loss, metrics = self._loss_fn(hidden, weight, inputs.pop("targets"), inputs.pop("mask"),
                                       inputs.pop("advantages"), bias=bias, **inputs, **spec.loss_kwargs(loss_tokens))
         for extreme, mean in (("low_min", "low_mean"), ("high_max", "high_mean")):  # TRL's min/max over processes
-            if f"clip_ratio/{mean}" in metrics:  # of the clip ratios: one process here
+            if f"clip_ratio/{mean}" in metrics:  # of the clip ratios: this process's here, over ranks in the step
                 metrics[f"clip_ratio/{extreme}"] = metrics[f"clip_ratio/{mean}"]
         return loss * (spec.micro_batch_scale if scale is None else scale), metrics
 
@@ -325,48 +353,86 @@ class GRPOTrainer:
         records = self._records(scored, advantages) if args.log_completions else []  # for completions.jsonl
 
         batch = self._to_tensors([ids for ids in prompt_ids for _ in range(G)], rollout, advantages)
+        loss_tokens = float(batch.completion_mask.sum())  # the whole batch's: the spec's num_items_in_batch
+        sampler_logprobs = None if rollout.logprobs is None else self._padded(rollout.logprobs, batch)  # [B, T]
+        if training:
+            own = self._rows_to_train(len(batch))  # this rank's rows, shuffled: [B / world_size]
+            batch = batch.select(own)
+            sampler_logprobs = None if sampler_logprobs is None else sampler_logprobs[own]
         with torch.no_grad():
             if training and self._needs_old_logprobs():
                 batch.old_logprobs = self._completion_logprobs(self.model, batch)  # [B, T]
             if training and args.use_vllm and args.vllm_importance_sampling_correction:
-                batch.is_ratio = sampling_ratio(batch.old_logprobs, self._padded(rollout.logprobs, batch),
+                if sampler_logprobs is None:
+                    raise ValueError("vllm_importance_sampling_correction=True needs the generator's sampling "
+                                     "logprobs")
+                batch.is_ratio = sampling_ratio(batch.old_logprobs, sampler_logprobs,
                                                 batch.completion_mask, args.vllm_importance_sampling_mode,
                                                 args.vllm_importance_sampling_clip_min,
                                                 args.vllm_importance_sampling_clip_max)
             if args.beta != 0.0:
                 batch.ref_logprobs = self._reference_logprobs(batch)  # [B, T]
-        loss_tokens = float(batch.completion_mask.sum())  # global (one process): the spec's num_items_in_batch
         metrics = {**self._generation_metrics(rewards_per_func, rewards, reward_std, rollout), **sampling_metrics}
-        if batch.old_logprobs is not None and rollout.logprobs is not None:
+        if batch.old_logprobs is not None and sampler_logprobs is not None:
             # a push that did not land (stale generator weights) shows up here at once
-            metrics["rollout/logprob_abs_diff"] = logprob_abs_diff(
-                self._padded(rollout.logprobs, batch), batch.old_logprobs, batch.completion_attention)
+            diff = logprob_abs_diff(sampler_logprobs, batch.old_logprobs, batch.completion_attention)
+            metrics.update(distributed.mean_over_ranks({"rollout/logprob_abs_diff": diff},
+                                                       weight=float(batch.completion_attention.sum())))
         return batch, {"loss_tokens": loss_tokens, "metrics": metrics, "completions": records}
 
     def _sample_and_score(self, rows: list[dict] | None = None, num_generations: int | None = None) -> ScoredGroups:
         """P prompts (from the sampler unless given) -> G completions each -> rewards (weighted nansum; None = NaN,
         excluded)."""
-        args, G = self.args, num_generations or self.args.num_generations
-        if rows is None:
-            rows = self.sampler.next_rows(self.train_dataset)  # P prompts
+        args, G, training = self.args, num_generations or self.args.num_generations, rows is None
+        if training:
+            rows = self.sampler.next_rows(self.train_dataset)  # P prompts, the same on every rank
         prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], args.max_prompt_length,
                                       args.chat_template_kwargs)
+        # this rank's completions: rows `mine` of the B = P × G (grouped by prompt; a group may span ranks),
+        # each from its own random stream when training (evaluation samples from torch's generator)
+        mine = distributed.rank_slice(len(rows) * G, self.launch.rank, self.launch.world_size)
+        keys = stream_keys(args.seed, self.sampler.draws, torch.arange(len(rows) * G)[mine])  # [B / world_size]
+        sampling = replace(self._sampling(), stream_keys=keys.tolist() if training else None)
         # each backend wakes what it needs itself: the weights for the push, then the KV cache to generate
         self.generator.push_weights(self.model)
         with self._autocast():
-            rollout = self.generator.generate(prompt_ids, G, self._sampling())
+            if self.launch.world_size == 1:
+                rollout = self.generator.generate(prompt_ids, G, sampling)
+            else:
+                rollout = self.generator.generate([p for p in prompt_ids for _ in range(G)][mine], 1, sampling)
         self.generator.sleep()
 
-        # rewards, one per completion (B = P × G, grouped by prompt)
-        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        # rewards, one per completion
+        prompts = [r["prompt"] for r in rows for _ in range(G)][mine]
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0]
+        columns = {k: [r[k] for r in rows for _ in range(G)][mine] for k in rows[0]
                    if k not in ("prompt", "completion", "completion_ids")}
         extras = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": self._log_extra}
         rewards_per_func = score(self.reward_funcs, self.reward_func_names, prompts,
                                  completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
-        rewards = combine(rewards_per_func, self.reward_weights)  # [B], NaN = unscorable
-        return ScoredGroups(rows, prompt_ids, rollout, rewards_per_func, rewards, self._pending_columns(len(prompts)))
+        rewards = combine(rewards_per_func, self.reward_weights)  # [b], NaN = unscorable (row by row)
+        scored = ScoredGroups([], [], rollout, rewards_per_func, rewards, self._pending_columns(len(prompts)))
+        return self._gather_scored(scored)._replace(rows=rows, prompt_ids=prompt_ids)  # every rank: all B rows
+
+    def _gather_scored(self, mine: ScoredGroups) -> ScoredGroups:
+        """Every rank's scored completions -> the whole batch's, in row order (rows and prompts are the caller's:
+        every rank has them); the reward functions' log_metric values of every rank are pooled."""
+        parts = distributed.gather((mine, dict(self._extra_metrics)))
+        if len(parts) == 1:
+            return mine
+        self._extra_metrics = defaultdict(list)
+        for _, metrics in parts:
+            for k, v in metrics.items():
+                self._extra_metrics[k].extend(v)
+        return concat_groups([p for p, _ in parts])
+
+    def _rows_to_train(self, n: int) -> torch.Tensor:
+        """This rank's rows of the n-row generation batch, in training order: a shuffle (TRL shuffles before
+        splitting) seeded by (seed, draw), so every rank and world size cuts the same global micro-batches."""
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            hash((self.args.seed, self.sampler.draws)) % 2**63))
+        return distributed.micro_batch_rows(order, self.args.steps_per_generation, self.launch.world_size,
+                                            self.launch.rank)
 
     def _records(self, scored: ScoredGroups, advantages: torch.Tensor) -> list[dict]:
         """One row per completion of TRL's completions table: prompt, completion (as the reward functions saw
@@ -474,9 +540,7 @@ class GRPOTrainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def _padded(self, rows: list[list[float]] | None, batch: RolloutBatch) -> torch.Tensor:
-        if rows is None:
-            raise ValueError("vllm_importance_sampling_correction=True needs the generator's sampling logprobs")
+    def _padded(self, rows: list[list[float]], batch: RolloutBatch) -> torch.Tensor:
         out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
         for i, r in enumerate(rows):
             out[i, :len(r)] = torch.tensor([math.nan if x is None else x for x in r], dtype=torch.float32)
@@ -556,17 +620,25 @@ class GRPOTrainer:
         """An interval in steps; values below 1 are a ratio of max_steps (TrainingArguments' rule)."""
         return max(1, math.ceil(value * self.state.max_steps) if value < 1 else int(value))
 
-    def _save_checkpoint(self) -> str:
+    def _save_checkpoint(self) -> str | None:
+        """Rank 0 writes (replicas hold equal weights and optimizer states); the others wait for it. Several
+        processes hold different slices of the generation batch: none is saved, and resuming needs a checkpoint
+        taken where a new generation batch starts (_load_checkpoint refuses others)."""
+        if not self.state.is_world_process_zero:
+            distributed.barrier()
+            return None
         state = {**asdict(self.state), "sampler": self.sampler.state_dict(), "window": self._window}
         buffer = None
-        if self._buffer is not None:
+        if self._buffer is not None and self.launch.world_size == 1:
             buffer = {"micro_batches": [b.state_dict() for b in self._buffer], "info": self._buffer_info}
-        return save_checkpoint(self.args.output_dir, self.state.global_step, model=self.model,
+        path = save_checkpoint(self.args.output_dir, self.state.global_step, model=self.model,
                                tokenizer=self.processing_class, optimizer=self.optimizer,
                                scheduler=self.lr_scheduler, trainer_state=state, rollout_buffer=buffer,
                                save_total_limit=self.args.save_total_limit,
                                extra_files={REFERENCE_FILE: reference_state(self.ref_model)}
                                if self.args.sync_ref_model else None)
+        distributed.barrier()
+        return path
 
     def _load_checkpoint(self, path: str) -> None:
         state, buffer = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
@@ -576,6 +648,12 @@ class GRPOTrainer:
             restore_reference(path, self.ref_model)
         self._window = state.pop("window")
         state["max_steps"] = self.state.max_steps  # this run's setting: a resumed run may train longer
+        state.update(is_local_process_zero=self.state.is_local_process_zero,
+                     is_world_process_zero=self.state.is_world_process_zero)  # this run's launch
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if buffer is None and state["micro_step"] % generate_every:
+            raise ValueError(f"resume_from_checkpoint: {path!r} was taken inside a generation batch by several "
+                             "processes, which do not save it; resume from a checkpoint where a batch starts")
         self.state = TrainerState(**state)
         if buffer is not None:
             self._buffer = [self._on_device(RolloutBatch.from_state_dict(b)) for b in buffer["micro_batches"]]
@@ -588,8 +666,12 @@ class GRPOTrainer:
     def save_model(self, output_dir: str | None = None) -> None:
         """The policy (or its PEFT adapter) and tokenizer, loadable with transformers' from_pretrained."""
         output_dir = output_dir or self.args.output_dir
-        self.model.save_pretrained(output_dir)
-        self.processing_class.save_pretrained(output_dir)
+        # replicas are equal: rank 0 writes for all; shards are gathered into rank 0's memory first
+        state_dict = distributed.full_state_dict(self.model) if distributed.is_sharded(self.model) else None
+        if self.state.is_world_process_zero:
+            self.model.save_pretrained(output_dir, state_dict=state_dict)
+            self.processing_class.save_pretrained(output_dir)
+        distributed.barrier()
 
     # ------------------------------------------------------------------ set-up
     def _reward_weights(self) -> torch.Tensor:

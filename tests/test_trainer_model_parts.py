@@ -73,7 +73,7 @@ def test_sampler_logprobs_equal_the_trainers(tmp_path):
     real = trainer.generator.generate
     trainer.generator.generate = lambda *a, **k: rollouts.append(real(*a, **k)) or rollouts[-1]
     batch, _ = trainer._generate_and_score()
-    sampled = trainer._padded(rollouts[0].logprobs, batch)
+    sampled = trainer._padded(rollouts[0].logprobs, batch)[trainer._rows_to_train(len(batch))]  # batch is shuffled
     with torch.no_grad():
         ours = trainer._completion_logprobs(trainer.model, batch)
     m = batch.completion_attention.bool()

@@ -23,6 +23,9 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     seed: int | None = None
     generation_kwargs: dict | None = None  # GRPOConfig.generation_kwargs, merged per backend (extra_kwargs.py)
+    # fastrl: one random-stream key per completion row (P*G, fastrl.generation.streams), so a completion does not
+    # depend on the batch it is sampled in (N ranks and one process sample the same); None: the global generator
+    stream_keys: list[int] | None = None
 
 
 @dataclass
@@ -32,6 +35,13 @@ class Rollout:
     completion_ids: list[list[int]]  # P*G lists of token ids, eos included when sampled, no padding
     logprobs: list[list[float]] | None  # P*G lists, the sampler's logprob of each completion token (None if unknown)
     truncated: list[bool] = field(default_factory=list)  # P*G: hit max_completion_length without eos
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """The rows of several rollouts, in order (logprobs None when any part lacks them)."""
+    logprobs = None if any(p.logprobs is None for p in parts) else [lp for p in parts for lp in p.logprobs]
+    return Rollout(completion_ids=[c for p in parts for c in p.completion_ids], logprobs=logprobs,
+                   truncated=[t for p in parts for t in p.truncated])
 
 
 class Generator(Protocol):

@@ -17,8 +17,11 @@ from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from fastrl.distributed import all_ranks
+
 from .base import SamplingConfig
 from .extra_kwargs import transformers_generation_config
+from .streams import uniforms
 
 
 def logits_processors(sampling: SamplingConfig) -> LogitsProcessorList:
@@ -37,15 +40,18 @@ def logits_processors(sampling: SamplingConfig) -> LogitsProcessorList:
     return out
 
 
-def draw(scores: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(scores: torch.Tensor, generator: torch.Generator | None = None,
+         u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [B, V] (processed; -inf = filtered out) -> (tokens [B], their logprobs [B], fp32).
 
     Inverse CDF: token i is drawn when u·total falls in [c_{i-1}, c_i); tokens of probability 0 own an empty
-    interval and are never drawn."""
+    interval and are never drawn. u [B] in [0, 1) is given (per-row streams) or drawn from `generator`."""
     scores = scores.float()
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, 1]
     cdf = (scores - lse).exp_().cumsum_(dim=-1)  # [B, V]
-    u = torch.rand(scores.shape[0], 1, device=scores.device, generator=generator) * cdf[:, -1:]  # [B, 1]
+    if u is None:
+        u = torch.rand(scores.shape[0], device=scores.device, generator=generator)
+    u = u.to(scores.device).unsqueeze(-1) * cdf[:, -1:]  # [B, 1]
     tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # [B, 1]
     return tokens.squeeze(-1), (scores.gather(-1, tokens) - lse).squeeze(-1)
 
@@ -58,8 +64,12 @@ def cache_argument(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
-           eos_token_ids: list[int], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+           eos_token_ids: list[int], pad_token_id: int,
+           stream_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts input_ids/attention_mask [B, P] -> (completion ids [B, T], sampler logprobs [B, T]).
+
+    stream_keys [B] (fastrl.generation.streams): row i's uniforms come from its own stream, so a row's
+    completion does not depend on which other rows share the batch; None: torch's global generator.
 
     Rows that sampled an eos are padded with pad_token_id afterwards (logprob 0); T ≤ max_completion_length
     (the loop stops once every row has finished)."""
@@ -79,16 +89,16 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     step_ids, mask = input_ids, attention_mask
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
     tokens_out, logps_out = [], []
-    for _ in range(max_new_tokens):
+    for position in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                     logits_to_keep=1, **{cache_arg: cache})
         scores = processors(seen, out.logits[:, -1, :].float())  # [B, V]
-        tokens, logps = draw(scores)
+        tokens, logps = draw(scores, u=None if stream_keys is None else uniforms(stream_keys, position))
         tokens = torch.where(done, pad_token_id, tokens)
         tokens_out.append(tokens)
         logps_out.append(logps.masked_fill(done, 0.0))
         done |= torch.isin(tokens, eos)
-        if bool(done.all()):
+        if all_ranks(bool(done.all())):  # a sharded model's forward is collective: ranks stop together
             break
         step_ids = tokens.unsqueeze(-1)  # [B, 1]
         seen = torch.cat([seen, step_ids], dim=-1)

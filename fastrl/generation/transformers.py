@@ -36,9 +36,10 @@ class TransformersGenerator:
         input_ids, attention_mask = left_pad(repeated, self.pad_token_id, device)  # [B, P]
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling, and the KV cache works with gradient checkpointing on
+        keys = None if sampling.stream_keys is None else torch.tensor(sampling.stream_keys, device=device)  # [B]
         try:
             new_tokens, token_logps = sample(self.model, input_ids, attention_mask, sampling, self.eos_token_ids,
-                                             self.pad_token_id)  # [B, T] each
+                                             self.pad_token_id, keys)  # [B, T] each
         finally:
             self.model.train(was_training)
         return self._cut_at_eos(new_tokens.tolist(), token_logps.tolist())

@@ -1,0 +1,181 @@
+"""Several processes: the device and process group of a launched run, the model's placement across ranks, and
+the few collectives the trainer needs. One process without a launcher needs none of it and runs as before.
+
+The launch (rank, world size) is read by fastrl.launch. The process group uses nccl on CUDA and gloo on CPU,
+with `ddp_timeout` seconds (TrainingArguments' field) as its timeout, so a collective that a dead rank never
+joins fails with an error instead of waiting forever.
+
+Two ways to hold the model, both training on each rank's slice of the global batch:
+- replication (the default, DDP's): every rank holds the whole model and optimizer; the gradients are averaged
+  across ranks (one all-reduce per optimizer step) before clipping. Replicas stay equal because they start
+  equal (rank 0's weights are broadcast) and take the same averaged steps.
+- `fsdp="full_shard"`: FSDP2 (`fully_shard`) on each decoder layer and on the root (embeddings, final norm,
+  lm_head), so parameters, gradients and AdamW states are split across ranks; FSDP2 gathers a layer for its
+  forward and backward and averages gradients by reduce-scatter. The root's parameters stay gathered from its
+  forward until its backward (FSDP2's default for the root), which is when the fused loss reads the whole
+  lm_head: the trainer runs the root's forward for its hidden states (policy.completion_hidden).
+"""
+from __future__ import annotations
+
+import datetime
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from fastrl.launch import Launch
+
+
+def device_for(launch: Launch, use_cpu: bool) -> torch.device:
+    """cuda:<local rank> when CUDA is there (and use_cpu is off), else the CPU. Fewer devices than local ranks is
+    a bad launch, refused before any work."""
+    if launch.world_size == 1 or use_cpu or not torch.cuda.is_available():
+        from fastrl.policy import training_device  # one rule for one process (policy imports transformers)
+
+        return training_device(use_cpu)
+    if torch.cuda.device_count() < launch.local_world_size:
+        raise ValueError(f"LOCAL_WORLD_SIZE={launch.local_world_size}: only {torch.cuda.device_count()} CUDA "
+                         "devices on this node; launch at most one process per device")
+    torch.cuda.set_device(launch.local_rank)
+    return torch.device("cuda", launch.local_rank)
+
+
+def init_process_group(launch: Launch, device: torch.device, timeout_s: float) -> None:
+    """The default process group (nccl on CUDA, gloo on CPU) for a multi-process launch; nothing for one process
+    or when the caller already made one."""
+    if launch.world_size == 1 or dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank,
+                            world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shard(model: torch.nn.Module, device: torch.device, fsdp_config: dict | None) -> torch.nn.Module:
+    """FSDP2 on each decoder layer, then on the root (a PEFT wrapper or the causal LM): the module, sharded in
+    place. Frozen parameters (a LoRA base, a reference model) are sharded the same way."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fastrl.policy import base_model
+
+    # the root's forward returns logits_to_keep's view; the trainer only reads its hidden_states, never writes
+    # into it, which is what this FSDP2 warning is about
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    reshard = (fsdp_config or {}).get("reshard_after_forward", True)
+    for layer in base_model(model).get_decoder().layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the CPU of rank 0 (empty on the others); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every rank (loops that run collectives must stop together)."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    """Where a tensor must be for a collective: nccl takes CUDA tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers to every rank (replicas start equal whatever each rank loaded)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Replication: each gradient becomes its mean over ranks (one flat all-reduce); a parameter without a
+    gradient counts as zero, as DDP counts it. A sharded model's gradients are averaged by FSDP2 already."""
+    if not active() or is_sharded(model):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # [total trainable numel]
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+
+
+def mean_over_ranks(values: dict[str, float | None], weight: float = 1.0) -> dict[str, float | None]:
+    """Each value's `weight`-weighted mean over the ranks that have it (None and NaN are absent). Weighting a
+    per-rank token mean by the rank's token count gives the token mean of the whole batch, as one process
+    computes it. Every rank passes the same keys."""
+    if not active():
+        return values
+    keys = sorted(values)
+    x = torch.tensor([float("nan") if values[k] is None else float(values[k]) for k in keys], dtype=torch.float64)
+    present = ~torch.isnan(x)
+    sums = torch.stack([torch.where(present, x * weight, 0.0), present.double() * weight])  # [2, K]
+    sums = sums.to(_comm_device())
+    dist.all_reduce(sums)
+    return {k: (s / n).item() if n > 0 else None for k, s, n in zip(keys, sums[0], sums[1])}
+
+
+def sum_over_ranks(value: float) -> float:
+    if not active():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.item()
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order (picklable Python objects)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if any (the end of a launched run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> slice:
+    """Rows [rank·n/W, (rank+1)·n/W) of n (W divides n)."""
+    size = n // world_size
+    return slice(rank * size, (rank + 1) * size)
+
+
+def micro_batch_rows(order: torch.Tensor, micro_batches: int, world_size: int, rank: int) -> torch.Tensor:
+    """This rank's rows of a shuffled generation batch, micro-batch after micro-batch.
+
+    order [B]: the global shuffled row order. It is cut into `micro_batches` global micro-batches, and each of
+    those into world_size equal slices, one per rank: so micro-batch k over all ranks holds exactly the rows a
+    single process would train on in its micro-batch k. Returns [B / world_size] row indices."""
+    return order.view(micro_batches, world_size, -1)[:, rank].reshape(-1)

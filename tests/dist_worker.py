@@ -1,0 +1,60 @@
+"""One training run of tests/test_distributed.py: started by torchrun (N ranks) or plainly (one process).
+
+    python tests/dist_worker.py MODEL_DIR OUT_DIR full|lora PER_DEVICE_BATCH [key=value ...]
+
+Trains 3 optimizer steps of a fixed, TRL-shaped config whose global batch is the same at every world size (the
+caller passes per_device_train_batch_size = global micro-batch / world size). Rank 0 writes OUT_DIR/metrics.jsonl
+and completions.jsonl (the trainer's own logs, every step), OUT_DIR/trainable.pt (the trained parameters) and
+OUT_DIR/model (trainer.save_model).
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(1)  # 2 cores shared by every rank and other jobs
+
+import helpers_tiny as tiny  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from fastrl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+
+def main(model_dir: str, out: str, mode: str, per_device: int, *overrides: str) -> None:
+    extra = {k: type_of(v) for k, v in (o.split("=", 1) for o in overrides)}
+    args = GRPOConfig(output_dir=out, per_device_train_batch_size=per_device, num_generations=4,
+                      gradient_accumulation_steps=2, max_completion_length=6, max_steps=3, logging_steps=1,
+                      learning_rate=1e-3, beta=0.04, bf16=False, save_strategy="no", disable_tqdm=True,
+                      report_to="none", log_completions=True, num_completions_to_print=0, use_cpu=True,
+                      temperature=1.3, **extra)
+    peft_config = None
+    if mode == "lora":
+        import peft
+
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[tiny.first_char_reward, tiny.short_reward], args=args,
+                          train_dataset=Dataset.from_list(tiny.addition_rows(24)), peft_config=peft_config)
+    trainer.train()
+    trainable = {n: full(p) for n, p in trainer.model.named_parameters() if p.requires_grad}  # collective
+    if trainer.state.is_world_process_zero:
+        torch.save(trainable, os.path.join(out, "trainable.pt"))
+    trainer.save_model(os.path.join(out, "model"))
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    """The whole parameter: an FSDP2 shard is gathered (every rank takes part)."""
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+def type_of(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
