@@ -47,9 +47,8 @@ from fastrl.dynamic_sampling import ScoredGroups, concat_groups, fill_generation
 from fastrl.evaluation import check_eval_dataset, eval_due, evaluate_set, named_sets
 from fastrl.generation.base import SamplingConfig
 from fastrl.generation.extra_kwargs import transformers_generation_config
-from fastrl.generation.streams import stream_keys
-from fastrl.launch import launch_from_env
 from fastrl.generation.is_correction import logprob_abs_diff
+from fastrl.generation.streams import stream_keys
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 from fastrl.kernels.loss_spec import COMPLETION_BUDGET, ITEMS, LOSS_RULES, MASK_TOTAL, LossSpec
@@ -621,9 +620,9 @@ class GRPOTrainer:
         return max(1, math.ceil(value * self.state.max_steps) if value < 1 else int(value))
 
     def _save_checkpoint(self) -> str | None:
-        """Rank 0 writes (replicas hold equal weights and optimizer states); the others wait for it. Several
-        processes hold different slices of the generation batch: none is saved, and resuming needs a checkpoint
-        taken where a new generation batch starts (_load_checkpoint refuses others)."""
+        """Rank 0 writes (replicas hold equal weights and optimizer states); the others wait for it. With several
+        processes each holds its own slice of the generation batch, so none is saved: such a checkpoint resumes
+        only where a new generation batch starts (_load_checkpoint refuses the others)."""
         if not self.state.is_world_process_zero:
             distributed.barrier()
             return None
@@ -651,11 +650,11 @@ class GRPOTrainer:
         state.update(is_local_process_zero=self.state.is_local_process_zero,
                      is_world_process_zero=self.state.is_world_process_zero)  # this run's launch
         generate_every = self.args.steps_per_generation * self.args.num_iterations
-        if buffer is None and state["micro_step"] % generate_every:
-            raise ValueError(f"resume_from_checkpoint: {path!r} was taken inside a generation batch by several "
-                             "processes, which do not save it; resume from a checkpoint where a batch starts")
+        if state["micro_step"] % generate_every and (buffer is None or self.launch.world_size > 1):
+            raise ValueError(f"resume_from_checkpoint: {path!r} was taken inside a generation batch; with several "
+                             "processes (when saving or resuming) resume from a checkpoint where a batch starts")
         self.state = TrainerState(**state)
-        if buffer is not None:
+        if buffer is not None and self.launch.world_size == 1:
             self._buffer = [self._on_device(RolloutBatch.from_state_dict(b)) for b in buffer["micro_batches"]]
             self._buffer_info = buffer["info"]
 

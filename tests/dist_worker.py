@@ -1,6 +1,6 @@
 """One training run of tests/test_distributed.py: started by torchrun (N ranks) or plainly (one process).
 
-    python tests/dist_worker.py MODEL_DIR OUT_DIR full|lora PER_DEVICE_BATCH [key=value ...]
+    python tests/dist_worker.py MODEL_DIR OUT_DIR full|lora PER_DEVICE_BATCH [field=value ...]
 
 Trains 3 optimizer steps of a fixed, TRL-shaped config whose global batch is the same at every world size (the
 caller passes per_device_train_batch_size = global micro-batch / world size). Rank 0 writes OUT_DIR/metrics.jsonl
@@ -8,6 +8,7 @@ and completions.jsonl (the trainer's own logs, every step), OUT_DIR/trainable.pt
 OUT_DIR/model (trainer.save_model).
 """
 import os
+import signal
 import sys
 
 import torch
@@ -23,17 +24,17 @@ from fastrl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 def main(model_dir: str, out: str, mode: str, per_device: int, *overrides: str) -> None:
     extra = {k: type_of(v) for k, v in (o.split("=", 1) for o in overrides)}
-    args = GRPOConfig(output_dir=out, per_device_train_batch_size=per_device, num_generations=4,
-                      gradient_accumulation_steps=2, max_completion_length=6, max_steps=3, logging_steps=1,
-                      learning_rate=1e-3, beta=0.04, bf16=False, save_strategy="no", disable_tqdm=True,
-                      report_to="none", log_completions=True, num_completions_to_print=0, use_cpu=True,
-                      temperature=1.3, **extra)
+    fields = dict(output_dir=out, per_device_train_batch_size=per_device, num_generations=4,
+                  gradient_accumulation_steps=2, max_completion_length=6, max_steps=3, logging_steps=1,
+                  learning_rate=1e-3, beta=0.04, bf16=False, save_strategy="no", disable_tqdm=True,
+                  report_to="none", log_completions=True, num_completions_to_print=0, use_cpu=True, temperature=1.3)
+    args = GRPOConfig(**{**fields, **extra})
     peft_config = None
     if mode == "lora":
         import peft
 
         peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=[tiny.first_char_reward, tiny.short_reward], args=args,
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[first_char_or_die, tiny.short_reward], args=args,
                           train_dataset=Dataset.from_list(tiny.addition_rows(24)), peft_config=peft_config)
     trainer.train()
     trainable = {n: full(p) for n, p in trainer.model.named_parameters() if p.requires_grad}  # collective
@@ -47,7 +48,18 @@ def full(p: torch.Tensor) -> torch.Tensor:
     return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
 
 
+def first_char_or_die(completions, answer, trainer_state=None, **kwargs):
+    """tiny.first_char_reward; but the rank named by FASTRL_TEST_KILL_RANK kills itself (SIGKILL, no clean-up)
+    while scoring the step after FASTRL_TEST_KILL_AFTER_STEP optimizer steps."""
+    if os.environ.get("FASTRL_TEST_KILL_RANK") == os.environ.get("RANK", "0") and \
+            trainer_state.global_step == int(os.environ.get("FASTRL_TEST_KILL_AFTER_STEP", -1)):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return tiny.first_char_reward(completions, answer)
+
+
 def type_of(value: str):
+    if value in ("True", "False"):
+        return value == "True"
     for cast in (int, float):
         try:
             return cast(value)

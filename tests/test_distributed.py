@@ -16,8 +16,10 @@ prompt 1 spans both ranks) and seed. Compared every step from the trainers' own 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -36,22 +38,40 @@ TESTS = os.path.dirname(__file__)
 VOLATILE = ("step_time", "tokens_per_second", "peak_memory_mb")  # timings and memory differ by nature
 
 
-def run_worker(model_dir, out, mode: str, nproc: int, *overrides: str, timeout: float = 600) -> None:
+def run_worker(model_dir, out, mode: str, nproc: int, *overrides: str, timeout: float = 600, env=None,
+               expect_ok: bool = True, launcher: list[list[str]] | None = None) -> str:
+    """The worker under torchrun (nproc > 1), as one plain process, or under each of several `launcher` commands
+    at once (one per "node"); returns the output."""
     python = sys.executable
     script = os.path.join(TESTS, "dist_worker.py")
-    launch = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
-        else [python]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    if launcher is None:
+        launcher = [[python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                    if nproc > 1 else [python]]
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(launch + [script, str(model_dir), str(out), mode, str(6 // nproc), *overrides], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = [script, str(model_dir), str(out), mode, str(6 // nproc), *overrides]
+    procs = [subprocess.Popen(launch + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for launch in launcher]
+    outputs, deadline = [], time.monotonic() + timeout
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank: nothing left behind
-        proc.communicate()
-        raise AssertionError(f"{nproc}-process run exceeded {timeout} s")
-    assert proc.returncode == 0, output[-4000:]
+        raise AssertionError(f"{nproc}-process run exceeded {timeout} s") from None
+    finally:
+        for proc in procs:  # the launcher and every rank: nothing left behind
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    output = "\n".join(outputs)
+    assert all(p.returncode == 0 for p in procs) == expect_ok, output[-4000:]
+    return output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +88,8 @@ def one_process(model_dir, tmp_path_factory):
     return get
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.mark.parametrize("placement", ["replicated", "fsdp"])
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_two_processes_train_like_one(model_dir, one_process, tmp_path, mode, placement):
-    if mode == "lora":
-        pytest.importorskip("peft")
-    one, two = one_process(mode), tmp_path / "two"
-    run_worker(model_dir, two, mode, 2, *(["fsdp=full_shard"] if placement == "fsdp" else []))
+def assert_same_run(one, two, mode: str) -> None:
+    """Metrics every step, completions token for token and trained weights, within the module's tolerances."""
     steps_one, steps_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     assert [s["step"] for s in steps_one] == [s["step"] for s in steps_two] == [1, 2, 3]
     for a, b in zip(steps_one, steps_two):
@@ -98,12 +108,52 @@ def test_two_processes_train_like_one(model_dir, one_process, tmp_path, mode, pl
     assert w_one.keys() == w_two.keys() and (mode == "full" or all("lora_" in k for k in w_one))
     for name in w_one:
         torch.testing.assert_close(w_two[name], w_one[name], atol=2e-5, rtol=0, msg=name)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("placement", ["replicated", "fsdp"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_two_processes_train_like_one(model_dir, one_process, tmp_path, mode, placement):
+    if mode == "lora":
+        pytest.importorskip("peft")
+    one, two = one_process(mode), tmp_path / "two"
+    run_worker(model_dir, two, mode, 2, *(["fsdp=full_shard"] if placement == "fsdp" else []))
+    assert_same_run(one, two, mode)
+    w_two = torch.load(two / "trainable.pt")
     if mode == "full":  # save_model wrote one whole model (gathered from the shards) that transformers loads
         saved = AutoModelForCausalLM.from_pretrained(two / "model").state_dict()
         for name in w_two:
             torch.testing.assert_close(saved[name], w_two[name], atol=0, rtol=0, msg=name)
     else:
         assert (two / "model" / "adapter_config.json").exists()
+
+
+def test_a_killed_rank_stops_the_run_which_resumes_on_one_process(model_dir, one_process, tmp_path):
+    """Rank 1 is SIGKILLed while scoring step 2: the launch ends within the timeout with an error naming rank 1;
+    the checkpoint rank 0 wrote after step 1 resumes in ONE process (2 -> 1: the replicated state is whole) and
+    the run ends where an uninterrupted one-process run ends."""
+    out = tmp_path / "run"
+    checkpoints = ("save_strategy=steps", "save_steps=1")
+    output = run_worker(model_dir, out, "full", 2, *checkpoints, timeout=300, expect_ok=False,
+                        env={"FASTRL_TEST_KILL_RANK": "1", "FASTRL_TEST_KILL_AFTER_STEP": "1"})
+    assert "rank" in output and "SIGKILL" in output and "exitcode  : -9" in output, output[-3000:]
+    assert sorted(os.listdir(out / "checkpoint-1")) and not (out / "checkpoint-2").exists()
+    run_worker(model_dir, out, "full", 1, *checkpoints, "resume_from_checkpoint=True")
+    assert_same_run(one_process("full"), out, "full")
+
+
+def test_two_nodes_on_localhost_train_like_one_process(model_dir, one_process, tmp_path):
+    """Two torchrun launches, one per "node" (--nnodes 2, a c10d rendezvous on 127.0.0.1), one rank each."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+              "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=fastrl-test"]
+             for i in range(2)]
+    run_worker(model_dir, tmp_path / "two", "full", 2, launcher=nodes)
+    assert_same_run(one_process("full"), tmp_path / "two", "full")
 
 
 # ---------------------------------------------------------------- the pieces, without launching
@@ -172,3 +222,13 @@ def test_config_takes_the_world_from_the_launcher_and_refuses_what_is_not_distri
         GRPOConfig(use_vllm=True)
     with pytest.raises(ValueError, match="generation_batch_size"):
         GRPOConfig(per_device_train_batch_size=3, num_generations=4)  # 6 completions: not whole groups
+    assert GRPOConfig(fsdp="full_shard auto_wrap", save_strategy="no").fsdp == "full_shard auto_wrap"
+    with pytest.raises(ValueError, match="fsdp: expected 'full_shard'"):
+        GRPOConfig(fsdp="shard_grad_op", save_strategy="no")
+    with pytest.raises(ValueError, match="save_strategy='steps' with fsdp"):
+        GRPOConfig(fsdp="full_shard")
+    with pytest.raises(ValueError, match=r"fsdp_config: keys \['cpu_offload'\]"):
+        GRPOConfig(fsdp="full_shard", save_strategy="no", fsdp_config={"cpu_offload": True})
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="needs a launch with several processes"):
+        GRPOConfig(fsdp=["full_shard"], save_strategy="no")
