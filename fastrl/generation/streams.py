@@ -3,9 +3,9 @@
 Sampling the same generation batch in one process or split over N ranks must give the same completions, so a
 completion's randomness can not come from a generator shared by the rows a process happens to hold. Here each
 uniform is a hash of its coordinates instead, as counter-based generators (Philox, Salmon et al. SC'11) do:
-key = mix(mix(mix(mix(seed) ^ draw_lo) ^ draw_hi) ^ row) (draw_lo/hi: the draw number's two 32-bit
-words), u = mix(key ^ mix(position)) / 2³², with mix the murmur3 32-bit
-finaliser (a bijection of 32-bit integers with full avalanche). All arithmetic stays below 2⁶³ in int64.
+key = mix(mix(mix(mix(seed) ^ draw_lo) ^ draw_hi) ^ row), draw_lo/hi the draw number's two 32-bit words, and
+u = mix(key ^ mix(position)) / 2³², with mix the murmur3 32-bit finaliser (a bijection of 32-bit integers with
+full avalanche). All arithmetic stays below 2⁶³ in int64.
 """
 from __future__ import annotations
 
