@@ -33,7 +33,6 @@ UNSUPPORTED = {
     "entropy_coef": (0.0, "the entropy bonus is not in the fused loss"),
     "use_adaptive_entropy": (False, "the entropy bonus is not in the fused loss"),
     "off_policy_mask_threshold": (None, "off-policy sequence masking is not implemented"),
-    "cast_lm_head_to_fp32": (False, "the fused loss accumulates in fp32 already; casting the head is not implemented"),
     "router_aux_loss_coef": (None, "MoE router auxiliary losses are not implemented"),
     "max_tool_calling_iterations": (None, "tool calling is not implemented"),
     "use_transformers_continuous_batching": (False, "continuous batching is not implemented"),

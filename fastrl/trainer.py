@@ -311,8 +311,9 @@ class GRPOTrainer:
         loss_tokens = self._buffer_info["loss_tokens"] if loss_tokens is None else loss_tokens
         with activations_offloaded(self.args.gradient_checkpointing_offload, self.device):
             hidden, rows = self._decode(self.model, mb)  # padded [b, T, H] or packed [N, H]
-        # fetched after the forward: a sharded root holds its whole lm_head from its forward to its backward
-        weight, bias = self._head_for(hidden, lm_head(self.model))  # the loss keeps its tensors on the device
+        # fetched after the forward: a sharded root holds its whole lm_head from its forward to its backward;
+        # the loss keeps its tensors on the device
+        hidden, weight, bias = self._head_inputs(hidden, lm_head(self.model))
         inputs = rows.loss_inputs()
         loss, metrics = self._loss_fn(hidden, weight, inputs.pop("targets"), inputs.pop("mask"),
                                       inputs.pop("advantages"), bias=bias, **inputs, **spec.loss_kwargs(loss_tokens))
@@ -468,7 +469,7 @@ class GRPOTrainer:
         out = []
         for mb in batch.split(max(1, len(batch) // self.args.per_device_train_batch_size)):
             hidden, rows = self._decode(model, mb)
-            weight, bias = self._head_for(hidden, lm_head(model))
+            hidden, weight, bias = self._head_inputs(hidden, lm_head(model))
             logp = self._logprob_fn(hidden, weight, rows.loss_inputs()["targets"], bias=bias,
                                     temperature=self.args.temperature)  # [b, T], or [N] packed
             out.append(logp if rows is mb else rows.to_padded(logp, mb.completion_ids.shape))
@@ -526,13 +527,14 @@ class GRPOTrainer:
                               repetition_penalty=a.repetition_penalty, seed=a.seed,
                               generation_kwargs=a.generation_kwargs)
 
-    def _head_for(self, hidden: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head in the hidden states' dtype (under bf16 autocast the hidden states are bf16)."""
+    def _head_inputs(self, hidden: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hidden, weight, bias) for the vocabulary sweep: the head in the hidden states' dtype (under bf16
+        autocast the hidden states are bf16), or everything in fp32 with cast_lm_head_to_fp32 (TRL's fp32 head:
+        the sweep's matmuls then read fp32 operands; the hidden states are cast as TRL casts them)."""
         weight, bias = head
-        if weight.dtype != hidden.dtype:
-            weight = weight.to(hidden.dtype)
-            bias = bias.to(hidden.dtype) if bias is not None else None
-        return weight, bias
+        dtype = torch.float32 if self.args.cast_lm_head_to_fp32 else hidden.dtype
+        bias = bias.to(dtype) if bias is not None else None
+        return hidden.to(dtype), weight.to(dtype), bias
 
     def _autocast(self):
         if not self.args.bf16:
