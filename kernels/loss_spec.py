@@ -102,14 +102,15 @@ class LossSpec:
     def token_budget_scale(self, micro: tuple[int, float], window: tuple[int, float]) -> float:
         """The factor on one token-budget micro-batch's loss, (sequences, loss tokens) of it and of the optimizer
         step's window, making the step's loss independent of how the window was grouped into micro-batches:
-        SEQUENCE_MEAN, COMPLETION_BUDGET  micro sequences / window sequences: a mean over the window's sequences,
+        SEQUENCE_MEAN, COMPLETION_BUDGET, SEQUENCE_SUM
+                                          micro sequences / window sequences: a mean over the window's sequences,
                                           TRL's 1 / gradient_accumulation_steps when micro-batches are equal;
         MASK_TOTAL                        max(1, micro tokens) / max(1, window tokens): bnpo over the window
                                           (TRL's bnpo divides by each micro-batch's own count, which depends on the
                                           grouping; the two agree when micro-batches hold equal token counts);
         ITEMS                             1: num_items_in_batch is the same for every micro-batch already."""
         reduction = self.rule.reduction
-        if reduction in (SEQUENCE_MEAN, COMPLETION_BUDGET):
+        if reduction in (SEQUENCE_MEAN, COMPLETION_BUDGET, SEQUENCE_SUM):
             return micro[0] / window[0]
         if reduction == MASK_TOTAL:
             return max(1.0, micro[1]) / max(1.0, window[1])
