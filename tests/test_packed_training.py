@@ -155,3 +155,21 @@ def test_trainer_step_padded_packed_and_token_budget_agree(model_dir, tmp_path, 
         torch.testing.assert_close(run.state.log_history[0]["loss"], runs[0].state.log_history[0]["loss"], **TOL)
         for n, p in run.model.named_parameters():
             torch.testing.assert_close(p, first[n], **TOL, msg=n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_attention_check(tmp_path, monkeypatch, arch):
+    """The once-per-model check passes for sdpa Llama and Qwen2, and refuses a model whose attention would mix
+    packed sequences (simulated: transformers' packed-sequence detection switched off)."""
+    import transformers.masking_utils as masking_utils
+    from transformers import AutoModelForCausalLM
+
+    from fastrl.policy import check_packed_attention
+    from fastrl.tasks.tiny_model import build_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(str(tmp_path / arch), arch=arch),
+                                                 attn_implementation="sdpa")
+    check_packed_attention(model)
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match="padding_free=True"):
+        check_packed_attention(model)
