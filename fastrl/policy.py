@@ -17,11 +17,14 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 
-def pick_attn_implementation(device_type: str) -> str:
-    """flash_attention_2 when flash-attn is installed and the run is on CUDA, else PyTorch's sdpa."""
-    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def pick_attn_implementation(device_type: str, model_class: type | None = None) -> str | None:
+    """flash_attention_2 when flash-attn is installed, the run is on CUDA and the model class supports it; else None:
+    transformers' own choice for the class (sdpa where it supports sdpa, eager or the model's own kernels where
+    not: GPT-OSS, for one, refuses sdpa)."""
+    if (device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+            and getattr(model_class, "_supports_flash_attn", True)):
         return "flash_attention_2"
-    return "sdpa"
+    return None
 
 
 def training_device(use_cpu: bool = False) -> torch.device:
@@ -32,8 +35,10 @@ def load_policy(model: str | PreTrainedModel, args, device: torch.device) -> Pre
     """A model id/path (loaded with args.model_init_kwargs) or an already loaded causal LM, moved to `device`."""
     if isinstance(model, str):
         kwargs = dict(args.model_init_kwargs or {})
-        kwargs.setdefault("attn_implementation", pick_attn_implementation(device.type))
         kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        attn = pick_attn_implementation(device.type, _causal_lm_class(model, kwargs["trust_remote_code"]))
+        if attn is not None:
+            kwargs.setdefault("attn_implementation", attn)
         try:
             model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as e:
@@ -43,6 +48,18 @@ def load_policy(model: str | PreTrainedModel, args, device: torch.device) -> Pre
     elif not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
         raise ValueError(f"model: expected a model id/path or a causal LM (PreTrainedModel), got {type(model)}")
     return model.to(device)
+
+
+def _causal_lm_class(model: str, trust_remote_code: bool) -> type | None:
+    """The AutoModelForCausalLM class a model id/path resolves to (None when its config can not be read here)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def load_tokenizer(model_name_or_path: str):
@@ -94,6 +111,10 @@ def apply_peft(model: PreTrainedModel, peft_config) -> torch.nn.Module:
     peft itself only refuses a list none of whose names match, and trains the rest silently."""
     from peft import get_peft_model
 
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(f"peft_config: {type(peft_config).__name__} (prompt learning: virtual tokens or a prefix) is "
+                         "not supported: the fused loss reads the decoder's hidden states without the virtual tokens, "
+                         "so the prompt encoder would never train; use LoRA or another adapter method")
     targets = getattr(peft_config, "target_modules", None)
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     names = {name for name, _ in model.named_modules()}
@@ -124,15 +145,9 @@ class Head(NamedTuple):
 
 
 def lm_head(model: torch.nn.Module) -> Head:
-    """The output projection's weight (and bias), rejecting heads the fused loss can not reproduce."""
+    """The output projection's weight (and bias). What the model does to its output after the head (scales,
+    softcapping) is model_logits.logit_transform's, checked against the model by model_logits.check_fused_logits."""
     inner = base_model(model)
-    softcap = getattr(inner.config, "final_logit_softcapping", None)
-    if softcap:
-        raise ValueError(f"model: final_logit_softcapping={softcap} is not supported by the fused loss "
-                         "(it computes logits as h·Wᵀ + b, without tanh soft-capping)")
-    scale = getattr(inner.config, "logit_scale", None)  # e.g. Cohere multiplies logits by a constant
-    if scale not in (None, 1, 1.0):
-        raise ValueError(f"model: logit_scale={scale} is not supported by the fused loss")
     head = inner.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) and not hasattr(head, "weight"):
         raise ValueError(f"model: the output embedding {type(head).__name__} is not a linear layer")

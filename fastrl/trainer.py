@@ -54,6 +54,7 @@ from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 from fastrl.kernels.loss_spec import COMPLETION_BUDGET, ITEMS, LOSS_RULES, MASK_TOTAL, LossSpec
 from fastrl.launch import launch_from_env
 from fastrl.logging_utils import MetricsLogger, NullLogger, append_jsonl
+from fastrl.model_logits import check_fused_logits, logit_transform
 from fastrl.policy import (activations_offloaded, check_packed_attention, completion_hidden, frozen_reference,
                            is_peft, lm_head, load_policy, load_tokenizer, packed_completion_hidden,
                            prepare_for_training, reference_on)
@@ -149,7 +150,8 @@ class GRPOTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # padding is always masked out; TRL does the same
         self.model = prepare_for_training(load_policy(model, args, self.device), args, self.device, peft_config)
         distributed.broadcast_parameters(self.model)  # replicas start from rank 0's weights
-        lm_head(self.model)  # rejects heads the fused loss can not reproduce, before any work
+        self.logit_transform = logit_transform(self.model)  # the family's scales / softcap, folded into the sweeps
+        check_fused_logits(self.model, lm_head(self.model), completion_hidden)  # before any work (model_logits.py)
         if args.padding_free:
             check_packed_attention(self.model)  # refuses a model whose attention would mix packed sequences
         # beta > 0: a frozen copy for full fine-tuning (in host memory with ref_model_offload); a PEFT policy is
@@ -316,7 +318,8 @@ class GRPOTrainer:
         hidden, weight, bias = self._head_inputs(hidden, lm_head(self.model))
         inputs = rows.loss_inputs()
         loss, metrics = self._loss_fn(hidden, weight, inputs.pop("targets"), inputs.pop("mask"),
-                                      inputs.pop("advantages"), bias=bias, **inputs, **spec.loss_kwargs(loss_tokens))
+                                      inputs.pop("advantages"), bias=bias, logit_transform=self.logit_transform,
+                                      **inputs, **spec.loss_kwargs(loss_tokens))
         for extreme, mean in (("low_min", "low_mean"), ("high_max", "high_mean")):  # TRL's min/max over processes
             if f"clip_ratio/{mean}" in metrics:  # of the clip ratios: this process's here, over ranks in the step
                 metrics[f"clip_ratio/{extreme}"] = metrics[f"clip_ratio/{mean}"]
@@ -471,8 +474,8 @@ class GRPOTrainer:
             hidden, rows = self._decode(model, mb)
             hidden, weight, bias = self._head_inputs(hidden, lm_head(model))
             logp = self._logprob_fn(hidden, weight, rows.loss_inputs()["targets"], bias=bias,
-                                    temperature=self.args.temperature)  # [b, T], or [N] packed
-            out.append(logp if rows is mb else rows.to_padded(logp, mb.completion_ids.shape))
+                                    temperature=self.args.temperature, logit_transform=self.logit_transform)
+            out.append(logp if rows is mb else rows.to_padded(logp, mb.completion_ids.shape))  # [b, T]
         return torch.cat(out).float()
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:

@@ -56,10 +56,30 @@ def draw(scores: torch.Tensor, generator: torch.Generator | None = None,
     return tokens.squeeze(-1), (scores.gather(-1, tokens) - lse).squeeze(-1)
 
 
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
+
+
 def cache_argument(model: torch.nn.Module) -> str:
     """The KV cache's keyword: `cache` in recent transformers (which deprecates `past_key_values`), else the old name."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(_inner(model).forward).parameters else "past_key_values"
+
+
+def new_cache(model: torch.nn.Module):
+    """The cache `generate` builds for this model (transformers' `_prepare_cache_for_generation`): a DynamicCache
+    from the model's decoder config, whose layer types make hybrid attention/Mamba models (Bamba, Nemotron-H,
+    FalconH1) work; None for the classes transformers gives no default cache (RWKV, xLSTM, Reformer, ...)."""
+    inner = _inner(model)
+    supports = getattr(inner, "_supports_default_dynamic_cache", lambda: True)
+    if not supports():
+        return None
+    return DynamicCache(config=inner.config.get_text_config(decoder=True))
+
+
+def step_arguments(model: torch.nn.Module) -> set[str]:
+    """Which of position_ids / logits_to_keep the model's forward names (some families take neither)."""
+    params = inspect.signature(_inner(model).forward).parameters
+    return {name for name in ("position_ids", "logits_to_keep") if name in params}
 
 
 @torch.no_grad()
@@ -81,17 +101,20 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
         processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=input_ids.shape[1],
                                                  encoder_input_ids=input_ids, device=input_ids.device)
         max_new_tokens = config.max_new_tokens
-    cache_arg = cache_argument(model)
+    cache_arg, optional = cache_argument(model), step_arguments(model)
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    cache = DynamicCache()
+    cache = new_cache(model)  # None: no cache, each step re-reads the whole sequence
     seen = input_ids  # [B, P + t]: what the repetition penalty looks at
     step_ids, mask = input_ids, attention_mask
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
     tokens_out, logps_out = [], []
     for position in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                    logits_to_keep=1, **{cache_arg: cache})
+        kwargs = {"position_ids": position_ids, "logits_to_keep": 1}
+        kwargs = {k: v for k, v in kwargs.items() if k in optional}
+        if cache is not None:
+            kwargs.update(use_cache=True, **{cache_arg: cache})
+        out = model(input_ids=step_ids, attention_mask=mask, **kwargs)
         scores = processors(seen, out.logits[:, -1, :].float())  # [B, V]
         tokens, logps = draw(scores, u=None if stream_keys is None else uniforms(stream_keys, position))
         tokens = torch.where(done, pad_token_id, tokens)
@@ -104,6 +127,8 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
         seen = torch.cat([seen, step_ids], dim=-1)
         mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
+        if cache is None:  # the whole sequence again
+            step_ids, position_ids = seen, (mask.cumsum(-1) - 1).clamp_(min=0)
     if not tokens_out:
         empty = input_ids.new_zeros(batch, 0)
         return empty, empty.float()
