@@ -60,18 +60,21 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
 
 
-def cache_argument(model: torch.nn.Module) -> str:
-    """The KV cache's keyword: `cache` in recent transformers (which deprecates `past_key_values`), else the old name."""
-    return "cache" if "cache" in inspect.signature(_inner(model).forward).parameters else "past_key_values"
+def cache_argument(model: torch.nn.Module) -> str | None:
+    """The KV cache's keyword: `cache` in recent transformers (which deprecates `past_key_values`), else the old
+    name; None when the forward takes neither (OpenAI GPT)."""
+    params = inspect.signature(_inner(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def new_cache(model: torch.nn.Module):
     """The cache `generate` builds for this model (transformers' `_prepare_cache_for_generation`): a DynamicCache
     from the model's decoder config, whose layer types make hybrid attention/Mamba models (Bamba, Nemotron-H,
-    FalconH1) work; None for the classes transformers gives no default cache (RWKV, xLSTM, Reformer, ...)."""
+    FalconH1) work; None for the classes transformers gives no default cache (RWKV, xLSTM, Reformer, ...) and
+    those whose forward takes no cache."""
     inner = _inner(model)
     supports = getattr(inner, "_supports_default_dynamic_cache", lambda: True)
-    if not supports():
+    if not supports() or cache_argument(model) is None:
         return None
     return DynamicCache(config=inner.config.get_text_config(decoder=True))
 
