@@ -79,10 +79,19 @@ def new_cache(model: torch.nn.Module):
     return DynamicCache(config=inner.config.get_text_config(decoder=True))
 
 
-def step_arguments(model: torch.nn.Module) -> set[str]:
-    """Which of position_ids / logits_to_keep the model's forward names (some families take neither)."""
+def forward_step(model: torch.nn.Module, cache):
+    """model(input_ids, attention_mask, position_ids) -> logits of the last position [B, V], with the cache and
+    only the optional arguments (position_ids, logits_to_keep) the model's forward names: some take neither."""
     params = inspect.signature(_inner(model).forward).parameters
-    return {name for name in ("position_ids", "logits_to_keep") if name in params}
+    cache_arg = cache_argument(model)
+
+    def step(input_ids, attention_mask, position_ids):
+        kwargs = {k: v for k, v in (("position_ids", position_ids), ("logits_to_keep", 1)) if k in params}
+        if cache is not None:
+            kwargs.update(use_cache=True, **{cache_arg: cache})
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -1, :]
+
+    return step
 
 
 @torch.no_grad()
@@ -104,21 +113,16 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
         processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=input_ids.shape[1],
                                                  encoder_input_ids=input_ids, device=input_ids.device)
         max_new_tokens = config.max_new_tokens
-    cache_arg, optional = cache_argument(model), step_arguments(model)
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     cache = new_cache(model)  # None: no cache, each step re-reads the whole sequence
+    step = forward_step(model, cache)
     seen = input_ids  # [B, P + t]: what the repetition penalty looks at
     step_ids, mask = input_ids, attention_mask
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
     tokens_out, logps_out = [], []
     for position in range(max_new_tokens):
-        kwargs = {"position_ids": position_ids, "logits_to_keep": 1}
-        kwargs = {k: v for k, v in kwargs.items() if k in optional}
-        if cache is not None:
-            kwargs.update(use_cache=True, **{cache_arg: cache})
-        out = model(input_ids=step_ids, attention_mask=mask, **kwargs)
-        scores = processors(seen, out.logits[:, -1, :].float())  # [B, V]
+        scores = processors(seen, step(step_ids, mask, position_ids).float())  # [B, V]
         tokens, logps = draw(scores, u=None if stream_keys is None else uniforms(stream_keys, position))
         tokens = torch.where(done, pad_token_id, tokens)
         tokens_out.append(tokens)
