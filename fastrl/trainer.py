@@ -507,7 +507,7 @@ class GRPOTrainer:
             self.state.log_history.append(entry)
             if self._logger is not None:
                 self._logger.evaluation(self.state.global_step, found)
-            else:
+            elif self.state.is_world_process_zero:  # outside train(): rank 0 alone writes, as in training
                 append_jsonl(f"{self.args.output_dir}/metrics.jsonl", {"step": self.state.global_step, **found})
             self._callback("on_log", logs=entry)
             metrics.update(found)
