@@ -64,7 +64,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def _fsync_tree(path: str) -> None:
+def fsync_tree(path: str) -> None:
     for root, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
@@ -82,7 +82,7 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, f"{PREFIX}{step}")
     tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}-{os.getpid()}")
-    _remove_stale_temporaries(output_dir)
+    remove_stale_temporaries(output_dir)
     os.makedirs(tmp)
     model.save_pretrained(tmp)
     if tokenizer is not None:
@@ -97,7 +97,14 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
         torch.save(obj, os.path.join(tmp, name))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(trainer_state, f, indent=1)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
+    publish(tmp, final)
+    prune(output_dir, save_total_limit)
+    return final
+
+
+def publish(tmp: str, final: str) -> None:
+    """Rename the complete folder `tmp` to `final` (atomic within one file system)."""
     if os.path.exists(final):  # re-saving the same step (e.g. after a resume): keep the old one until the swap
         old = final + f".old-{os.getpid()}"
         os.replace(final, old)
@@ -105,17 +112,15 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _prune(output_dir, save_total_limit)
-    return final
 
 
-def _remove_stale_temporaries(output_dir: str) -> None:
+def remove_stale_temporaries(output_dir: str) -> None:
     for name in os.listdir(output_dir):
         if name.startswith(TMP_PREFIX) or ".old-" in name:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def _prune(output_dir: str, save_total_limit: int | None) -> None:
+def prune(output_dir: str, save_total_limit: int | None) -> None:
     if save_total_limit is None:
         return
     found = list_checkpoints(output_dir)

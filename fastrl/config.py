@@ -427,9 +427,6 @@ class GRPOConfig:
         if self.world_size < 2:
             raise ValueError(f"fsdp={options!r}: needs a launch with several processes (torchrun, accelerate "
                              "launch); one process trains unsharded")
-        if self.save_strategy != "no":
-            raise ValueError(f"save_strategy={self.save_strategy!r} with fsdp: sharded checkpoints are not "
-                             "implemented yet; set save_strategy='no' (save_model still writes the whole model)")
         if not isinstance(self.fsdp_config, (dict, type(None))):
             raise ValueError(f"fsdp_config: expected a dict, got {self.fsdp_config!r} (a JSON file is not read)")
         unknown = set(self.fsdp_config or {}) - set(FSDP_CONFIG_KEYS)

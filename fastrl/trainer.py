@@ -63,6 +63,7 @@ from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_re
 from fastrl.rewards.reward_model import wrap_reward_models
 from fastrl.rollout_batch import PackedBatch, RolloutBatch, token_budget_bins
 from fastrl.scoring import aggregate_advantages, combine, resolve_reward_funcs, score
+from fastrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -625,13 +626,19 @@ class GRPOTrainer:
         return max(1, math.ceil(value * self.state.max_steps) if value < 1 else int(value))
 
     def _save_checkpoint(self) -> str | None:
-        """Rank 0 writes (replicas hold equal weights and optimizer states); the others wait for it. With several
-        processes each holds its own slice of the generation batch, so none is saved: such a checkpoint resumes
-        only where a new generation batch starts (_load_checkpoint refuses the others)."""
+        """Sharded (fsdp): every rank writes its shards (fastrl.sharded_checkpoint). Replicated: rank 0 writes (the
+        replicas hold equal weights and optimizer states), the others wait for it. With several processes each
+        holds its own slice of the generation batch, so none is saved: such a checkpoint resumes only where a new
+        generation batch starts (_load_checkpoint refuses the others)."""
+        state = {**asdict(self.state), "sampler": self.sampler.state_dict(), "window": self._window}
+        if distributed.is_sharded(self.model):
+            return save_sharded_checkpoint(self.args.output_dir, self.state.global_step, model=self.model,
+                                           tokenizer=self.processing_class, optimizer=self.optimizer,
+                                           scheduler=self.lr_scheduler, trainer_state=state,
+                                           save_total_limit=self.args.save_total_limit, rank=self.launch.rank)
         if not self.state.is_world_process_zero:
             distributed.barrier()
             return None
-        state = {**asdict(self.state), "sampler": self.sampler.state_dict(), "window": self._window}
         buffer = None
         if self._buffer is not None and self.launch.world_size == 1:
             buffer = {"micro_batches": [b.state_dict() for b in self._buffer], "info": self._buffer_info}
@@ -645,8 +652,15 @@ class GRPOTrainer:
         return path
 
     def _load_checkpoint(self, path: str) -> None:
-        state, buffer = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                        scheduler=self.lr_scheduler)
+        if is_sharded_checkpoint(path):  # resharded by DCP to this run's placement (one process included)
+            state, buffer = load_sharded_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                    scheduler=self.lr_scheduler, rank=self.launch.rank), None
+        elif distributed.is_sharded(self.model):
+            raise ValueError(f"resume_from_checkpoint: {path!r} was written by an unsharded run; resuming it with "
+                             "fsdp is not implemented (resume it without fsdp)")
+        else:
+            state, buffer = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                            scheduler=self.lr_scheduler)
         self.sampler.load_state_dict(state.pop("sampler"))
         if self.args.sync_ref_model:
             restore_reference(path, self.ref_model)

@@ -132,16 +132,20 @@ def test_two_processes_train_like_one(model_dir, one_process, tmp_path, mode, pl
         assert (two / "model" / "adapter_config.json").exists()
 
 
-def test_a_killed_rank_stops_the_run_which_resumes_on_one_process(model_dir, one_process, tmp_path):
-    """Rank 1 is SIGKILLed while scoring step 2: the launch ends within the timeout with an error naming rank 1;
-    the checkpoint rank 0 wrote after step 1 resumes in ONE process (2 -> 1: the replicated state is whole) and
-    the run ends where an uninterrupted one-process run ends."""
+@pytest.mark.parametrize("placement", ["replicated", "fsdp"])
+def test_a_killed_rank_stops_the_run_which_resumes_on_one_process(model_dir, one_process, tmp_path, placement):
+    """Rank 1 is SIGKILLed while scoring step 2: the launch ends within the timeout with an error naming rank 1.
+    The checkpoint written after step 1 (replicated: by rank 0; fsdp: by both ranks, DCP shards, renamed into place
+    by rank 0) resumes in ONE process, and the run ends where an uninterrupted one-process run ends."""
     out = tmp_path / "run"
     checkpoints = ("save_strategy=steps", "save_steps=1")
-    output = run_worker(model_dir, out, "full", 2, *checkpoints, timeout=300, expect_ok=False,
+    sharding = ("fsdp=full_shard",) if placement == "fsdp" else ()
+    output = run_worker(model_dir, out, "full", 2, *checkpoints, *sharding, timeout=300, expect_ok=False,
                         env={"FASTRL_TEST_KILL_RANK": "1", "FASTRL_TEST_KILL_AFTER_STEP": "1"})
     assert "rank" in output and "SIGKILL" in output and "exitcode  : -9" in output, output[-3000:]
-    assert sorted(os.listdir(out / "checkpoint-1")) and not (out / "checkpoint-2").exists()
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
+    assert (out / "checkpoint-1" / "dcp").is_dir() == (placement == "fsdp")
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")  # the whole model, gathered from the shards
     run_worker(model_dir, out, "full", 1, *checkpoints, "resume_from_checkpoint=True")
     assert_same_run(one_process("full"), out, "full")
 
@@ -222,13 +226,11 @@ def test_config_takes_the_world_from_the_launcher_and_refuses_what_is_not_distri
         GRPOConfig(use_vllm=True)
     with pytest.raises(ValueError, match="generation_batch_size"):
         GRPOConfig(per_device_train_batch_size=3, num_generations=4)  # 6 completions: not whole groups
-    assert GRPOConfig(fsdp="full_shard auto_wrap", save_strategy="no").fsdp == "full_shard auto_wrap"
+    assert GRPOConfig(fsdp="full_shard auto_wrap").fsdp == "full_shard auto_wrap"
     with pytest.raises(ValueError, match="fsdp: expected 'full_shard'"):
-        GRPOConfig(fsdp="shard_grad_op", save_strategy="no")
-    with pytest.raises(ValueError, match="save_strategy='steps' with fsdp"):
-        GRPOConfig(fsdp="full_shard")
+        GRPOConfig(fsdp="shard_grad_op")
     with pytest.raises(ValueError, match=r"fsdp_config: keys \['cpu_offload'\]"):
-        GRPOConfig(fsdp="full_shard", save_strategy="no", fsdp_config={"cpu_offload": True})
+        GRPOConfig(fsdp="full_shard", fsdp_config={"cpu_offload": True})
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ValueError, match="needs a launch with several processes"):
-        GRPOConfig(fsdp=["full_shard"], save_strategy="no")
+        GRPOConfig(fsdp=["full_shard"])
