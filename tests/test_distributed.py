@@ -160,6 +160,18 @@ def test_two_nodes_on_localhost_train_like_one_process(model_dir, one_process, t
     assert_same_run(one_process("full"), tmp_path / "two", "full")
 
 
+def test_accelerate_launch_trains_like_one_process(model_dir, one_process, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` sets torchrun's variables (it runs torchrun); on a CPU
+    machine the ranks use gloo. The script is unchanged."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    if not os.path.exists(accelerate):
+        pytest.skip("accelerate is not installed")
+    launcher = [[accelerate, "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+                 "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]]
+    run_worker(model_dir, tmp_path / "two", "full", 2, launcher=launcher)
+    assert_same_run(one_process("full"), tmp_path / "two", "full")
+
+
 # ---------------------------------------------------------------- the pieces, without launching
 def test_micro_batch_rows_split_every_global_micro_batch_among_ranks():
     """Over the ranks, micro-batch k holds exactly one process's micro-batch k, and every row goes to one rank."""
