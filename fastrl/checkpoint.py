@@ -8,6 +8,9 @@ OUTPUT_DIR/checkpoint-<step>/ holds:
   rollout_buffer.pt                                  the generation batch still being trained on, if any
   trainer_state.json                                 global step, log history, data position, micro-step counter
   <name> for each of extra_files                     other torch-saved state (e.g. a synced reference model)
+  checksums.json                                     SHA-256 of every other file, verified before a resume reads
+                                                     anything: a missing, truncated or edited file is a
+                                                     ValueError naming it, never a silently different run
 
 Atomicity: everything is written into a hidden temporary folder next to the target, files fsynced, then the
 folder is renamed into place (a rename within one file system is atomic). A crash mid-save leaves only the
@@ -16,17 +19,20 @@ until the new one is complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
+CHECKSUMS = "checksums.json"
 
 
 def set_seed(seed: int) -> None:
@@ -97,6 +103,7 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
         torch.save(obj, os.path.join(tmp, name))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(trainer_state, f, indent=1)
+    write_checksums(tmp)
     fsync_tree(tmp)
     publish(tmp, final)
     prune(output_dir, save_total_limit)
@@ -112,6 +119,48 @@ def publish(tmp: str, final: str) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    """Every file under `folder` but the checksum list, as paths relative to it."""
+    out = []
+    for root, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+    return sorted(f for f in out if f != CHECKSUMS)
+
+
+def write_checksums(folder: str) -> None:
+    with open(os.path.join(folder, CHECKSUMS), "w") as f:
+        json.dump({name: _sha256(os.path.join(folder, name)) for name in _files(folder)}, f, indent=1)
+
+
+def verify_checksums(folder: str) -> None:
+    """Every file listed in checksums.json is present with its recorded SHA-256 (ValueError naming it if not)."""
+    listed = os.path.join(folder, CHECKSUMS)
+    if not os.path.isfile(listed):
+        warnings.warn(f"resume_from_checkpoint: {folder!r} has no {CHECKSUMS} (written before fastrl recorded "
+                      "checksums): its files are loaded unverified")
+        return
+    try:
+        with open(listed) as f:
+            expected = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"resume_from_checkpoint: {listed!r} is unreadable ({e})") from None
+    for name, digest in expected.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"resume_from_checkpoint: {path!r} is missing from the checkpoint")
+        if _sha256(path) != digest:
+            raise ValueError(f"resume_from_checkpoint: {path!r} does not match its checksum (truncated, "
+                             "corrupted or edited since it was saved)")
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
@@ -132,6 +181,10 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> tuple[dict, di
     """Restore weights, optimizer, scheduler and RNG from `path`. Returns (trainer_state, rollout_buffer)."""
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         raise ValueError(f"resume_from_checkpoint: {path!r} is not a fastrl checkpoint (no trainer_state.json)")
+    verify_checksums(path)
+    for name in ("trainable_state.pt", "optimizer.pt", "scheduler.pt", "rng_state.pt"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(f"resume_from_checkpoint: {os.path.join(path, name)!r} is missing from the checkpoint")
     weights = torch.load(os.path.join(path, "trainable_state.pt"), map_location="cpu")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]

@@ -9,13 +9,15 @@ Each subcommand is one entry of COMMANDS: the module holding it and the names of
 `add(parser)` to declare its arguments and `run(args) -> int` to execute it. Keep a command module's top level
 light (import torch, transformers, vLLM inside `run`), since building the parser imports every command module.
 To add one, add an entry; nothing else changes. A ValueError from `run` is printed
-as `fastrl <command>: error: ...` with exit code 2.
+as `fastrl <command>: error: ...` with exit code 2; a run stopped by a reward function that raised or by a
+non-finite loss, gradient or weight prints the same line with exit code 1.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from typing import NamedTuple
 
 
@@ -45,10 +47,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from fastrl.output_dir import check_earlier_run
     from fastrl.run_config import build_trainer, load_run_config, parse_overrides, split_run_config
 
     raw = load_run_config(args.config, parse_overrides(args.overrides))
-    split_run_config(raw)  # every value checked before anything loads
+    _, config = split_run_config(raw)  # every value checked before anything loads
+    if not config.overwrite_output_dir:  # an earlier run is refused before the tiny model is written over it
+        check_earlier_run(config.output_dir, config.resume_from_checkpoint not in (None, False), False)
     from fastrl import distributed
 
     trainer = build_trainer(raw)
@@ -80,11 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    from fastrl.scoring import RewardFunctionError
+
     try:
         return _function(COMMANDS[args.command], "run")(args)
     except ValueError as e:
         print(f"fastrl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (RewardFunctionError, FloatingPointError) as e:  # the run stopped: say why, with the user code's trace
+        if e.__cause__ is not None:
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"fastrl {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ Fields fall in three groups:
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical")  # transformers' log_level values
 
 # field -> (the default it must keep, why another value is refused). Checked in __post_init__.
 UNSUPPORTED = {
@@ -48,6 +51,8 @@ UNSUPPORTED = {
     "sapo_temperature_pos": (1.0, "the fused loss uses TRL's default SAPO temperatures"),
     "sapo_temperature_neg": (1.05, "the fused loss uses TRL's default SAPO temperatures"),
     "vllm_structured_outputs_regex": (None, "use generation_kwargs={'structured_outputs': {'regex': ...}}"),
+    "vllm_mode": ("colocate", "only colocated vLLM is implemented (no vLLM server)"),
+    "vllm_tensor_parallel_size": (1, "tensor-parallel vLLM needs several processes; one process only so far"),
     "full_determinism": (False, "transformers' deterministic-algorithms switch is not applied"),
     "bf16_full_eval": (False, "evaluation runs under the training precision (bf16 autocast or fp32)"),
     "fp16_full_eval": (False, "fp16 is not supported"),
@@ -68,7 +73,7 @@ UNSUPPORTED = {
 # TRL / transformers fields accepted with no effect on a fastrl run, and why (`fastrl trl-fields` lists them)
 NO_EFFECT = {
     "do_train": "a flag for scripts", "do_predict": "a flag for scripts", "debug": "no debug modes",
-    "log_level": "fastrl logs through Python's logging", "log_level_replica": "one process",
+    "log_level_replica": "one process",
     "log_on_each_node": "one process", "save_on_each_node": "one process", "local_rank": "one process",
     "ddp_backend": "one process", "ddp_broadcast_buffers": "one process", "ddp_bucket_cap_mb": "one process",
     "ddp_find_unused_parameters": "one process", "ddp_static_graph": "one process",
@@ -85,7 +90,7 @@ NO_EFFECT = {
     "project": "no trackio", "trackio_space_id": "no trackio", "trackio_bucket_id": "no trackio",
     "trackio_static_space_id": "no trackio", "skip_memory_metrics": "peak memory is always logged",
     "include_num_input_tokens_seen": "tokens are always counted (num_tokens)",
-    "logging_strategy": "logging_steps decides", "logging_nan_inf_filter": "non-finite values are logged as null",
+    "logging_nan_inf_filter": "non-finite values are logged as null",
     "torch_empty_cache_steps": "no cache emptying", "save_only_model": "checkpoints always hold the optimizer state",
     "cache_implementation": "fastrl's sampling loop keeps a dynamic KV cache (a speed choice, not the math)",
     "use_cache": "the training forward never uses a KV cache",
@@ -386,6 +391,7 @@ class GRPOConfig:
         self._set_launch()
         self._check_fsdp()
         self._refuse_unsupported()
+        self._check_types()
         self._check_values()
         self._derive_batch_sizes()
 
@@ -400,6 +406,27 @@ class GRPOConfig:
             except ValueError:
                 raise ValueError(f"{f.name}: expected a number, got {value!r}") from None
             setattr(self, f.name, int(number) if kind.startswith("int") and number.is_integer() else number)
+
+    def _check_types(self) -> None:
+        """Fields typed int, float or bool (or None) hold what they say: an int field an integer (8.0 is taken as 8,
+        2.5 is refused rather than rounded), a float field a finite number (inf or NaN would train NaN weights or
+        switch clipping off), a bool field True or False (a string such as "false" would read as true)."""
+        for f in dataclasses.fields(self):
+            kinds = {k.strip() for k in str(f.type).split("|")}
+            value = getattr(self, f.name)
+            if value is None or not kinds <= {"int", "float", "bool", "None"}:
+                continue
+            if "bool" in kinds:
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name}: expected true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{f.name}: expected a number, got {value!r}")
+            elif not math.isfinite(value):
+                raise ValueError(f"{f.name}: expected a finite number, got {value!r}")
+            elif "float" not in kinds:
+                if not float(value).is_integer():
+                    raise ValueError(f"{f.name}: expected an integer, got {value!r}")
+                setattr(self, f.name, int(value))
 
     def _refuse_unsupported(self) -> None:
         for name, (default, why) in UNSUPPORTED.items():
@@ -458,6 +485,7 @@ class GRPOConfig:
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "an integer >= 1")
         need(self.num_iterations >= 1, "num_iterations", "an integer >= 1")
         need(self.learning_rate >= 0, "learning_rate", "a number >= 0")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0 (0 = no clipping)")
         need(self.temperature > 0, "temperature", "a number > 0")
         need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         need(self.top_k is None or self.top_k >= 0, "top_k", "an integer >= 0 (0 = disabled)")
@@ -484,11 +512,13 @@ class GRPOConfig:
         need(0 < self.top_entropy_quantile <= 1, "top_entropy_quantile", "a number in (0, 1]")
         need(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type", f"one of {SCHEDULERS}")
         need(self.save_strategy in ("steps", "no"), "save_strategy", "'steps' or 'no'")
+        need(self.logging_strategy in ("steps", "no"), "logging_strategy", "'steps' or 'no'")
+        need(self.log_level in LOG_LEVELS, "log_level", f"one of {LOG_LEVELS}")
+        need(self.process_index == 0, "process_index", "0 (one process only so far)")
         need(self.save_steps > 0, "save_steps", "a number > 0")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "None or >= 1")
         need(self.logging_steps > 0, "logging_steps", "a number > 0")
         need(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps", "> 0, or num_train_epochs > 0")
-        need(self.vllm_mode in ("colocate", "server"), "vllm_mode", "'colocate' or 'server'")
         need(self.vllm_importance_sampling_mode in VLLM_IS_MODES, "vllm_importance_sampling_mode",
              f"one of {VLLM_IS_MODES}")
         need(self.vllm_sleep_level in (1, 2), "vllm_sleep_level", "1 or 2")
@@ -553,3 +583,21 @@ class GRPOConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+
+def _unknown_fields_are_value_errors(init):
+    """GRPOConfig(learnin_rate=...) is a ValueError naming the closest field, not a TypeError."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in GRPOConfig.field_names()]
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], GRPOConfig.field_names(), n=1)
+            said = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"{unknown[0]}: not a GRPOConfig field{said}")
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+GRPOConfig.__init__ = _unknown_fields_are_value_errors(GRPOConfig.__init__)

@@ -25,7 +25,13 @@ def load_prompt_file(path: str):
         raise ValueError(f"dataset: {path!r} has an unsupported extension; expected one of {sorted(FILE_FORMATS)}")
     if not os.path.isfile(path):
         raise ValueError(f"dataset: file {path!r} does not exist")
-    ds = datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"dataset: file {path!r} is empty")
+    try:
+        ds = datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
+    except Exception as e:  # pyarrow and datasets raise many kinds; the file is what the user must fix
+        raise ValueError(f"dataset: could not read {path!r} as {FILE_FORMATS[ext]} ({type(e).__name__}: {e})") \
+            from None
     check_dataset(ds)
     return ds
 
@@ -40,6 +46,29 @@ def check_dataset(ds) -> None:
         raise ValueError(f"train_dataset: expected a 'prompt' column, found columns {columns}")
     if not is_stream(ds) and len(ds) == 0:
         raise ValueError("train_dataset: the dataset is empty")
+    check_prompts(ds["prompt"])
+
+
+def check_prompts(prompts) -> None:
+    """Every row's prompt, before training: a non-empty string, or a non-empty list of {"role": str, "content":
+    str} messages; all rows of one kind (a batch is tokenized as text or with the chat template, not both)."""
+    first_kind = None
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            kind, ok = "text", bool(prompt)
+        elif isinstance(prompt, list):
+            kind = "chat"
+            ok = bool(prompt) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                      and isinstance(m.get("content"), str) for m in prompt)
+        else:
+            kind, ok = type(prompt).__name__, False
+        if not ok:
+            raise ValueError(f"train_dataset: row {i}: 'prompt' must be a non-empty string or a list of "
+                             f"{{'role': str, 'content': str}} messages, got {prompt!r:.200}")
+        first_kind = first_kind or kind
+        if kind != first_kind:
+            raise ValueError(f"train_dataset: row {i}: a {kind} prompt among {first_kind} prompts (row 0); "
+                             "all prompts must be plain text or all chat messages")
 
 
 def is_stream(ds) -> bool:

@@ -230,8 +230,9 @@ def read_partial(path: str, settings: dict) -> dict[int, list]:
     done = {}
     for line in complete[1:]:
         record = _parse(line)
-        if record is None:  # only the last line can be torn, and it has no "\n"; anything else is corruption
-            raise ValueError(f"--out: {path!r} holds an unreadable line {line[:80]!r}; move it away to start over")
+        if not _is_record(record):  # only the last line can be torn, and it has no "\n"; anything else is corruption
+            raise ValueError(f"--out: {path!r} holds an unreadable line {line[:80]!r} (expected {{\"row\": int, "
+                             "\"rewards\": [...]}); move it away to start over")
         done.setdefault(record["row"], [math.nan if r is None else r for r in record["rewards"]])
     if torn:
         _write_atomically(path, "\n".join(complete) + "\n")
@@ -254,6 +255,11 @@ def append_records(path: str, records: dict[int, list[float]]) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _is_record(record) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("row"), int) and isinstance(record.get("rewards"), list)
+            and all(r is None or isinstance(r, (int, float)) for r in record["rewards"]))
 
 
 def _parse(line: str) -> dict | None:

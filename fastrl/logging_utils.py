@@ -30,7 +30,7 @@ def _finite(v):
 class MetricsLogger:
     def __init__(self, output_dir: str, report_to: list[str], run_name: str | None, total_steps: int,
                  initial_step: int, disable_tqdm: bool = False, config: dict | None = None,
-                 log_completions: bool = False):
+                 log_completions: bool = False, logging_dir: str | None = None):
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = output_dir
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
@@ -40,9 +40,10 @@ class MetricsLogger:
             _truncate_jsonl(self.completions_path, keep_through_step=initial_step)
         self.progress = tqdm(total=total_steps, initial=initial_step, desc="GRPO", disable=disable_tqdm,
                              dynamic_ncols=True)
-        self.backends = self._open_backends(report_to, run_name, config)
+        tensorboard_dir = logging_dir or os.path.join(output_dir, "runs", run_name or "fastrl")
+        self.backends = self._open_backends(report_to, run_name, config, tensorboard_dir)
 
-    def _open_backends(self, report_to, run_name, config) -> list:
+    def _open_backends(self, report_to, run_name, config, tensorboard_dir: str) -> list:
         if "all" in report_to:  # transformers' meaning: every supported integration that is installed
             wanted = {name for name in ("tensorboard", "wandb") if importlib.util.find_spec(name) is not None}
         else:
@@ -56,7 +57,7 @@ class MetricsLogger:
                 raise ValueError("report_to: 'tensorboard' is named but tensorboard is not installed")
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(log_dir=os.path.join(self.output_dir, "runs", run_name or "fastrl"))
+            writer = SummaryWriter(log_dir=tensorboard_dir)
             backends.append(("tensorboard", writer))
         if "wandb" in wanted:
             if importlib.util.find_spec("wandb") is None:

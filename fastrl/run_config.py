@@ -55,8 +55,11 @@ def _construct_bool(loader: _Loader, node) -> bool | YesNoWord:
 _Loader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 
 
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+def _yaml(text, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def _field_types() -> dict[str, set[str]]:
@@ -104,7 +107,7 @@ def parse_overrides(tokens: list[str]) -> dict:
                 raise ValueError(f"override --{key}: missing a value")
             value, i = tokens[i + 1], i + 1
         key = key.replace("-", "_")
-        parsed = _yaml(value)
+        parsed = _yaml(value, f"override --{key}")
         if _is_text(key, types) and not isinstance(parsed, str) \
                 and not (parsed is None and "None" in types.get(key, {"None"})):
             parsed = value  # no -> "no", 2024 -> "2024"; a quoted '"no"' is YAML's string "no"
@@ -126,7 +129,7 @@ def load_run_config(path: str, overrides: dict | None = None) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"config: file {path!r} does not exist")
     with open(path) as f:
-        raw = _yaml(f) or {}
+        raw = _yaml(f, f"config {path!r}") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of keys to values, got {type(raw).__name__}")
     raw = merge_overrides(_settle_all(raw), _settle_all(overrides or {}))
@@ -192,31 +195,35 @@ def _looks_like_path(name: str) -> bool:
 def build_trainer(raw: dict):
     """The run config -> GRPOTrainer (builds the tiny model / task / dataset as asked)."""
     from fastrl.data import load_prompt_file
-    from fastrl.scoring import import_reward
+    from fastrl.output_dir import check_writable
+    from fastrl.scoring import check_reward_weights, import_reward
     from fastrl.trainer import GRPOTrainer
 
     run, config = split_run_config(raw)
     peft_config = lora_config(run["peft"]) if run["peft"] is not None else None
+    reward_funcs, weights = None, None  # everything cheap is checked before the tiny model is written
+    if run["rewards"]:
+        reward_funcs = [import_reward(r) for r in run["rewards"]]
+    if run["task"] is not None:
+        from fastrl.tasks import get_task
+
+        task = get_task(run["task"], **(run["task_args"] or {}))
+        dataset, eval_dataset = task.train_dataset, task.eval_dataset
+        if reward_funcs is None:
+            reward_funcs, weights = task.reward_funcs, task.reward_weights
+    else:
+        dataset, eval_dataset = load_prompt_file(run["dataset"]), None
+    if run["eval_dataset"] is not None:
+        eval_dataset = load_prompt_file(run["eval_dataset"])
+    if config.reward_weights is None and weights is not None:
+        config.reward_weights = list(weights)
+    check_reward_weights(config.reward_weights, reward_funcs)
+    check_writable(config.output_dir)
     model = run["model"]
     if model == "tiny":
         from fastrl.tasks.tiny_model import build_tiny_model
 
         model = build_tiny_model(os.path.join(config.output_dir, "tiny_model"), **(run["tiny_model"] or {}))
-    reward_funcs, weights = None, None
-    if run["task"] is not None:
-        from fastrl.tasks import get_task
-
-        task = get_task(run["task"], **(run["task_args"] or {}))
-        dataset, reward_funcs, weights = task.train_dataset, task.reward_funcs, task.reward_weights
-        eval_dataset = task.eval_dataset
-    else:
-        dataset, eval_dataset = load_prompt_file(run["dataset"]), None
-    if run["eval_dataset"] is not None:
-        eval_dataset = load_prompt_file(run["eval_dataset"])
-    if run["rewards"]:
-        reward_funcs, weights = [import_reward(r) for r in run["rewards"]], None
-    if config.reward_weights is None and weights is not None:
-        config.reward_weights = list(weights)
     return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
                        eval_dataset=eval_dataset, peft_config=peft_config)
 

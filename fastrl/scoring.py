@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 import numbers
+import warnings
 from typing import Callable
 
 import torch
@@ -64,6 +65,33 @@ def import_reward(spec: str, model_init_kwargs: dict | None = None) -> Callable 
         raise ValueError(f"rewards: could not import reward {spec!r} ({e})") from None
 
 
+REWARD_ARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
+# |reward| above this is refused: the group std squares deviations in float32 (max 3.4e38), so 1e19 would
+# overflow to inf and every advantage of the group would be NaN.
+MAX_ABS_REWARD = 1e18
+
+
+def check_reward_weights(weights, funcs) -> None:
+    if weights is not None and len(weights) != len(funcs):
+        raise ValueError(f"reward_weights: {len(weights)} weights for {len(funcs)} reward functions")
+
+
+def check_reward_columns(funcs, names, columns) -> None:
+    """Each reward function's required keyword arguments must be dataset columns (or what the trainer passes):
+    found before training rather than as a TypeError at the first step."""
+    for f, name in zip(funcs, names):
+        try:
+            params = inspect.signature(f).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+            continue
+        needed = [p.name for p in params if p.default is inspect.Parameter.empty
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in REWARD_ARGS]
+        missing = [n for n in needed if n not in columns]
+        if missing:
+            raise ValueError(f"reward function {name!r} needs dataset column(s) {missing}; the dataset has "
+                             f"{sorted(columns)}")
+
+
 def check_reward_output(name: str, values, expected: int) -> list[float]:
     if not isinstance(values, (list, tuple)) and not (isinstance(values, torch.Tensor) and values.dim() == 1):
         raise ValueError(f"reward function {name!r} returned {type(values).__name__}; expected a list of "
@@ -79,8 +107,9 @@ def check_reward_output(name: str, values, expected: int) -> list[float]:
         if v is None:
             out.append(math.nan)
         elif isinstance(v, numbers.Real):  # int, float, bool, numpy scalars
-            if math.isinf(float(v)):
-                raise ValueError(f"reward function {name!r} returned {v}; rewards must be finite (or None)")
+            if not abs(float(v)) <= MAX_ABS_REWARD and not math.isnan(float(v)):
+                raise ValueError(f"reward function {name!r} returned {v}; rewards must be finite and at most "
+                                 f"{MAX_ABS_REWARD:g} in magnitude (or None)")
             out.append(float(v))
         else:
             raise ValueError(f"reward function {name!r} returned a non-number {v!r} ({type(v).__name__}); "
@@ -97,11 +126,15 @@ def score(funcs, names, prompts, completions, completion_ids, columns: dict, ext
         if inspect.iscoroutinefunction(f) or inspect.iscoroutinefunction(getattr(f, "__call__", None)):
             pending.append((i, f))
         else:
-            outputs[i] = f(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+            with _named(names[i]):
+                outputs[i] = f(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
     if pending:
+        async def call(i, f):
+            with _named(names[i]):
+                return await f(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+
         async def run_all():
-            return await asyncio.gather(*(f(prompts=prompts, completions=completions,
-                                            completion_ids=completion_ids, **kwargs) for _, f in pending))
+            return await asyncio.gather(*(call(i, f) for i, f in pending))
 
         for (i, _), out in zip(pending, asyncio.run(run_all())):
             outputs[i] = out
@@ -115,6 +148,45 @@ def score(funcs, names, prompts, completions, completion_ids, columns: dict, ext
         log.warning(f"All reward functions returned None for the following kwargs:\n{shown}\n"
                     "Please ensure that at least one reward function returns a valid reward.")
     return rewards_per_func
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised; the message names it, the original exception is the cause."""
+
+
+class _named:
+    """Re-raise anything a reward function raises as RewardFunctionError naming the function."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and isinstance(exc, Exception):
+            raise RewardFunctionError(f"reward function {self.name!r} raised {kind.__name__}: {exc}") from exc
+        return False
+
+
+class UninformativeRewardWarning:
+    """Warns once per reward function whose rewards in a generation batch are all None/NaN or all equal: such a
+    function gives no learning signal there (every advantage it contributes is 0)."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.warned = names, set()
+
+    def check(self, rewards_per_func: torch.Tensor) -> None:  # [B, F]
+        for i, name in enumerate(self.names):
+            column = rewards_per_func[:, i]
+            valid = column[~torch.isnan(column)]
+            if name in self.warned or (valid.numel() > 0 and not torch.all(valid == valid[0])):
+                continue
+            what = "None or NaN for every completion" if valid.numel() == 0 else f"{float(valid[0]):g} for every " \
+                "completion"
+            warnings.warn(f"reward function {name!r} returned {what} of a generation batch: it gives no learning "
+                          "signal there (warned once per function)", stacklevel=2)
+            self.warned.add(name)
 
 
 def combine(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

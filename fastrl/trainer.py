@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import torch
 from transformers.optimization import get_scheduler
+from transformers.utils import logging as transformers_logging
 
 from fastrl import distributed
 from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_seed
@@ -55,6 +56,7 @@ from fastrl.kernels.loss_spec import COMPLETION_BUDGET, ITEMS, LOSS_RULES, MASK_
 from fastrl.launch import launch_from_env
 from fastrl.logging_utils import MetricsLogger, NullLogger, append_jsonl
 from fastrl.model_logits import check_fused_logits, logit_transform
+from fastrl.output_dir import OutputDirLock, check_earlier_run, check_writable
 from fastrl.policy import (activations_offloaded, check_packed_attention, completion_hidden, frozen_reference,
                            is_peft, lm_head, load_policy, load_tokenizer, packed_completion_hidden,
                            prepare_for_training, reference_on)
@@ -62,7 +64,8 @@ from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_re
                              restore_reference, sync_due)
 from fastrl.rewards.reward_model import wrap_reward_models
 from fastrl.rollout_batch import PackedBatch, RolloutBatch, token_budget_bins
-from fastrl.scoring import aggregate_advantages, combine, resolve_reward_funcs, score
+from fastrl.scoring import (UninformativeRewardWarning, aggregate_advantages, check_reward_columns,
+                            check_reward_weights, combine, resolve_reward_funcs, score)
 from fastrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,8 @@ class GRPOTrainer:
                                       environment_factory=environment_factory)
         set_seed(args.seed)
         _warn_like_trl(args)
+        _apply_process_settings(args)
+        check_writable(args.output_dir)  # a read-only or full disk, found before the model loads
         check_dataset(train_dataset)
         if is_stream(train_dataset) or any(is_stream(ds) for ds in named_sets(eval_dataset, "").values()):
             _check_stream_settings(args, is_stream(train_dataset))
@@ -135,6 +140,8 @@ class GRPOTrainer:
         self.train_dataset = train_dataset
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs)
         self.reward_weights = self._reward_weights()
+        check_reward_columns(self.reward_funcs, self.reward_func_names, train_dataset.column_names)
+        self._reward_watch = UninformativeRewardWarning(self.reward_func_names)
         self.launch = launch_from_env()
         self.device = distributed.device_for(self.launch, args.use_cpu)
         distributed.init_process_group(self.launch, self.device, args.ddp_timeout)
@@ -187,13 +194,21 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ training loop
     def train(self, resume_from_checkpoint=None) -> TrainOutput:
         args = self.args
+        resume = resolve_resume(resume_from_checkpoint if resume_from_checkpoint is not None
+                                else args.resume_from_checkpoint, args.output_dir)
+        if self.launch.rank != 0:  # rank 0 owns the folder: it locks it and writes every file
+            return self._train(resume)
+        with OutputDirLock(args.output_dir):  # one run at a time in a folder
+            check_earlier_run(args.output_dir, resume is not None, args.overwrite_output_dir)
+            return self._train(resume)
+
+    def _train(self, resume: str | None) -> TrainOutput:
+        args = self.args
         self.state.max_steps = self._total_steps()
         self.optimizer = self._given_optimizers[0] or self._build_optimizer()
         self.lr_scheduler = self._given_optimizers[1] or get_scheduler(
             args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.warmup_steps_for(self.state.max_steps),
             num_training_steps=self.state.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
-        resume = resolve_resume(resume_from_checkpoint if resume_from_checkpoint is not None
-                                else args.resume_from_checkpoint, args.output_dir)
         if resume:
             self._load_checkpoint(resume)
         self._set_run_settings()
@@ -201,7 +216,8 @@ class GRPOTrainer:
         if self.state.is_world_process_zero:
             self._logger = logger = MetricsLogger(
                 args.output_dir, args.report_to, args.run_name, self.state.max_steps, self.state.global_step,
-                disable_tqdm=bool(args.disable_tqdm), config=args.to_dict(), log_completions=args.log_completions)
+                disable_tqdm=bool(args.disable_tqdm), config=args.to_dict(), log_completions=args.log_completions,
+                logging_dir=args.logging_dir)
         started, first_step, losses = time.time(), self.state.global_step, []
         self.control.should_training_stop = False
         self._callback("on_train_begin")
@@ -253,6 +269,9 @@ class GRPOTrainer:
             loss, loss_metrics = self._micro_batch_loss(batch, scale=scale)
             loss.backward()
             loss_total += loss.item()
+            if not math.isfinite(loss_total):
+                raise FloatingPointError(f"step {self.state.global_step + 1}: the loss is {loss_total} (a non-finite "
+                                         "loss would train NaN weights); stopped before the optimizer step")
             tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
             # token means over the ranks' slices, weighted by their tokens: the micro-batch's token means
             local = {k: float(v) for k, v in loss_metrics.items()}
@@ -269,6 +288,10 @@ class GRPOTrainer:
         distributed.average_gradients(self.model, params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
+        if not math.isfinite(float(grad_norm)):  # the one host read of the gradients, needed for the log anyway
+            bad = _first_non_finite(self.model, "grad")
+            raise FloatingPointError(f"step {self.state.global_step + 1}: the gradient of {bad} is not finite; "
+                                     "stopped before the optimizer step")
         learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -343,6 +366,9 @@ class GRPOTrainer:
         Training draws the prompts from the sampler; evaluation passes its `rows` and num_generations_eval, and
         gets no old logprobs (nothing is updated, so the policy is its own old policy)."""
         args, G, training = self.args, num_generations or self.args.num_generations, rows is None
+        # each backend wakes what it needs itself: the weights for the push, then the KV cache to generate; one
+        # push per generation batch (dynamic sampling's further draws use the same, unchanged weights)
+        self.generator.push_weights(self.model)
         if rows is not None:
             scored, sampling_metrics = self._sample_and_score(rows, G), {}
         elif args.dynamic_sampling:  # DAPO: only groups whose rewards differ, sampling more prompts until full
@@ -350,6 +376,7 @@ class GRPOTrainer:
                                                              args.dynamic_sampling_max_attempts)
         else:
             scored, sampling_metrics = self._sample_and_score(), {}
+        self.generator.sleep()  # after the last draw: a level-2 sleep discards the pushed weights
         prompt_ids, rollout, rewards_per_func, rewards = (scored.prompt_ids, scored.rollout, scored.rewards_per_func,
                                                            scored.rewards)
         advantages, reward_std = aggregate_advantages(rewards_per_func.to(self.device), self.reward_weights, G,
@@ -397,14 +424,11 @@ class GRPOTrainer:
         mine = distributed.rank_slice(len(rows) * G, self.launch.rank, self.launch.world_size)
         keys = stream_keys(args.seed, self.sampler.draws, torch.arange(len(rows) * G)[mine])  # [B / world_size]
         sampling = replace(self._sampling(), stream_keys=keys.tolist() if training else None)
-        # each backend wakes what it needs itself: the weights for the push, then the KV cache to generate
-        self.generator.push_weights(self.model)
         with self._autocast():
             if self.launch.world_size == 1:
                 rollout = self.generator.generate(prompt_ids, G, sampling)
             else:
                 rollout = self.generator.generate([p for p in prompt_ids for _ in range(G)][mine], 1, sampling)
-        self.generator.sleep()
 
         # rewards, one per completion
         prompts = [r["prompt"] for r in rows for _ in range(G)][mine]
@@ -414,6 +438,7 @@ class GRPOTrainer:
         extras = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": self._log_extra}
         rewards_per_func = score(self.reward_funcs, self.reward_func_names, prompts,
                                  completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
+        self._reward_watch.check(rewards_per_func)
         rewards = combine(rewards_per_func, self.reward_weights)  # [b], NaN = unscorable (row by row)
         scored = ScoredGroups([], [], rollout, rewards_per_func, rewards, self._pending_columns(len(prompts)))
         return self._gather_scored(scored)._replace(rows=rows, prompt_ids=prompt_ids)  # every rank: all B rows
@@ -599,7 +624,8 @@ class GRPOTrainer:
         self._window.append(metrics)
         every = self._every(self.args.logging_steps)
         last = step == self.state.max_steps or self.control.should_training_stop
-        if step % every == 0 or last or self.control.should_log or (step == 1 and self.args.logging_first_step):
+        due = step % every == 0 or last or (step == 1 and self.args.logging_first_step)
+        if (due and self.args.logging_strategy == "steps") or self.control.should_log:
             keys = dict.fromkeys(k for m in self._window for k in m)
             averaged = {k: _nanmean([m[k] for m in self._window if k in m]) for k in keys}
             averaged["num_tokens"] = float(self.state.num_input_tokens_seen)  # TRL's: the running total
@@ -630,6 +656,9 @@ class GRPOTrainer:
         replicas hold equal weights and optimizer states), the others wait for it. With several processes each
         holds its own slice of the generation batch, so none is saved: such a checkpoint resumes only where a new
         generation batch starts (_load_checkpoint refuses the others)."""
+        bad = _first_non_finite(self.model, "data")  # every rank (sharded: each checks its own shards)
+        if bad is not None:
+            raise FloatingPointError(f"step {self.state.global_step}: weight {bad} is not finite; not saved")
         state = {**asdict(self.state), "sampler": self.sampler.state_dict(), "window": self._window}
         if distributed.is_sharded(self.model):
             return save_sharded_checkpoint(self.args.output_dir, self.state.global_step, model=self.model,
@@ -694,10 +723,9 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ set-up
     def _reward_weights(self) -> torch.Tensor:
         w = self.args.reward_weights
+        check_reward_weights(w, self.reward_funcs)
         if w is None:
             return torch.ones(len(self.reward_funcs))
-        if len(w) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights: {len(w)} weights for {len(self.reward_funcs)} reward functions")
         return torch.tensor(w, dtype=torch.float32)
 
     def _total_steps(self) -> int:
@@ -801,6 +829,24 @@ def _warn_like_trl(args: GRPOConfig) -> None:
     if args.loss_type == "luspo" and args.importance_sampling_level != "sequence":
         log.warning("When using `'luspo'` loss, `importance_sampling_level` should be set to `'sequence'` to mirror "
                     "the paper's setup.")
+
+
+def _apply_process_settings(args: GRPOConfig) -> None:
+    """Process-wide settings TrainingArguments applies too: tf32 sets the fp32 matmul precision (torch's matmuls
+    and the Triton kernels' dot, which read it), log_level sets transformers' verbosity."""
+    if args.tf32 is not None:
+        torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+    if args.log_level != "passive":
+        transformers_logging.set_verbosity(logging.getLevelName(args.log_level.upper()))
+
+
+def _first_non_finite(model: torch.nn.Module, attr: str) -> str | None:
+    """The name of the first trainable parameter whose `attr` ("data" or "grad") holds NaN or inf, else None."""
+    for name, p in model.named_parameters():
+        t = getattr(p, attr)
+        if p.requires_grad and t is not None and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _nanmean(values: list[float]) -> float | None:

@@ -104,6 +104,54 @@ def test_resume_true_without_checkpoint_fails_as_transformers_does(model_dir, tm
         assert trainer.state.global_step == 0 and not (out / "metrics.jsonl").exists()
 
 
+# ---------------------------------------------------------------- checksums
+def corrupt_flip(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: torch.load may still read it, to different numbers
+    open(path, "wb").write(bytes(data))
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+def edit_position(path):
+    state = json.load(open(path))
+    state["sampler"]["position"] += 8  # a valid JSON edit: the run would resume on other prompts
+    json.dump(state, open(path, "w"))
+
+
+@pytest.mark.parametrize("name, damage, expected", [
+    ("trainable_state.pt", corrupt_flip, "does not match its checksum"),
+    ("optimizer.pt", corrupt_flip, "does not match its checksum"),
+    ("optimizer.pt", truncate, "does not match its checksum"),
+    ("trainer_state.json", edit_position, "does not match its checksum"),
+    ("scheduler.pt", os.remove, "is missing from the checkpoint"),
+], ids=["weights-flipped", "optimizer-flipped", "optimizer-truncated", "position-edited", "scheduler-missing"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(model_dir, tmp_path, name, damage, expected):
+    trained(model_dir, tmp_path, max_steps=1)
+    folder = tmp_path / "checkpoint-1"
+    damage(str(folder / name))
+    t = GRPOTrainer(model_dir, tiny.first_char_reward, GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+        max_steps=2, bf16=False, save_steps=1, disable_tqdm=True), train_dataset=Dataset.from_list(tiny.addition_rows(16)))
+    with pytest.raises(ValueError, match=re.escape(str(folder / name)) + ".*" + expected):
+        t.train(resume_from_checkpoint=True)
+    assert t.state.global_step == 0
+
+
+def test_checksums_cover_every_file_of_a_checkpoint(model_dir, tmp_path):
+    trained(model_dir, tmp_path, max_steps=1)
+    folder = tmp_path / "checkpoint-1"
+    listed = json.load(open(folder / ckpt.CHECKSUMS))
+    on_disk = sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+    assert sorted(listed) == [f for f in on_disk if f != ckpt.CHECKSUMS]
+    import hashlib
+    for name, digest in listed.items():  # an independent hash of each file
+        assert hashlib.sha256(open(folder / name, "rb").read()).hexdigest() == digest
+
+
 # ---------------------------------------------------------------- crash + resume, in subprocesses
 def write_run(tmp_path, model_dir) -> str:
     data = tmp_path / "prompts.jsonl"

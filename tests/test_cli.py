@@ -1,6 +1,7 @@
 """`fastrl train CONFIG.yaml [--field value ...]`: overrides, early errors naming the problem, a real run."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,10 +66,10 @@ def test_string_fields_keep_yes_no_words(tmp_path):
     assert parse_overrides(["--save_strategy", '"no"', "--run_name", "'2024'"]) == \
         {"save_strategy": "no", "run_name": "2024"}  # YAML quotes around a word are quotes, not part of it
     path = tmp_path / "c.yaml"
-    path.write_text("model: tiny\ntask: copy\nsave_strategy: no\nlog_level: off\nbf16: no\nuse_vllm: Off\n"
+    path.write_text("model: tiny\ntask: copy\nsave_strategy: no\nhub_model_id: off\nbf16: no\nuse_vllm: Off\n"
                     "run_name: 7\ntiny_model: {tie_word_embeddings: no}\n")
     raw = load_run_config(str(path))
-    assert (raw["save_strategy"], raw["log_level"], raw["bf16"], raw["use_vllm"], raw["run_name"]) == \
+    assert (raw["save_strategy"], raw["hub_model_id"], raw["bf16"], raw["use_vllm"], raw["run_name"]) == \
         ("no", "off", False, False, "7")
     assert raw["tiny_model"] == {"tie_word_embeddings": False}
     run, cfg = split_run_config(load_run_config(str(path), parse_overrides(["--save_strategy", "no"])))
@@ -252,3 +253,39 @@ def test_bench_and_plan_entries_point_at_real_functions():
     for name in ("plan", "bench"):
         for which in ("add", "run"):
             assert callable(cli._function(cli.COMMANDS[name], which))
+
+
+# ---------------------------------------------------------------- named errors instead of tracebacks
+@pytest.mark.parametrize("text, expected", [
+    ("model: tiny\ntask: copy\n  max_steps: 3\n", "config '.*c.yaml': not valid YAML"),
+    ("model: tiny\ntask: copy\nper_device_train_batch_size: 7.5\n", "per_device_train_batch_size: expected an integer"),
+    ("model: tiny\ntask: copy\nlearning_rate: .inf\n", "learning_rate: expected a finite number"),
+], ids=["malformed-yaml", "fractional-batch", "inf-learning-rate"])
+def test_bad_configs_are_named_errors(tmp_path, capsys, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + f"output_dir: {tmp_path / 'out'}\n")
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"fastrl train: error: {expected}", err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "dataset: file .* is empty"),
+    ('{"prompt": 1, "answer": "1"}\n{"prompt": 2, "answer": "2"}\n', "row 0: 'prompt' must be a non-empty string"),
+], ids=["empty-file", "int-prompts"])
+def test_bad_dataset_files_are_named_before_the_model_is_written(tmp_path, capsys, content, expected):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(content)
+    path = write(tmp_path, {"model": "tiny", "dataset": str(data), "rewards": ["accuracy_reward"],
+                            "output_dir": str(tmp_path / "out")})
+    assert cli.main(["train", path]) == 2
+    assert re.search(expected, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "tiny_model").exists()
+
+
+def test_bad_reward_weights_are_named_before_the_model_is_written(tmp_path, capsys):
+    path = write(tmp_path, {"model": "tiny", "task": "copy", "reward_weights": [1.0, 2.0, 3.0, 4.0, 5.0],
+                            "output_dir": str(tmp_path / "out")})
+    assert cli.main(["train", path]) == 2
+    assert "reward_weights: 5 weights for" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tiny_model").exists()

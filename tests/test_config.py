@@ -4,11 +4,14 @@ TRL's own `trl.GRPOConfig` is the independent reference: every field both classe
 after construction, for the defaults and for a few non-default settings.
 """
 import dataclasses
+import math
+import os
+import re
 import warnings
 
 import pytest
 
-from fastrl.config import UNSUPPORTED, GRPOConfig
+from fastrl.config import NO_EFFECT, UNSUPPORTED, GRPOConfig
 
 trl = pytest.importorskip("trl")
 
@@ -94,6 +97,49 @@ def test_harmless_fields_are_accepted():
     cfg = GRPOConfig(logging_dir="/tmp/logs", hub_model_id="me/model", log_completions=True, run_name="r",
                      save_total_limit=2, overwrite_output_dir=True, vllm_gpu_memory_utilization=0.5)
     assert cfg.hub_model_id == "me/model"
+
+
+# ---------------------------------------------------------------- no field accepted and ignored
+def test_an_unknown_field_is_a_value_error_with_a_hint():
+    with pytest.raises(ValueError, match="learnin_rate: not a GRPOConfig field.*'learning_rate'"):
+        GRPOConfig(learnin_rate=1e-3)
+
+
+def _source_without_config() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    texts = []
+    for folder in ("fastrl", "kernels"):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            texts += [open(os.path.join(dirpath, f)).read() for f in files
+                      if f.endswith(".py") and os.path.join(dirpath, f) != os.path.join(root, "fastrl", "config.py")]
+    return "\n".join(texts)
+
+
+def test_every_honoured_field_is_read_by_the_code():
+    """An honoured field nobody reads is accepted and ignored: each must be named outside config.py (the trainer,
+    generators, policy, logger, ...) or be listed in NO_EFFECT with the reason it changes nothing."""
+    source = _source_without_config()
+    ignored = [n for n in sorted(GRPOConfig.field_names() - set(UNSUPPORTED) - set(NO_EFFECT))
+               if not re.search(rf"\b{n}\b", source)]
+    assert ignored == [], f"accepted but never read: {ignored}"
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("learning_rate", math.inf, "finite"), ("beta", math.inf, "finite"), ("max_grad_norm", math.nan, "finite"),
+    ("epsilon", -math.inf, "finite"), ("temperature", math.nan, "finite"), ("max_steps", 2.5, "an integer"),
+    ("per_device_train_batch_size", 7.5, "an integer"), ("num_generations", True, "a number"),
+    ("bf16", "false", "true or false"), ("max_grad_norm", -1.0, ">= 0"), ("logging_strategy", "epoch", "'no'"),
+    ("log_level", "loud", "one of"), ("vllm_mode", "server", "colocate"),
+], ids=lambda v: str(v))
+def test_non_finite_non_integer_and_mistyped_values_name_the_field(name, value, expected):
+    with pytest.raises(ValueError, match=rf"{name}.*{re.escape(expected)}"):
+        GRPOConfig(**{name: value})
+
+
+def test_an_integral_float_is_taken_as_the_integer():
+    cfg = GRPOConfig(per_device_train_batch_size=8.0, max_steps=3.0)
+    assert (cfg.per_device_train_batch_size, cfg.max_steps) == (8, 3)
+    assert type(cfg.per_device_train_batch_size) is int and type(cfg.max_steps) is int
 
 
 @pytest.mark.parametrize("name, value", [("loss_type", "vespo"), ("scale_rewards", "rank"), ("temperature", 0.0),

@@ -82,7 +82,7 @@ def test_default_output_path_sits_next_to_the_dataset(setup):
     assert [r["id"] for r in read_jsonl(tmp_path / "prompts.filtered.jsonl")] == KEPT
 
 
-def test_resume_after_crash_gives_the_same_output_and_scores_no_row_twice(setup, monkeypatch):
+def test_resume_after_crash_gives_the_same_output_and_scores_no_row_twice(setup, monkeypatch, capsys):
     tmp_path, config, log = setup
     straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
     args = [config, "--k", str(K), "--batch-size", "3"]
@@ -90,8 +90,8 @@ def test_resume_after_crash_gives_the_same_output_and_scores_no_row_twice(setup,
     log.unlink()
 
     monkeypatch.setenv("FASTRL_TEST_CRASH_AT_ID", "7")  # the third batch (rows 6-8) crashes
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        filter_main([*args, "--out", str(resumed)])
+    assert filter_main([*args, "--out", str(resumed)]) == 1  # the CLI names the reward function that raised
+    assert "reward function 'row_rate_reward' raised RuntimeError: simulated crash" in capsys.readouterr().err
     assert not resumed.exists()
     assert scored_ids(log) == [0, 1, 2, 3, 4, 5]
     partial = read_jsonl(str(resumed) + ".partial")
@@ -147,3 +147,16 @@ def test_output_must_not_overwrite_the_input(setup, capsys):
     assert filter_main([config, "--out", str(tmp_path / "prompts.jsonl")]) == 2
     assert "is the input dataset itself" in capsys.readouterr().err
     assert (tmp_path / "prompts.jsonl").read_text() == before
+
+
+def test_a_partial_line_without_rewards_is_named(setup, capsys):
+    tmp_path, config, _ = setup
+    out = tmp_path / "filtered.jsonl"
+    partial = str(out) + ".partial"
+    args = [config, "--k", str(K), "--batch-size", "4", "--out", str(out)]
+    assert filter_main(args) == 0
+    lines = open(partial).read().split("\n")[:-1]
+    lines[2] = json.dumps({"row": 1})  # a complete JSON line that is not a record
+    open(partial, "w").write("\n".join(lines) + "\n")
+    assert filter_main(args) == 2
+    assert "holds an unreadable line '{\"row\": 1}'" in capsys.readouterr().err
