@@ -51,8 +51,6 @@ UNSUPPORTED = {
     "sapo_temperature_pos": (1.0, "the fused loss uses TRL's default SAPO temperatures"),
     "sapo_temperature_neg": (1.05, "the fused loss uses TRL's default SAPO temperatures"),
     "vllm_structured_outputs_regex": (None, "use generation_kwargs={'structured_outputs': {'regex': ...}}"),
-    "vllm_mode": ("colocate", "only colocated vLLM is implemented (no vLLM server)"),
-    "vllm_tensor_parallel_size": (1, "tensor-parallel vLLM needs several processes; one process only so far"),
     "full_determinism": (False, "transformers' deterministic-algorithms switch is not applied"),
     "bf16_full_eval": (False, "evaluation runs under the training precision (bf16 autocast or fp32)"),
     "fp16_full_eval": (False, "fp16 is not supported"),
@@ -513,8 +511,8 @@ class GRPOConfig:
         need(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type", f"one of {SCHEDULERS}")
         need(self.save_strategy in ("steps", "no"), "save_strategy", "'steps' or 'no'")
         need(self.logging_strategy in ("steps", "no"), "logging_strategy", "'steps' or 'no'")
+        need(self.vllm_mode in ("colocate", "server"), "vllm_mode", "'colocate' or 'server'")
         need(self.log_level in LOG_LEVELS, "log_level", f"one of {LOG_LEVELS}")
-        need(self.process_index == 0, "process_index", "0 (one process only so far)")
         need(self.save_steps > 0, "save_steps", "a number > 0")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "None or >= 1")
         need(self.logging_steps > 0, "logging_steps", "a number > 0")

@@ -9,7 +9,7 @@ import torch
 from fastrl.bench import e2e
 from fastrl.bench.jobs import JobFailed
 
-RUN = {"device": "cpu: test", "versions": "{}", "timestamp": "2026-01-01T00:00:00+00:00", "command": "pytest"}
+RUN = {"device": "cpu: test", "versions": "{}", "timestamp": "2026-01-01T00:00:00+00:00", "command": "pytest", "commit": "abc123"}
 
 
 def test_rows_drop_the_warm_up_step_and_divide_tokens_by_the_timed_steps(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ from fastrl.bench.providers import PROVIDERS, providers_for
 from fastrl.bench.results import COLUMNS, read_csv, row, write_csv
 from fastrl.bench.table import render_table
 
-RUN = {"device": "cpu: test", "versions": "{}", "timestamp": "2026-01-01T00:00:00+00:00", "command": "pytest"}
+RUN = {"device": "cpu: test", "versions": "{}", "timestamp": "2026-01-01T00:00:00+00:00", "command": "pytest", "commit": "abc123"}
 
 
 def _rows(case: KernelCase):
@@ -227,3 +227,29 @@ def test_memory_beyond_grads_subtracts_dh_and_dw_in_the_input_dtype():
     assert c.grad_mib() == pytest.approx((16 * 16 + 64 * 16) * 4 / 2**20)
     assert KernelCase("grpo_loss", "forward", B=2, T=8, H=16, V=64).grad_mib() == 0.0
     assert KernelCase("grpo_loss", "full", B=2, T=8, H=16, V=64, dtype="bfloat16").grad_mib() == c.grad_mib() / 2
+
+
+def test_git_commit_is_the_checkout_head():
+    from fastrl.bench.results import git_commit
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        assert git_commit() == "unknown"
+    else:
+        assert git_commit().split("-")[0] == head.stdout.strip()
+
+
+def test_every_result_row_names_the_commit_it_measured():
+    """bench/results/*.csv: a `commit` column, filled on every row (rows from before commits were recorded say
+    so and name the commit that last wrote the file)."""
+    import csv
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = glob.glob(os.path.join(root, "bench", "results", "*.csv"))
+    assert paths
+    for path in paths:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+        assert rows and all(r.get("commit") for r in rows), os.path.basename(path)

@@ -1,7 +1,8 @@
 """The long-format results CSV (Liger's benchmark layout) and the facts recorded with every row.
 
 One row per (operation, provider, mode, metric, x): p20/p50/p80 of the metric, the full case as JSON in
-`config`, the device, the package versions, when, and the command that produced it. Rows whose provider could
+`config`, the device, the package versions, when, the command that produced it and the git commit of the code it
+measured (`git_commit`: "-dirty" when tracked files differ from that commit). Rows whose provider could
 not run carry metric "skipped", no values, and the reason in config["reason"].
 """
 from __future__ import annotations
@@ -12,10 +13,11 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 from importlib import metadata
 
 COLUMNS = ["operation", "provider", "mode", "metric", "unit", "x_name", "x_value", "p20", "p50", "p80",
-           "config", "device", "versions", "timestamp", "command"]
+           "config", "device", "versions", "timestamp", "command", "commit"]
 VERSIONED = ("fastrl", "torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy")
 
 
@@ -47,6 +49,20 @@ def device_name(device: str = "cpu") -> str:
     return f"cpu: {model}, {torch.get_num_threads()} threads"
 
 
+def git_commit() -> str:
+    """The commit of the fastrl checkout being measured ("<hash>-dirty" with uncommitted changes to tracked files),
+    or "unknown" outside a git checkout (an installed wheel)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -56,16 +72,17 @@ def command_line(argv: list[str] | None, prog: str = "fastrl bench") -> str:
 
 
 def row(*, operation, provider, mode, metric, unit, x_name, x_value, values=None, config: dict, run: dict) -> dict:
-    """One CSV row; `run` holds device, versions, timestamp, command (the same for a whole run)."""
+    """One CSV row; `run` holds device, versions, timestamp, command, commit (the same for a whole run)."""
     p20, p50, p80 = values if values is not None else ("", "", "")
     return {"operation": operation, "provider": provider, "mode": mode, "metric": metric, "unit": unit,
             "x_name": x_name, "x_value": x_value, "p20": p20, "p50": p50, "p80": p80,
             "config": json.dumps(config, sort_keys=True), "device": run["device"], "versions": run["versions"],
-            "timestamp": run["timestamp"], "command": run["command"]}
+            "timestamp": run["timestamp"], "command": run["command"], "commit": run["commit"]}
 
 
 def run_facts(command: str, device: str = "cpu") -> dict:
-    return {"device": device_name(device), "versions": versions(), "timestamp": now(), "command": command}
+    return {"device": device_name(device), "versions": versions(), "timestamp": now(), "command": command,
+            "commit": git_commit()}
 
 
 def write_csv(rows: list[dict], path: str) -> str:

@@ -146,6 +146,10 @@ class VLLMGenerator:
 
     def __init__(self, model: torch.nn.Module, args, tokenizer=None, *, eos_token_ids: list[int] | None = None,
                  kv_cache_memory_bytes: int | None = None):
+        if args.vllm_mode != "colocate":
+            raise ValueError(f"vllm_mode={args.vllm_mode!r}: only 'colocate' is implemented")
+        if args.vllm_tensor_parallel_size != 1:
+            raise ValueError(f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}: only 1 is implemented")
         config = _base_config(model)
         self.device = next(model.parameters()).device
         self.on_cpu = self.device.type != "cuda"

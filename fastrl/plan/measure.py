@@ -324,6 +324,10 @@ def _mib(n: int) -> float:
 
 
 def write_csv(path: str, rows: list[dict], command: str) -> None:
+    from fastrl.bench.results import git_commit
+
+    commit = git_commit()
+    rows = [{**r, "commit": commit} for r in rows]  # the code every row measured
     with open(path, "w", newline="") as f:
         f.write(f"# made by: {command}\n")
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; peak RSS above a warmed-up baseline, "
