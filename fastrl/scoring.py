@@ -80,6 +80,8 @@ def check_reward_columns(funcs, names, columns) -> None:
     """Each reward function's required keyword arguments must be dataset columns (or what the trainer passes):
     found before training rather than as a TypeError at the first step."""
     for f, name in zip(funcs, names):
+        if isinstance(f, torch.nn.Module):  # a reward model reads the prompt and completion text only
+            continue
         try:
             params = inspect.signature(f).parameters.values()
         except (TypeError, ValueError):  # a builtin or C callable: nothing to check

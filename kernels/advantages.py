@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import ValueChecks
 from .params import SCALE_REWARDS
 
 
@@ -31,8 +32,15 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewar
                          f"got {num_generations}")
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards: expected one of {list(SCALE_REWARDS)}, got {scale_rewards!r}")
-    if torch.isinf(rewards).any():
-        raise ValueError("rewards: expected finite values or NaN (unscorable), got inf")
+    checks = ValueChecks()
+    checks.no_inf("rewards", rewards)
+    checks.run()
+    return normalized_advantages(rewards, num_generations, scale_rewards, eps)
+
+
+def normalized_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str,
+                          eps: float = 1e-4) -> torch.Tensor:
+    """group_advantages on rewards already checked (the loss entry point checks them with its other inputs)."""
     r = rewards.float()
     groups = r.view(-1, num_generations)  # [P, G]
     mean, std = _nan_mean_std(groups, dim=1)  # [P, 1] each

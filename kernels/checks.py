@@ -1,4 +1,9 @@
-"""Input validation: every bad input gets a ValueError naming the argument and what was expected."""
+"""Input validation: every bad input gets a ValueError naming the argument and what was expected.
+
+Shapes, dtypes and settings are host facts and cost nothing. Value checks (finite entries, ids in [0, V)) need
+the data: each is a device reduction, and `ValueChecks` reads all of one call's back in a single device->host
+transfer (on a GPU each separate read stalls the stream: up to seven per loss call before).
+"""
 from __future__ import annotations
 
 import math
@@ -23,14 +28,40 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple, what: str) -> None:
         _fail(name, f"shape {what} = {tuple(shape)}", tuple(t.shape))
 
 
-def check_finite(name: str, t: torch.Tensor | None) -> None:
-    if t is not None and not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        _fail(name, "finite values (no NaN or inf)", f"{bad} non-finite entries")
+class ValueChecks:
+    """Value checks of one call, gathered as 0-d device counts of bad entries and read back once by `run`."""
+
+    def __init__(self):
+        self.items: list[tuple[str, str, torch.Tensor, object]] = []  # (argument, expected, count, describe)
+
+    def finite(self, name: str, t: torch.Tensor | None) -> None:
+        if t is not None:
+            self.items.append((name, "finite values (no NaN or inf)", (~torch.isfinite(t)).sum(),
+                               lambda n: f"{n} non-finite entries"))
+
+    def no_inf(self, name: str, t: torch.Tensor) -> None:
+        self.items.append((name, "finite values or NaN (unscorable)", torch.isinf(t).sum(),
+                           lambda n: f"{n} infinite entries"))
+
+    def ids(self, name: str, t: torch.Tensor, vocab: int) -> None:
+        if t.numel():
+            self.items.append((name, f"ids in [0, V) = [0, {vocab})", ((t < 0) | (t >= vocab)).sum(),
+                               lambda n: f"min {int(t.min())}, max {int(t.max())}"))
+
+    def run(self) -> None:
+        """One device->host read for every check; a failing check raises naming its argument."""
+        if not self.items:
+            return
+        device = self.items[0][2].device
+        counts = torch.stack([c.to(device) for _, _, c, _ in self.items]).tolist()
+        for (name, expected, _, describe), n in zip(self.items, counts):
+            if n:
+                _fail(name, expected, describe(n))
 
 
-def check_linear_inputs(hidden, weight, targets, bias) -> None:
-    """hidden [..., H], weight [V, H], targets [...] integer ids in [0, V), bias [V]."""
+def check_linear_inputs(hidden, weight, targets, bias, checks: ValueChecks | None = None) -> None:
+    """hidden [..., H], weight [V, H], targets [...] integer ids in [0, V), bias [V]. The id range is read by
+    `checks.run()`: the caller's, or here when none is given."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
         _fail("hidden", "a tensor [N, H] or [B, T, H]", getattr(hidden, "shape", type(hidden).__name__))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -49,12 +80,15 @@ def check_linear_inputs(hidden, weight, targets, bias) -> None:
     if targets.device != hidden.device:
         _fail("targets", f"the same device as hidden ({hidden.device})", targets.device)
     vocab = weight.shape[0]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        _fail("targets", f"ids in [0, V) = [0, {vocab})", f"min {int(targets.min())}, max {int(targets.max())}")
     if bias is not None:
         check_shape("bias", bias, (vocab,), "[V]")
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
             _fail("bias", f"dtype {hidden.dtype} on {hidden.device}", f"{bias.dtype} on {bias.device}")
+    own = checks is None
+    checks = ValueChecks() if own else checks
+    checks.ids("targets", targets, vocab)
+    if own:
+        checks.run()
 
 
 def _positive(value) -> bool:
@@ -101,16 +135,16 @@ def _check_choice(name, value, choices):
         _fail(name, f"one of {list(choices)}", repr(value))
 
 
-def _check_advantage_source(advantages, rewards, num_generations, scale_rewards, batch):
+def _check_advantage_source(advantages, rewards, num_generations, scale_rewards, batch, checks: ValueChecks):
     if (advantages is None) == (rewards is None):
         _fail("advantages/rewards", "exactly one of advantages [B] or rewards [B] (+ num_generations)",
               "both" if advantages is not None else "neither")
     if advantages is not None:
         check_shape("advantages", advantages, (batch,), "[B]")
-        check_finite("advantages", advantages)
+        checks.finite("advantages", advantages)
         return
     check_shape("rewards", rewards, (batch,), "[B]")
-    check_finite("rewards", rewards)
+    checks.finite("rewards", rewards)
     _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     if not isinstance(num_generations, int) or num_generations < 1 or batch % num_generations:
         _fail("num_generations", f"a positive integer dividing the batch size B = {batch}", num_generations)
@@ -167,16 +201,17 @@ def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewa
                          max_completion_length=None, num_items_in_batch=None, is_ratio=None,
                          top_entropy_quantile=1.0, logit_transform=None, cu_seqlens=None) -> GRPOInputs:
     batch, tokens, what = _token_layout(hidden, cu_seqlens)
-    check_linear_inputs(hidden, weight, targets, bias)
+    checks = ValueChecks()
+    check_linear_inputs(hidden, weight, targets, bias, checks)
     check_shape("mask", mask, tokens, what)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if t is not None:
             check_shape(name, t, tokens, what)
-            check_finite(name, t)
+            checks.finite(name, t)
     if is_ratio is not None:
         if tuple(is_ratio.shape) not in (tokens, (batch, 1)):
             _fail("is_ratio", f"shape {what} = {tokens} or [B, 1]", tuple(is_ratio.shape))
-        check_finite("is_ratio", is_ratio)
+        checks.finite("is_ratio", is_ratio)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = float(num_items_in_batch)
     params = GRPOLossParams(
@@ -187,6 +222,7 @@ def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewa
         use_bias_correction_kl=bool(use_bias_correction_kl), max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, top_entropy_quantile=float(top_entropy_quantile))
     _check_loss_settings(params, ref_logprobs)
-    _check_advantage_source(advantages, rewards, num_generations, scale_rewards, batch)
+    _check_advantage_source(advantages, rewards, num_generations, scale_rewards, batch, checks)
+    checks.run()
     return GRPOInputs(params, advantages, rewards, num_generations, scale_rewards, bias,
                       old_logprobs, ref_logprobs if params.beta != 0.0 else None, is_ratio)

@@ -80,20 +80,26 @@ def per_sequence(ratio) -> bool:
     return ratio.dim() == 2 and ratio.shape[1] == 1
 
 
+def entropy_threshold(entropy, mask, quantile: float) -> torch.Tensor:
+    """TRL's get_high_entropy_mask threshold: the (1 − quantile) quantile of the masked entropies, a [1] tensor
+    computed without a host read (masked-out entries are NaN, which nanquantile skips; with none left it is NaN,
+    and `entropy >= NaN` keeps no token)."""
+    values = torch.where(mask.bool(), entropy.float(), torch.nan)  # [B, T]
+    return torch.nanquantile(values.reshape(-1), 1.0 - quantile).reshape(1)
+
+
 def entropy_keep_mask(entropy, mask, quantile: float):
     """TRL's get_high_entropy_mask: 1 for tokens at or above the (1 − quantile) entropy quantile."""
     if quantile >= 1.0:
         return None
-    values = entropy[mask.bool()].float()
-    if values.numel() == 0:
-        return torch.zeros_like(mask, dtype=torch.float32)
-    threshold = torch.quantile(values, 1.0 - quantile)
-    return ((entropy * mask >= threshold) & mask.bool()).float()
+    return ((entropy * mask >= entropy_threshold(entropy, mask, quantile)) & mask.bool()).float()
 
 
-def finish_metrics(sums: dict, mask_sum: float, n_seq: int, sequence_level: bool, entropy_sum=None) -> dict:
-    """Masked sums -> TRL's masked means (per token; per sequence for sequence-level clip flags)."""
-    token_count = max(mask_sum, 1.0)
+def finish_metrics(sums: dict, mask_sum: torch.Tensor, n_seq: int, sequence_level: bool,
+                   entropy_sum=None) -> dict:
+    """Masked sums -> TRL's masked means (per token; per sequence for sequence-level clip flags). mask_sum is a
+    0-d tensor: the means stay on the device (no host read)."""
+    token_count = mask_sum.clamp(min=1.0)
     out = {}
     for name, total in sums.items():
         per_seq = sequence_level and name != "kl"
@@ -130,5 +136,5 @@ def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy,
         loss, sums = objective_terms(leaf, log_ratio, adv, ref, isr, keep, token_weights(mask, p), mask, p)
         (g,) = torch.autograd.grad(loss, leaf)
     entropy_sum = None if entropy is None else (entropy.float() * mask).sum()
-    metrics = finish_metrics(sums, float(mask.sum()), mask.shape[0], per_sequence(log_ratio), entropy_sum)
+    metrics = finish_metrics(sums, mask.sum(), mask.shape[0], per_sequence(log_ratio), entropy_sum)
     return loss.detach(), g, metrics

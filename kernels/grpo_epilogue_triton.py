@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grpo_epilogue import check_epilogue_inputs
+from .grpo_epilogue import check_epilogue_inputs, entropy_threshold
 from .loss_spec import SEQUENCE_MEAN
 from .params import GRPOLossParams
 
@@ -139,7 +139,7 @@ def _sequence_sums(p_logp, p_mask, p_old, row, T, HAS_OLD: tl.constexpr, BLOCK_T
 @triton.jit
 def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_mask_total, p_g, p_part,
                           T, stride_isr_b, stride_isr_t, n_seq, norm_const, beta, eps_low, eps_high, delta,
-                          t_pos, t_neg, ent_thr,
+                          t_pos, t_neg, p_ent_thr,
                           LOSS: tl.constexpr, NORM: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr,
                           HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
                           HAS_IS: tl.constexpr, HAS_ENT: tl.constexpr, ENT_MASK: tl.constexpr,
@@ -147,6 +147,9 @@ def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_m
     i_b = tl.program_id(0).to(tl.int64)
     row = i_b * T
     a = tl.load(p_adv + i_b).to(tl.float32)
+    ent_thr = 0.0
+    if ENT_MASK:
+        ent_thr = tl.load(p_ent_thr)  # the entropy quantile, computed on the device (no host read)
     m_sum, lr_sum = _sequence_sums(p_logp, p_mask, p_old, row, T, HAS_OLD, BLOCK_T)  # pass 1
     den = tl.maximum(m_sum, 1.0)
     r_seq = tl.exp(lr_sum / den)
@@ -216,14 +219,6 @@ def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_m
     tl.store(p_out + 6, cispo_sum)
 
 
-def _entropy_threshold(entropy, mask, quantile: float) -> float:
-    """TRL's get_high_entropy_mask threshold: the (1 − quantile) quantile of the masked entropies (+inf if none)."""
-    values = entropy[mask.bool()].float()
-    if values.numel() == 0:
-        return float("inf")
-    return float(torch.quantile(values, 1.0 - quantile))
-
-
 def _normalizer(mask, p: GRPOLossParams) -> tuple[int, float]:
     """(NORM, norm_const) for the kernel, from the loss type's reduction (loss_spec.py)."""
     if p.rule.reduction == SEQUENCE_MEAN:
@@ -262,7 +257,7 @@ def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy,
     mask_total = mask.sum().reshape(1)  # [1] device reduction, read by the kernel for bnpo/dapo/cispo
     norm, norm_const = _normalizer(mask, p)
     ent_mask = p.top_entropy_quantile < 1.0
-    ent_thr = _entropy_threshold(entropy, mask, p.top_entropy_quantile) if ent_mask else 0.0
+    ent_thr = entropy_threshold(entropy, mask, p.top_entropy_quantile) if ent_mask else mask_total  # [1]
     g = torch.empty_like(logp)
     partials = torch.empty(n_seq, len(PARTIALS), dtype=torch.float32, device=logp.device)
     if n_seq > 0 and length > 0:

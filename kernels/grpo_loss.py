@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .advantages import group_advantages
+from .advantages import normalized_advantages
 from .backend import phases, resolve_backend
 from .checks import validate_grpo_inputs
 from .grpo_single_pass import grpo_single_pass
@@ -136,7 +136,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, re
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, is_ratio=is_ratio,
         top_entropy_quantile=top_entropy_quantile, logit_transform=logit_transform, cu_seqlens=cu_seqlens)
     if advantages is None:
-        advantages = group_advantages(rewards, num_generations, scale_rewards=scale_rewards)
+        advantages = normalized_advantages(rewards, num_generations, scale_rewards)  # checked above
     if cu_seqlens is None:
         layout = RowLayout(tuple(mask.shape), None)
     else:

@@ -87,7 +87,7 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
             dz = logit_grad_(None, prob, y_t, g * t.grad_scale, None, None)
             accumulate_grads(dz if cap is None else dz.mul_(cap), h_t, weight, *grads)
     t.bias_grad_(db)
-    metrics = finish_metrics(totals, float(mask.sum()), mask.shape[0], False, entropy_sum)
+    metrics = finish_metrics(totals, mask.sum(), mask.shape[0], False, entropy_sum)
     return loss, metrics, dh, dw, db
 
 

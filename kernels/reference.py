@@ -1,7 +1,9 @@
 """Ground truth: the materializing computation in float64, written the obvious way.
 
 It holds the full [N, V] logits and lets autograd do the calculus, so it shares no code with the fused paths it
-checks (forward_sweep/grad_sweep/grpo_epilogue and their Triton twins). Use it on small inputs only.
+checks (forward_sweep/grad_sweep/grpo_epilogue and their Triton twins). It reads its keyword arguments itself
+(`_settings`: defaults, epsilon_high, the normalizer's inputs); the kernels' validate_grpo_inputs only makes bad
+input fail here as it fails there, its result unused. Use it on small inputs only.
 With `dtype=` set to the inputs' own dtype it is also "PyTorch's plain materializing path at that precision",
 the baseline low-precision tests compare the fused paths' error against.
 """
@@ -11,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from .checks import check_logit_transform, validate_grpo_inputs
+from .checks import validate_grpo_inputs
 from .params import GRPOLossParams, LogitTransform
 
 
@@ -30,7 +32,7 @@ def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, with
                        dtype=torch.float64, logit_transform=None):
     """log softmax(z) at `targets` (and the entropy), z = (h Wᵀ + b)/τ or the logits of `logit_transform` at
     temperature τ, computed in `dtype`, differentiable."""
-    t = check_logit_transform(temperature, logit_transform)
+    t = replace(logit_transform or LogitTransform(), temperature=float(temperature))
     logp_all = torch.log_softmax(_logits(hidden, weight, bias, t, dtype), dim=-1)  # [..., V]
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
@@ -132,28 +134,28 @@ def reference_grpo_loss(hidden, weight, targets, mask, advantages=None, dtype=to
 
     Returns (loss, metrics)."""
     kwargs.pop("backend", None)
-    validate_grpo_inputs(hidden, weight, targets, mask, advantages, **kwargs)
+    validate_grpo_inputs(hidden, weight, targets, mask, advantages, **kwargs)  # bad input fails as the kernels'
     cu_seqlens = kwargs.pop("cu_seqlens", None)
     if cu_seqlens is not None:  # packed rows: lay them out padded, then the padded computation
         hidden, targets, mask, kwargs = _unpack(cu_seqlens, hidden, targets, mask, kwargs)
-    inputs = validate_grpo_inputs(hidden, weight, targets, mask, advantages, **kwargs)
-    p, adv = inputs.params, inputs.advantages
+    p, given = _settings(**kwargs)  # the settings as read here, not as the kernels' validation derives them
+    adv = advantages
     if adv is None:
-        adv = reference_group_advantages(inputs.rewards, inputs.num_generations, inputs.scale_rewards)
+        adv = reference_group_advantages(given["rewards"], given["num_generations"], given["scale_rewards"])
     mask64 = mask.double()
     adv = adv.double()
-    logp, entropy = reference_logprobs(hidden, weight, targets, inputs.bias, p.logits.temperature, True, dtype,
+    logp, entropy = reference_logprobs(hidden, weight, targets, given["bias"], p.logits.temperature, True, dtype,
                                        replace(p.logits, temperature=1.0))
     logp, entropy = logp.double(), entropy.double()  # the loss arithmetic itself is O(B·T): float64 always
-    old = logp.detach() if inputs.old_logprobs is None else inputs.old_logprobs.double()
+    old = logp.detach() if given["old_logprobs"] is None else given["old_logprobs"].double()
     per_token, ratio = _per_token_loss(logp, old, adv, mask64, p)
     if p.top_entropy_quantile < 1.0:
         per_token = per_token * _entropy_mask(entropy.detach(), mask64, p.top_entropy_quantile)
-    if inputs.is_ratio is not None:
-        per_token = per_token * inputs.is_ratio.double()
+    if given["is_ratio"] is not None:
+        per_token = per_token * given["is_ratio"].double()
     metrics = {"entropy": _masked_mean(entropy.detach(), mask64)}
     if p.beta != 0.0:
-        d = inputs.ref_logprobs.double() - logp
+        d = given["ref_logprobs"].double() - logp
         kl = torch.exp(d) - d - 1
         if p.use_bias_correction_kl:
             kl = kl * ratio
@@ -162,6 +164,25 @@ def reference_grpo_loss(hidden, weight, targets, mask, advantages=None, dtype=to
     loss = _reduce(per_token, mask64, p)
     metrics.update(_clip_metrics(ratio.detach(), adv, mask64, p))
     return loss, metrics
+
+
+def _settings(rewards=None, num_generations=None, scale_rewards="group", old_logprobs=None, ref_logprobs=None,
+              bias=None, beta=0.0, epsilon=0.2, epsilon_high=None, delta=None, temperature=1.0, loss_type="dapo",
+              importance_sampling_level="token", use_bias_correction_kl=False, max_completion_length=None,
+              num_items_in_batch=None, is_ratio=None, top_entropy_quantile=1.0, logit_transform=None,
+              backend=None) -> tuple[GRPOLossParams, dict]:
+    """fused_linear_grpo_loss's keyword arguments and defaults, read here (not through its validation) ->
+    (the scalar settings, the tensors)."""
+    params = GRPOLossParams(
+        loss_type=loss_type, beta=float(beta), epsilon_low=float(epsilon),
+        epsilon_high=float(epsilon if epsilon_high is None else epsilon_high), delta=delta,
+        logits=replace(logit_transform or LogitTransform(), temperature=float(temperature)),
+        importance_sampling_level=importance_sampling_level, use_bias_correction_kl=bool(use_bias_correction_kl),
+        max_completion_length=max_completion_length,
+        num_items_in_batch=None if num_items_in_batch is None else float(num_items_in_batch),
+        top_entropy_quantile=float(top_entropy_quantile))
+    return params, {"rewards": rewards, "num_generations": num_generations, "scale_rewards": scale_rewards,
+                    "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "bias": bias, "is_ratio": is_ratio}
 
 
 def _clip_metrics(ratio, adv, mask, p: GRPOLossParams):

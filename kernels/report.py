@@ -152,8 +152,8 @@ def _epilogue_spec(sequence_level: bool) -> KernelSpec:
     ptrs = ["p_logp", "p_mask", "p_adv", "p_old", "p_ref", "p_isr", "p_ent", "p_mask_total", "p_g", "p_part"]
     args = {**{p: ("*fp32", None) for p in ptrs}, "T": ("i32", length), "stride_isr_b": ("i32", length),
             "stride_isr_t": ("i32", 1), **{k: ("fp32", None) for k in ("n_seq", "norm_const", "beta", "eps_low",
-                                                                     "eps_high", "delta", "t_pos", "t_neg",
-                                                                     "ent_thr")}}
+                                                                     "eps_high", "delta", "t_pos", "t_neg")},
+            "p_ent_thr": ("*fp32", None)}
     const = {"LOSS": OBJECTIVE_KIND["clip"], "NORM": NORM_MASK_TOTAL, "SEQ_LEVEL": sequence_level,
              "HAS_OLD": True, "HAS_KL": True, "BIAS_KL": False, "HAS_DELTA": False, "HAS_IS": True,
              "HAS_ENT": True, "ENT_MASK": False, "BLOCK_T": block_t(length)}

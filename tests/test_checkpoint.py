@@ -133,9 +133,9 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(model_dir, tmp_path, na
     trained(model_dir, tmp_path, max_steps=1)
     folder = tmp_path / "checkpoint-1"
     damage(str(folder / name))
-    t = GRPOTrainer(model_dir, tiny.first_char_reward, GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
-        max_steps=2, bf16=False, save_steps=1, disable_tqdm=True), train_dataset=Dataset.from_list(tiny.addition_rows(16)))
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, max_steps=2, bf16=False, save_steps=1, disable_tqdm=True)
+    t = GRPOTrainer(model_dir, tiny.first_char_reward, args, train_dataset=Dataset.from_list(tiny.addition_rows(16)))
     with pytest.raises(ValueError, match=re.escape(str(folder / name)) + ".*" + expected):
         t.train(resume_from_checkpoint=True)
     assert t.state.global_step == 0

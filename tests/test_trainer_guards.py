@@ -118,9 +118,9 @@ class PoisonWeight:
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_before_anything_is_saved(model_dir, tmp_path):
-    t = GRPOTrainer(model_dir, tiny.first_char_reward, small_args(tmp_path, save_strategy="steps", save_steps=1,
-                                                                  max_steps=3),
-                    train_dataset=Dataset.from_list(tiny.addition_rows(16)), callbacks=[PoisonWeight("on_step_begin", 1)])
+    args = small_args(tmp_path, save_strategy="steps", save_steps=1, max_steps=3)
+    t = GRPOTrainer(model_dir, tiny.first_char_reward, args, train_dataset=Dataset.from_list(tiny.addition_rows(16)),
+                    callbacks=[PoisonWeight("on_step_begin", 1)])
     with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan"):
         t.train()
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint")) == ["checkpoint-1"]
@@ -128,8 +128,9 @@ def test_a_nan_loss_stops_the_run_naming_the_step_before_anything_is_saved(model
 
 
 def test_a_non_finite_weight_is_never_saved(model_dir, tmp_path):
-    t = GRPOTrainer(model_dir, tiny.first_char_reward, small_args(tmp_path, save_strategy="steps", save_steps=1),
-                    train_dataset=Dataset.from_list(tiny.addition_rows(16)), callbacks=[PoisonWeight("on_step_end", 1)])
+    args = small_args(tmp_path, save_strategy="steps", save_steps=1)
+    t = GRPOTrainer(model_dir, tiny.first_char_reward, args, train_dataset=Dataset.from_list(tiny.addition_rows(16)),
+                    callbacks=[PoisonWeight("on_step_end", 1)])
     with pytest.raises(FloatingPointError, match=r"step 1: weight model.layers.0.mlp.up_proj.weight is not finite"):
         t.train()
     assert not any(n.startswith("checkpoint") for n in os.listdir(tmp_path))

@@ -6,5 +6,6 @@
 
 Modules: `cases` (what is measured: shapes, sweeps, inputs), `providers` (who is measured: fastrl and its peers,
 each a function of the same inputs), `measure` (time quantiles, peak memory, the GEMM floor), `worker` (one fresh
-process per measurement) and `jobs` (starting it, reading its result), `kernels` and `e2e` (the suites), `results` (the long-format CSV), `plots`, `table`.
+process per measurement) and `jobs` (starting it, reading its result), `kernels` and `e2e` (the suites),
+`results` (the long-format CSV), `plots`, `table`.
 """
