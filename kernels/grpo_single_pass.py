@@ -125,4 +125,6 @@ def _fp32_tile_softmax(h, weight, targets, bias, t: LogitTransform, buf):
     pz = (h * q).sum(dim=1) * t.gemm_scale  # Σ_j p_j z_j without the bias, [n]
     if bias is not None:
         pz += (prob @ bias) * t.bias_scale  # [n, V] @ [V] -> [n]
-    return prob, q, logp, lse - pz
+    # lse − Σ p·z cancels on a peaked row (both ≈ the top logit): its fp32 rounding can dip below 0 (−4.6e-5
+    # measured at |z| ≈ 100), where the entropy is ≥ 0 by definition
+    return prob, q, logp, (lse - pz).clamp_(min=0.0)
