@@ -70,8 +70,6 @@ UNSUPPORTED = {
 
 # TRL / transformers fields accepted with no effect on a fastrl run, and why (`fastrl trl-fields` lists them)
 NO_EFFECT = {
-    "use_dynamic_bsz": "veRL's name, copied into max_tokens_per_micro_batch (with ppo_max_token_len_per_gpu)",
-    "ppo_max_token_len_per_gpu": "veRL's name, copied into max_tokens_per_micro_batch",
     "do_train": "a flag for scripts", "do_predict": "a flag for scripts", "debug": "no debug modes",
     "log_level_replica": "one process",
     "log_on_each_node": "one process", "save_on_each_node": "one process", "local_rank": "one process",
