@@ -137,13 +137,14 @@ def load_run_config(path: str, overrides: dict | None = None) -> dict:
     return raw
 
 
-def check_keys(raw: dict) -> None:
-    known = set(RUN_KEYS) | GRPOConfig.field_names()
+def check_keys(raw: dict, run_keys=RUN_KEYS, what: str = "config") -> None:
+    """Every key is a run key or a GRPOConfig field; an unknown one is named with the closest known key."""
+    known = set(run_keys) | GRPOConfig.field_names()
     unknown = [k for k in raw if k not in known]
     if unknown:
         hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
         said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-        raise ValueError(f"config: unknown key(s) {said}; keys are {list(RUN_KEYS)} or GRPOConfig fields")
+        raise ValueError(f"{what}: unknown key(s) {said}; keys are {list(run_keys)} or GRPOConfig fields")
 
 
 def split_run_config(raw: dict) -> tuple[dict, GRPOConfig]:

@@ -7,7 +7,6 @@ memory-relevant switches of a GRPO run, with GRPOConfig's defaults and checks (T
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 
 from fastrl.config import GRPOConfig
@@ -145,12 +144,9 @@ class RunShape:
 
 
 def check_run_keys(run: dict) -> None:
-    known = set(RUN_ONLY_KEYS) | GRPOConfig.field_names()
-    unknown = [k for k in run if k not in known]
-    if unknown:
-        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-        raise ValueError(f"run config: unknown key(s) {said}; keys are {list(RUN_ONLY_KEYS)} or GRPOConfig fields")
+    from fastrl.run_config import check_keys
+
+    check_keys(run, RUN_ONLY_KEYS, "run config")
 
 
 def run_shape(run: dict) -> RunShape:
