@@ -1,6 +1,8 @@
 """Random inputs for kernel tests, and the tolerance rule every kernel test uses."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 # One rule for every dtype (apple/ml-cross-entropy's): the fused path's error against the float64 ground truth may
@@ -64,3 +66,23 @@ def logit_rounding_bound(h, w, b, tau, g_logp, g_ent, ulps: float = 1.0) -> tupl
     dz = p * (g_logp.abs()[:, None] + g_ent.abs()[:, None] * ((logp + entropy).abs() + 1.0)) / tau  # [N, V]
     dz = dz * scale * ulps * 2.0 ** -24  # [N, V] bound on |δdz_ij|
     return float((dz @ wd.abs()).max()), float((dz.T @ hd.abs()).max()), float(dz.sum(0).max())
+
+
+def ratios_off_clip_edges(logp, old, mask, level, margin, epsilon=0.2, epsilon_high=0.2):
+    """old [B, T] moved so no exact log-ratio logp − old (token, or the row's masked mean at sequence level) lies
+    within `margin` of a clip edge log(1 − ε), log(1 + ε_high); logp [B, T] is the float64-exact policy logprob.
+
+    The clipped objective's gradient jumps at those edges: a token whose exact ratio sits within a 16-bit logp
+    error (PyTorch's own reaches ~0.04 in bf16 here) of an edge lands on either side in any 16-bit implementation,
+    switching its whole gradient on or off, which an error statistic against float64 can not judge. Measured:
+    ~3% of seeds failed that way for the fused path and PyTorch-bf16 alike (18% with logits scaled ×3 by a
+    logit transform). The edges themselves are tested exactly in test_grpo_hand_worked.py."""
+    log_ratio = logp - old
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(log_ratio)
+    shift = torch.zeros_like(log_ratio)
+    for edge in (math.log(1 - epsilon), math.log(1 + epsilon_high)):
+        near = (log_ratio - edge).abs() < margin
+        side = torch.where(log_ratio >= edge, 1.0, -1.0)
+        shift = torch.where(near, edge + side * margin - log_ratio, shift)
+    return old - shift  # log_ratio + shift is now ≥ margin from each edge
