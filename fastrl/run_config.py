@@ -142,8 +142,9 @@ def check_keys(raw: dict, run_keys=RUN_KEYS, what: str = "config") -> None:
     known = set(run_keys) | GRPOConfig.field_names()
     unknown = [k for k in raw if k not in known]
     if unknown:
-        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        hints = {k: difflib.get_close_matches(k, known, n=3) for k in unknown}  # near-ties: name them all
+        said = ", ".join(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, h))}?)" if h else "")
+                         for k, h in hints.items())
         raise ValueError(f"{what}: unknown key(s) {said}; keys are {list(run_keys)} or GRPOConfig fields")
 
 
