@@ -1,6 +1,7 @@
 """Phase 2 in Triton: the GRPO loss, g = dL/dlogp in closed form, and TRL's metrics, in one launch.
 
-One program per completion (grid = B) walks its T positions in blocks of BLOCK_T:
+One program per completion (grid = B) walks its rows cu_seqlens[b]:cu_seqlens[b+1] of the packed [N] inputs in
+blocks of BLOCK_T (a padded [B, T] batch is the case cu_seqlens = T·arange(B + 1)):
   pass 1  Σ_t m and Σ_t m·(logp − old): the per-sequence normalizer max(1, Σ m) of grpo/sapo and the
           sequence-level log importance weight s = Σ m·(logp − old) / max(1, Σ m);
   pass 2  per token: loss, metric sums, and (token level) g; at sequence level also C = Σ_t w·m·∂L_t/∂r;
@@ -29,9 +30,12 @@ from .params import GRPOLossParams
 OBJECTIVE_KIND = {"clip": 0, "cispo": 1, "sapo": 2}  # the LOSS constexpr, per loss_spec.OBJECTIVES
 NORM_PER_SEQUENCE, NORM_MASK_TOTAL, NORM_CONSTANT = 0, 1, 2
 PARTIALS = ("loss", "kl", "entropy", "low", "high", "region", "cispo")  # columns of the [B, 7] partials
-# BLOCK_T: completions of up to 1024 tokens in one block (T ≤ 1024 → next power of two ≥ 16), longer ones loop.
-# 1024 positions over 8 warps (256 threads) = 4 values per thread per live vector: 40-48 registers, 0 spills on
-# sm_80/sm_90. With 4 warps (8 values per thread) sm_90's ptxas spilled 16 bytes in the sequence-level variant.
+# BLOCK_T: the next power of two ≥ 16 of the mean completion length N / B (known on the host without reading
+# cu_seqlens), at most 1024; longer completions loop over blocks, shorter ones mask the tail of one.
+# 1024 positions over 8 warps (256 threads) = 4 values per thread per live vector: 96-101 registers, 0 spills on
+# sm_80/sm_90 (40-48 when rows started at multiples of a padded T: a packed sequence starts at any row, so each
+# value gets its own 64-bit address instead of one 16-byte vector load). With 4 warps (8 values per thread)
+# sm_90's ptxas spilled 16 bytes in the sequence-level variant of the padded kernel.
 MAX_BLOCK_T = 1024
 NUM_WARPS = 8
 
@@ -100,7 +104,7 @@ def _clip_flags(r, a, eps_low, eps_high):
 @triton.jit
 def _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row, o_t, m_t, i_b, stride_isr_b, stride_isr_t,
                 HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, HAS_IS: tl.constexpr, HAS_ENT: tl.constexpr):
-    """[BT] blocks of logp, mask, old, ref, is_ratio, entropy for positions o_t of sequence i_b (fp32)."""
+    """[BT] blocks of logp, mask, old, ref, is_ratio, entropy at rows row + o_t (sequence i_b's), fp32."""
     b_lp = tl.load(p_logp + row + o_t, mask=m_t, other=0.0).to(tl.float32)
     b_m = tl.load(p_mask + row + o_t, mask=m_t, other=0.0).to(tl.float32)
     b_old = b_lp
@@ -111,7 +115,8 @@ def _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row, o_t, m_t, i_b, 
         b_ref = tl.load(p_ref + row + o_t, mask=m_t, other=0.0).to(tl.float32)
     b_isr = b_m
     if HAS_IS:
-        b_isr = tl.load(p_isr + i_b * stride_isr_b + o_t * stride_isr_t, mask=m_t, other=0.0).to(tl.float32)
+        # is_ratio per row (stride_isr_b 0, stride_isr_t 1) or per sequence (1, 0)
+        b_isr = tl.load(p_isr + i_b * stride_isr_b + (row + o_t) * stride_isr_t, mask=m_t, other=0.0).to(tl.float32)
     b_ent = b_m
     if HAS_ENT:
         b_ent = tl.load(p_ent + row + o_t, mask=m_t, other=0.0).to(tl.float32)
@@ -120,7 +125,7 @@ def _load_block(p_logp, p_mask, p_old, p_ref, p_isr, p_ent, row, o_t, m_t, i_b, 
 
 @triton.jit
 def _sequence_sums(p_logp, p_mask, p_old, row, T, HAS_OLD: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(Σ_t m, Σ_t m·(logp − old)) of one sequence."""
+    """(Σ_t m, Σ_t m·(logp − old)) of the sequence at rows row:row + T."""
     m_sum = 0.0
     lr_sum = 0.0
     for t0 in range(0, T, BLOCK_T):
@@ -137,15 +142,16 @@ def _sequence_sums(p_logp, p_mask, p_old, row, T, HAS_OLD: tl.constexpr, BLOCK_T
 
 
 @triton.jit
-def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_mask_total, p_g, p_part,
-                          T, stride_isr_b, stride_isr_t, n_seq, norm_const, beta, eps_low, eps_high, delta,
+def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_cu, p_mask_total, p_g, p_part,
+                          stride_isr_b, stride_isr_t, n_seq, norm_const, beta, eps_low, eps_high, delta,
                           t_pos, t_neg, p_ent_thr,
                           LOSS: tl.constexpr, NORM: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr,
                           HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
                           HAS_IS: tl.constexpr, HAS_ENT: tl.constexpr, ENT_MASK: tl.constexpr,
                           BLOCK_T: tl.constexpr):
     i_b = tl.program_id(0).to(tl.int64)
-    row = i_b * T
+    row = tl.load(p_cu + i_b)  # the sequence's first row, int64
+    T = tl.load(p_cu + i_b + 1) - row  # its length
     a = tl.load(p_adv + i_b).to(tl.float32)
     ent_thr = 0.0
     if ENT_MASK:
@@ -219,11 +225,11 @@ def _grpo_epilogue_kernel(p_logp, p_mask, p_adv, p_old, p_ref, p_isr, p_ent, p_m
     tl.store(p_out + 6, cispo_sum)
 
 
-def _normalizer(mask, p: GRPOLossParams) -> tuple[int, float]:
+def _normalizer(n_seq: int, p: GRPOLossParams) -> tuple[int, float]:
     """(NORM, norm_const) for the kernel, from the loss type's reduction (loss_spec.py)."""
     if p.rule.reduction == SEQUENCE_MEAN:
         return NORM_PER_SEQUENCE, 1.0
-    divisor = p.fixed_divisor(mask.shape[0])
+    divisor = p.fixed_divisor(n_seq)
     return (NORM_MASK_TOTAL, 1.0) if divisor is None else (NORM_CONSTANT, divisor)
 
 
@@ -245,39 +251,39 @@ def _metrics(sums, mask_total, n_seq: int, p: GRPOLossParams, has_entropy: bool)
     return out
 
 
-def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy, params: GRPOLossParams):
-    """logp [B, T] fp32 -> (loss 0-d fp32, g_logp [B, T] fp32, metrics: dict of 0-d fp32). See kernels/README.md."""
+def grpo_epilogue(logp, mask, advantages, old_logp, ref_logp, is_ratio, entropy, cu_seqlens,
+                  params: GRPOLossParams):
+    """logp [N] fp32 on packed rows (sequence b at cu_seqlens[b]:cu_seqlens[b+1]) -> (loss 0-d fp32,
+    g_logp [N] fp32, metrics: dict of 0-d fp32). mask, old/ref logprobs, entropy [N]; is_ratio [N] or [B, 1];
+    advantages [B]. See kernels/README.md."""
     p = params
     check_epilogue_inputs(ref_logp, entropy, p)
-    n_seq, length = logp.shape
+    n_rows, n_seq = logp.shape[0], cu_seqlens.numel() - 1
     f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-    logp, mask, advantages, old_logp, ref_logp, entropy = map(f32, (logp, mask, advantages, old_logp, ref_logp,
-                                                                    entropy))
-    isr = None if is_ratio is None else is_ratio.float().expand(n_seq, length)  # [B, 1] -> stride 0 along T
+    logp, mask, advantages, old_logp, ref_logp, entropy, isr = map(f32, (logp, mask, advantages, old_logp, ref_logp,
+                                                                         entropy, is_ratio))
+    isr_strides = (0, 0) if isr is None else (1, 0) if isr.dim() == 2 else (0, 1)  # [B, 1] or [N]
     mask_total = mask.sum().reshape(1)  # [1] device reduction, read by the kernel for bnpo/dapo/cispo
-    norm, norm_const = _normalizer(mask, p)
+    norm, norm_const = _normalizer(n_seq, p)
     ent_mask = p.top_entropy_quantile < 1.0
     ent_thr = entropy_threshold(entropy, mask, p.top_entropy_quantile) if ent_mask else mask_total  # [1]
     g = torch.empty_like(logp)
     partials = torch.empty(n_seq, len(PARTIALS), dtype=torch.float32, device=logp.device)
-    if n_seq > 0 and length > 0:
+    if n_seq > 0:
         _grpo_epilogue_kernel[(n_seq,)](
             logp, mask, advantages, logp if old_logp is None else old_logp, logp if ref_logp is None else ref_logp,
-            logp if isr is None else isr, logp if entropy is None else entropy, mask_total, g, partials,
-            length, 0 if isr is None else isr.stride(0), 0 if isr is None else isr.stride(1), float(n_seq),
-            norm_const, float(p.beta), float(p.epsilon_low), float(p.epsilon_high),
-            float(p.delta) if p.delta is not None else 0.0, float(p.sapo_temperature_pos),
+            logp if isr is None else isr, logp if entropy is None else entropy, cu_seqlens.long().contiguous(),
+            mask_total, g, partials, *isr_strides, float(n_seq), norm_const, float(p.beta), float(p.epsilon_low),
+            float(p.epsilon_high), float(p.delta) if p.delta is not None else 0.0, float(p.sapo_temperature_pos),
             float(p.sapo_temperature_neg), ent_thr,
             LOSS=OBJECTIVE_KIND[p.rule.objective], NORM=norm, SEQ_LEVEL=p.importance_sampling_level == "sequence",
             HAS_OLD=old_logp is not None, HAS_KL=p.beta != 0.0, BIAS_KL=p.use_bias_correction_kl,
             HAS_DELTA=p.delta is not None, HAS_IS=isr is not None, HAS_ENT=entropy is not None, ENT_MASK=ent_mask,
-            BLOCK_T=block_t(length), num_warps=NUM_WARPS,
+            BLOCK_T=block_t(n_rows // n_seq), num_warps=NUM_WARPS,
         )
-    else:
-        partials.zero_()
     sums = partials.sum(dim=0)  # [7], fixed order: deterministic
     return sums[0], g, _metrics(sums, mask_total[0], n_seq, p, entropy is not None)
 
 
-def block_t(length: int) -> int:
-    return min(MAX_BLOCK_T, max(16, triton.next_power_of_2(length)))
+def block_t(mean_length: int) -> int:
+    return min(MAX_BLOCK_T, max(16, triton.next_power_of_2(mean_length)))

@@ -6,7 +6,6 @@ epilogue) and `backward` only scales the stored gradients, in place, by the inco
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import NamedTuple
 
 import torch
 
@@ -16,62 +15,33 @@ from .checks import validate_grpo_inputs
 from .grpo_single_pass import grpo_single_pass
 
 
-class RowLayout(NamedTuple):
-    """Where the rows the sweeps visit sit in the epilogue's [B, T] layout: row i is entry index[i] of the
-    flattened [B, T] (index None: the rows are all of [B, T], in order, as in the padded form)."""
-    shape: tuple[int, int]
-    index: torch.Tensor | None  # [N] int64
-
-    def to_padded(self, rows: torch.Tensor) -> torch.Tensor:
-        """[N] per-row values -> [B, T], zeros where no row sits (padding, which the mask excludes)."""
-        if self.index is None:
-            return rows.view(self.shape)
-        out = torch.zeros(self.shape[0] * self.shape[1], dtype=rows.dtype, device=rows.device)
-        return out.index_copy_(0, self.index, rows).view(self.shape)
-
-    def to_rows(self, padded: torch.Tensor) -> torch.Tensor:
-        """[B, T] -> [N] at the rows' places."""
-        return padded.reshape(-1) if self.index is None else padded.reshape(-1)[self.index]
-
-
-def packed_layout(cu_seqlens: torch.Tensor) -> RowLayout:
-    """Packed rows (sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]) placed at [b, row − cu_seqlens[b]] of a
-    [B, T] layout, T the longest sequence."""
-    cu = cu_seqlens.long()
-    lengths = cu.diff()  # [B]
-    width = max(1, int(lengths.max())) if lengths.numel() else 1
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)  # [N]
-    return RowLayout((lengths.numel(), width), seq * width + torch.arange(seq.numel(), device=cu.device) - cu[seq])
-
-
-def _three_phase(impl, hidden, weight, targets, bias, inputs, advantages, mask, layout, needs):
-    """Phase 1 over the N rows, phase 2 over the [B, T] layout, phase 3 over the N rows. hidden [N, H]."""
+def _three_phase(impl, hidden, weight, targets, bias, inputs, advantages, mask, cu_seqlens, needs):
+    """Phase 1, the epilogue and phase 3 over the N packed rows. hidden [N, H]; mask [N]."""
     p = inputs.params
     lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, p.logits, True)
-    loss, g, metrics = impl.grpo_epilogue(layout.to_padded(logp), mask, advantages, inputs.old_logprobs,
-                                          inputs.ref_logprobs, inputs.is_ratio, layout.to_padded(entropy), p)
+    loss, g, metrics = impl.grpo_epilogue(logp, mask, advantages, inputs.old_logprobs, inputs.ref_logprobs,
+                                          inputs.is_ratio, entropy, cu_seqlens, p)
     grads = (None, None, None)
     if any(needs):
-        grads = impl.grad_sweep(hidden, weight, targets, bias, p.logits, lse, layout.to_rows(g).contiguous(),
-                                None, logp, entropy, *needs)
+        grads = impl.grad_sweep(hidden, weight, targets, bias, p.logits, lse, g, None, logp, entropy, *needs)
     return loss, metrics, grads
 
 
 class FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, mask, advantages, inputs, layout, backend, metrics_out):
-        # hidden [B, T, H] or packed [N, H] -> rows [N, H], targets -> [N]; mask [B, T] (the epilogue's layout,
-        # `layout` places the rows in it); advantages [B] fp32
+    def forward(ctx, hidden, weight, bias, targets, mask, advantages, inputs, cu_seqlens, backend, metrics_out):
+        # hidden [B, T, H] or packed [N, H] -> rows [N, H]; targets, mask and inputs' per-token tensors [N];
+        # cu_seqlens [B + 1] places the sequences among the rows; advantages [B] fp32
         rows, ids = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         p = inputs.params
         if backend == "torch" and p.importance_sampling_level == "token" and p.top_entropy_quantile >= 1.0:
             loss, metrics, *grads = grpo_single_pass(rows, weight, ids, bias, mask, advantages, inputs.old_logprobs,
                                                      inputs.ref_logprobs, inputs.is_ratio, p, *needs,
-                                                     index=layout.index)
+                                                     cu_seqlens=cu_seqlens)
         else:
             loss, metrics, grads = _three_phase(phases(backend), rows, weight, ids, bias, inputs, advantages, mask,
-                                                layout, needs)
+                                                cu_seqlens, needs)
         metrics_out.update(metrics)
         dh, dw, db = grads
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
@@ -102,13 +72,16 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
         return (*out, None, None, None, None, None, None, None)
 
 
-def _padded_token_inputs(mask, inputs, layout: RowLayout):
-    """Packed per-row mask, old/ref logprobs and is_ratio [N] -> the epilogue's [B, T] layout ([B, 1] stays)."""
-    pad = lambda t: None if t is None else layout.to_padded(t)  # noqa: E731
+def _as_rows(mask, inputs):
+    """A padded batch's per-token mask, old/ref logprobs and is_ratio [B, T] -> rows [B·T] ([B, 1] stays), and
+    its cu_seqlens = T·arange(B + 1): from here on the padded batch is the packed case with equal lengths."""
+    batch, length = mask.shape
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     isr = inputs.is_ratio
-    return pad(mask.float()), replace(inputs, old_logprobs=pad(inputs.old_logprobs),
-                                      ref_logprobs=pad(inputs.ref_logprobs),
-                                      is_ratio=isr if isr is None or isr.dim() == 2 else pad(isr))
+    is_ratio = isr if isr is None or isr.shape[-1] == 1 else flat(isr)
+    cu_seqlens = torch.arange(batch + 1, device=mask.device) * length
+    return flat(mask), replace(inputs, old_logprobs=flat(inputs.old_logprobs), ref_logprobs=flat(inputs.ref_logprobs),
+                               is_ratio=is_ratio), cu_seqlens
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, rewards=None, num_generations=None,
@@ -138,11 +111,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, re
     if advantages is None:
         advantages = normalized_advantages(rewards, num_generations, scale_rewards)  # checked above
     if cu_seqlens is None:
-        layout = RowLayout(tuple(mask.shape), None)
-    else:
-        layout = packed_layout(cu_seqlens)
-        mask, inputs = _padded_token_inputs(mask, inputs, layout)
+        mask, inputs, cu_seqlens = _as_rows(mask, inputs)
     metrics: dict = {}
     loss = FusedLinearGRPOLoss.apply(hidden, weight, bias, targets, mask.float(), advantages.float(), inputs,
-                                     layout, resolve_backend(backend, hidden.device), metrics)
+                                     cu_seqlens.long(), resolve_backend(backend, hidden.device), metrics)
     return loss, metrics

@@ -19,18 +19,15 @@ import torch
 from .forward_sweep import (_TINY, ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, row_entropy_,
                             rows_per_tile, softcap_derivative, softmax_tile)
 from .grad_sweep import accumulate_grads, allocate_grads, lean_tile_grads, logit_grad_
-from .grpo_epilogue import finish_metrics, objective_terms, token_weights
+from .grpo_epilogue import Sequences, finish_metrics, flag_sums, objective_terms, row_is_ratio, token_weights
 from .params import GRPOLossParams, LogitTransform
 
 
-def _flat_token_inputs(mask, advantages, old_logp, ref_logp, is_ratio, p: GRPOLossParams, index=None):
-    """[B, T] / [B] inputs -> per-row [N] fp32 tensors (None stays None): all B·T entries in order, or the
-    entries `index` [N] of the flattened [B, T] (packed rows)."""
-    flat = {"mask": mask.float(), "w": token_weights(mask, p), "adv": advantages.float()[:, None].expand(mask.shape),
-            "old": old_logp, "ref": ref_logp,
-            "isr": None if is_ratio is None else is_ratio.expand(mask.shape)}
-    take = (lambda t: t.reshape(-1)) if index is None else (lambda t: t.reshape(-1)[index])  # noqa: E731
-    return {k: None if v is None else take(v.float()) for k, v in flat.items()}
+def _row_inputs(mask, advantages, old_logp, ref_logp, is_ratio, seqs: Sequences, p: GRPOLossParams):
+    """Per-row [N] fp32 inputs of the loss (None stays None): mask, weight, advantage, old/ref logprobs, is_ratio."""
+    rows = {"mask": mask.float(), "w": token_weights(mask, seqs, p), "adv": advantages.float()[seqs.index],
+            "old": old_logp, "ref": ref_logp, "isr": row_is_ratio(is_ratio, seqs)}
+    return {k: None if v is None else v.float() for k, v in rows.items()}
 
 
 def _tile_loss(logp_tile, sl, flat, p: GRPOLossParams, want_grad: bool):
@@ -42,16 +39,18 @@ def _tile_loss(logp_tile, sl, flat, p: GRPOLossParams, want_grad: bool):
         loss, sums = objective_terms(leaf, leaf - old, tile["adv"], tile["ref"], tile["isr"], None, tile["w"],
                                      tile["mask"], p)
         g = torch.autograd.grad(loss, leaf)[0] if want_grad else None
+    sums.update(flag_sums(torch.exp(logp_tile - old), tile["adv"], tile["mask"], p))
     return loss.detach(), sums, g
 
 
 def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, ref_logp, is_ratio,
-                     p: GRPOLossParams, need_hidden_grad, need_weight_grad, need_bias_grad, index=None):
-    """hidden [N, H], targets [N], mask [B, T] -> (loss, metrics, grad_hidden, grad_weight, grad_bias).
-    N = B·T, or the packed rows at entries `index` [N] of the flattened [B, T]."""
+                     p: GRPOLossParams, need_hidden_grad, need_weight_grad, need_bias_grad, cu_seqlens):
+    """hidden [N, H] packed rows (sequence b at cu_seqlens[b]:cu_seqlens[b+1]), targets, mask, old/ref logprobs
+    [N], is_ratio [N] or [B, 1], advantages [B] -> (loss, metrics, grad_hidden, grad_weight, grad_bias)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     t = p.logits
-    flat = _flat_token_inputs(mask, advantages, old_logp, ref_logp, is_ratio, p, index)
+    seqs = Sequences.from_cu_seqlens(cu_seqlens, n_rows)
+    flat = _row_inputs(mask, advantages, old_logp, ref_logp, is_ratio, seqs, p)
     want_grad = need_hidden_grad or need_weight_grad or need_bias_grad
     lean = hidden.dtype == torch.float32 and t.softcap is None
     dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad,
@@ -87,7 +86,7 @@ def grpo_single_pass(hidden, weight, targets, bias, mask, advantages, old_logp, 
             dz = logit_grad_(None, prob, y_t, g * t.grad_scale, None, None)
             accumulate_grads(dz if cap is None else dz.mul_(cap), h_t, weight, *grads)
     t.bias_grad_(db)
-    metrics = finish_metrics(totals, mask.sum(), mask.shape[0], False, entropy_sum)
+    metrics = finish_metrics(totals, flat["mask"].sum(), seqs.count, False, entropy_sum)
     return loss, metrics, dh, dw, db
 
 

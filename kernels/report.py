@@ -148,18 +148,18 @@ def kernel_specs() -> list[KernelSpec]:
 def _epilogue_spec(sequence_level: bool) -> KernelSpec:
     from .grpo_epilogue_triton import NORM_MASK_TOTAL, NUM_WARPS, OBJECTIVE_KIND, _grpo_epilogue_kernel, block_t
 
-    length = 1024  # completion positions T
+    length = 1024  # mean completion length N / B (packed rows; the loops run to each sequence's own length)
     ptrs = ["p_logp", "p_mask", "p_adv", "p_old", "p_ref", "p_isr", "p_ent", "p_mask_total", "p_g", "p_part"]
-    args = {**{p: ("*fp32", None) for p in ptrs}, "T": ("i32", length), "stride_isr_b": ("i32", length),
-            "stride_isr_t": ("i32", 1), **{k: ("fp32", None) for k in ("n_seq", "norm_const", "beta", "eps_low",
-                                                                     "eps_high", "delta", "t_pos", "t_neg")},
+    args = {**{p: ("*fp32", None) for p in ptrs}, "p_cu": ("*i64", None), "stride_isr_b": ("i32", None),
+            "stride_isr_t": ("i32", None), **{k: ("fp32", None) for k in ("n_seq", "norm_const", "beta", "eps_low",
+                                                                        "eps_high", "delta", "t_pos", "t_neg")},
             "p_ent_thr": ("*fp32", None)}
     const = {"LOSS": OBJECTIVE_KIND["clip"], "NORM": NORM_MASK_TOTAL, "SEQ_LEVEL": sequence_level,
              "HAS_OLD": True, "HAS_KL": True, "BIAS_KL": False, "HAS_DELTA": False, "HAS_IS": True,
              "HAS_ENT": True, "ENT_MASK": False, "BLOCK_T": block_t(length)}
     name = "grpo_epilogue_sequence" if sequence_level else "grpo_epilogue"
     return KernelSpec(name, _grpo_epilogue_kernel, args, const, NUM_WARPS, 1,
-                      {"T": length, "blocks": [block_t(length)]})
+                      {"mean_T": length, "blocks": [block_t(length)]})
 
 
 def _epilogue_specs() -> list[KernelSpec]:

@@ -1,13 +1,15 @@
-"""The Triton GRPO epilogue (interpreted on CPU) against the PyTorch epilogue and the float64 reference.
+"""The Triton GRPO epilogue (interpreted on CPU) against the PyTorch epilogue and the float64 reference, on
+packed rows (sequence b at cu_seqlens[b]:cu_seqlens[b+1]) with ragged random lengths.
 
-Two checks on fresh random inputs (one completion fully masked, one with zero advantage, ratios far enough from
-1 that both clip sides trigger):
+Two checks on fresh random inputs (lengths drawn in [0, 60] with one empty completion, one completion fully
+masked, one with zero advantage, ratios far enough from 1 that both clip sides trigger):
 - against kernels/grpo_epilogue.py, which derives g = dL/dlogp by autograd where the kernel uses closed forms:
-  same fp32 inputs, so loss, g and every metric agree to fp32 rounding of sums over ≤ B·T = 222 tokens
+  same fp32 inputs, so loss, g and every metric agree to fp32 rounding of sums over ≤ N ≈ 300 tokens
   (atol 2e-6 on values of order 1, rtol 1e-5);
-- end to end against kernels/reference.py (float64, materializing, autograd): Triton forward sweep → epilogue →
-  gradient sweep, fp32 inputs; loss and metrics to rtol 1e-5, gradients of hidden and weight to 1e-5 of their
-  largest entry (fp32 logits, lse and dz; logits here are O(1), so fp32 rounding is ~1e-7 relative per term).
+- end to end against kernels/reference.py (float64, materializing, autograd, reading the same packed rows):
+  Triton forward sweep → epilogue → gradient sweep, fp32 inputs; loss and metrics to rtol 1e-5, gradients of
+  hidden and weight to 1e-5 of their largest entry (fp32 logits, lse and dz; logits here are O(1), so fp32
+  rounding is ~1e-7 relative per term).
 """
 import itertools
 
@@ -26,17 +28,26 @@ pytestmark = pytest.mark.usefixtures("poison_empty")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
 
-def _epilogue_inputs(batch, length, seed):
+def ragged_lengths(batch, max_length, seed):
+    """B completion lengths in [1, max_length] (sequence 3 empty) -> cu_seqlens [B + 1] int64."""
+    lengths = torch.randint(1, max_length + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+    lengths[3] = 0
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+
+def _epilogue_inputs(cu_seqlens, seed):
+    """Per-row [N] logp, mask, old, ref, entropy; advantages [B]; is_ratio per row ("bt") or per sequence ("b1")."""
     g = torch.Generator().manual_seed(seed)
-    logp = -torch.rand(batch, length, generator=g) * 3  # [B, T]
-    mask = (torch.rand(batch, length, generator=g) > 0.25).float()
-    mask[1] = 0.0  # a fully masked completion
+    batch, n = cu_seqlens.numel() - 1, int(cu_seqlens[-1])
+    logp = -torch.rand(n, generator=g) * 3  # [N]
+    mask = (torch.rand(n, generator=g) > 0.25).float()
+    mask[cu_seqlens[1]:cu_seqlens[2]] = 0.0  # a fully masked completion
     adv = torch.randn(batch, generator=g)
     adv[2] = 0.0  # a zero-variance group gives zero advantage
-    old = logp + torch.randn(batch, length, generator=g) * 0.3  # ratios e^±0.3: both clip sides
-    ref = logp + torch.randn(batch, length, generator=g) * 0.3
-    entropy = torch.rand(batch, length, generator=g) * 2
-    is_ratio = {"bt": torch.rand(batch, length, generator=g) + 0.5, "b1": torch.rand(batch, 1, generator=g) + 0.5}
+    old = logp + torch.randn(n, generator=g) * 0.3  # ratios e^±0.3: both clip sides
+    ref = logp + torch.randn(n, generator=g) * 0.3
+    entropy = torch.rand(n, generator=g) * 2
+    is_ratio = {"bt": torch.rand(n, generator=g) + 0.5, "b1": torch.rand(batch, 1, generator=g) + 0.5}
     return logp, mask, adv, old, ref, entropy, is_ratio
 
 
@@ -76,19 +87,19 @@ def _split_case(case, length):
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_matches_torch_epilogue(case):
-    batch, length = 6, 37
     seed = torch.seed() % 2**31
-    logp, mask, adv, old, ref, entropy, is_ratio = _epilogue_inputs(batch, length, seed)
-    p, isr_kind, on_policy = _split_case(case, length)
+    cu = ragged_lengths(7, 60, seed)
+    logp, mask, adv, old, ref, entropy, is_ratio = _epilogue_inputs(cu, seed)
+    p, isr_kind, on_policy = _split_case(case, 60)
     args = (logp, mask, adv, None if on_policy else old, ref if p.beta else None,
-            None if isr_kind is None else is_ratio[isr_kind], entropy, p)
+            None if isr_kind is None else is_ratio[isr_kind], entropy, cu, p)
     loss, g, metrics = grpo_epilogue(*args)
     want_loss, want_g, want_metrics = torch_epilogue(*args)
-    assert loss.shape == () and loss.dtype == torch.float32 and g.shape == (batch, length)
+    assert loss.shape == () and loss.dtype == torch.float32 and g.shape == logp.shape
     tol = dict(rtol=1e-5, atol=2e-6)
     assert torch.allclose(loss, want_loss, **tol), f"seed={seed}: {float(loss)} vs {float(want_loss)}"
     assert torch.allclose(g, want_g, **tol), f"seed={seed}: max |Δg| {float((g - want_g).abs().max()):.3g}"
-    assert torch.count_nonzero(g[1]) == 0  # the fully masked completion
+    assert torch.count_nonzero(g[cu[1]:cu[2]]) == 0  # the fully masked completion
     assert metrics.keys() == want_metrics.keys()
     for name, value in metrics.items():
         assert torch.allclose(value, want_metrics[name], **tol), f"{name} seed={seed}"
@@ -96,8 +107,9 @@ def test_matches_torch_epilogue(case):
 
 def test_clipping_actually_happens_in_these_inputs():
     """Guards the comparison above against inputs where every ratio sits inside the clip range."""
-    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(6, 37, 0)
-    _, _, metrics = grpo_epilogue(logp, mask, adv, old, None, None, entropy, _params("dapo", "token", 37))
+    cu = ragged_lengths(7, 60, 0)
+    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(cu, 0)
+    _, _, metrics = grpo_epilogue(logp, mask, adv, old, None, None, entropy, cu, _params("dapo", "token", 60))
     assert float(metrics["clip_ratio/low_mean"]) > 0 and float(metrics["clip_ratio/high_mean"]) > 0
 
 
@@ -121,30 +133,30 @@ def _reference_kwargs(p: GRPOLossParams, old, ref, isr, bias):
 
 @pytest.mark.parametrize("case", E2E_CASES, ids=[_case_id(c) for c in E2E_CASES])
 def test_three_triton_phases_match_float64_reference(case):
-    batch, length, hs, vocab = 4, 16, 32, 200
+    hs, vocab = 32, 200
     seed = torch.seed() % 2**31
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, length, hs, generator=g, requires_grad=True)
+    cu = ragged_lengths(5, 20, seed)
+    batch, n = cu.numel() - 1, int(cu[-1])
+    hidden = torch.randn(n, hs, generator=g, requires_grad=True)  # packed rows [N, H]
     weight = (torch.randn(vocab, hs, generator=g) / hs ** 0.5).requires_grad_(True)
-    targets = torch.randint(0, vocab, (batch, length), generator=g)
-    _, mask, adv, _, _, _, _ = _epilogue_inputs(batch, length, seed)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    _, mask, adv, _, _, _, _ = _epilogue_inputs(cu, seed)
     with torch.no_grad():
         base = reference_logprobs(hidden, weight, targets).float()  # old/ref near the policy: ratios around 1
-    old = base + torch.randn(batch, length, generator=g) * 0.3
-    ref = base + torch.randn(batch, length, generator=g) * 0.3
-    isr = {"bt": torch.rand(batch, length, generator=g) + 0.5, "b1": torch.rand(batch, 1, generator=g) + 0.5}
-    p, isr_kind, on_policy = _split_case(case, length)
+    old = base + torch.randn(n, generator=g) * 0.3
+    ref = base + torch.randn(n, generator=g) * 0.3
+    isr = {"bt": torch.rand(n, generator=g) + 0.5, "b1": torch.rand(batch, 1, generator=g) + 0.5}
+    p, isr_kind, on_policy = _split_case(case, 20)
     p = GRPOLossParams(**{**p.__dict__, "logits": LogitTransform(temperature=0.8)})
     old, ref, isr = None if on_policy else old, ref if p.beta else None, None if isr_kind is None else isr[isr_kind]
 
-    h2, y2 = hidden.detach().reshape(-1, hs), targets.reshape(-1)
-    lse, logp, entropy = forward_sweep(h2, weight.detach(), y2, None, p.logits, True)
-    loss, g_logp, metrics = grpo_epilogue(logp.view(batch, length), mask, adv, old, ref, isr,
-                                          entropy.view(batch, length), p)
-    dh, dw, _ = grad_sweep(h2, weight.detach(), y2, None, p.logits, lse, g_logp.reshape(-1), None, logp,
+    lse, logp, entropy = forward_sweep(hidden.detach(), weight.detach(), targets, None, p.logits, True)
+    loss, g_logp, metrics = grpo_epilogue(logp, mask, adv, old, ref, isr, entropy, cu, p)
+    dh, dw, _ = grad_sweep(hidden.detach(), weight.detach(), targets, None, p.logits, lse, g_logp, None, logp,
                            entropy, True, True, False)
 
-    want_loss, want_metrics = reference_grpo_loss(hidden, weight, targets, mask, adv,
+    want_loss, want_metrics = reference_grpo_loss(hidden, weight, targets, mask, adv, cu_seqlens=cu,
                                                   **_reference_kwargs(p, old, ref, isr, None))
     want_dh, want_dw = torch.autograd.grad(want_loss, (hidden, weight))
     assert abs(float(loss) - float(want_loss)) <= 1e-5 * max(abs(float(want_loss)), 1e-3), f"seed={seed}"
@@ -152,7 +164,7 @@ def test_three_triton_phases_match_float64_reference(case):
     for name, value in metrics.items():
         assert abs(float(value) - float(want_metrics[name])) <= 1e-5 * max(abs(float(want_metrics[name])), 0.1), \
             f"{name} seed={seed}"
-    for name, ours, exact in (("hidden", dh.view(batch, length, hs), want_dh), ("weight", dw, want_dw)):
+    for name, ours, exact in (("hidden", dh, want_dh), ("weight", dw, want_dw)):
         err = float((ours.double() - exact).abs().max())
         assert err <= 1e-5 * float(exact.abs().max()), f"grad {name} seed={seed}: {err:.3g}"
 
@@ -161,11 +173,12 @@ def test_three_triton_phases_match_float64_reference(case):
 def test_missing_inputs_are_named(epilogue):
     """Both backends refuse alike: the KL needs ref_logp, the top-entropy mask needs the entropies (the torch
     epilogue used to skip the mask silently and train on every token)."""
-    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(3, 8, 0)
+    cu = ragged_lengths(4, 8, 0)
+    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(cu, 0)
     with pytest.raises(ValueError, match="ref_logp"):
-        epilogue(logp, mask, adv, old, None, None, entropy, _params("dapo", "token", 8, beta=0.1))
+        epilogue(logp, mask, adv, old, None, None, entropy, cu, _params("dapo", "token", 8, beta=0.1))
     with pytest.raises(ValueError, match="entropy"):
-        epilogue(logp, mask, adv, old, None, None, None, _params("dapo", "token", 8, top_entropy_quantile=0.5))
+        epilogue(logp, mask, adv, old, None, None, None, cu, _params("dapo", "token", 8, top_entropy_quantile=0.5))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -188,11 +201,13 @@ def test_entropy_quantile_through_the_public_function(backend):
 
 
 def test_long_completions_loop_over_blocks():
-    """T > 1024 takes several BLOCK_T passes per program; the result must not depend on the block split."""
-    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(3, 1500, 7)
+    """Completions longer than BLOCK_T (set by the mean length: two of 1500 rows beside short and empty ones, mean
+    501, BLOCK_T 512) take several passes per program; the result must not depend on the block split."""
+    cu = torch.tensor([0, 1500, 1503, 1503, 1503, 3003, 3010])
+    logp, mask, adv, old, ref, entropy, _ = _epilogue_inputs(cu, 7)
     for level in ("token", "sequence"):
         p = _params("grpo", level, 1500, beta=0.04)
-        loss, g, _ = grpo_epilogue(logp, mask, adv, old, ref, None, entropy, p)
-        want_loss, want_g, _ = torch_epilogue(logp, mask, adv, old, ref, None, entropy, p)
+        loss, g, _ = grpo_epilogue(logp, mask, adv, old, ref, None, entropy, cu, p)
+        want_loss, want_g, _ = torch_epilogue(logp, mask, adv, old, ref, None, entropy, cu, p)
         assert torch.allclose(loss, want_loss, rtol=1e-5, atol=1e-7)
         assert torch.allclose(g, want_g, rtol=1e-5, atol=1e-8)

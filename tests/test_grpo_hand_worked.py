@@ -13,9 +13,10 @@ pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def one_token(log_ratio, adv, **params):
-    logp = torch.tensor([[-1.0]])
-    loss, g, metrics = grpo_epilogue(logp, torch.ones(1, 1), torch.tensor([adv]), logp - log_ratio,
-                                     params.pop("ref", None), None, None, GRPOLossParams(**params))
+    logp = torch.tensor([-1.0])  # one completion of one token: cu_seqlens [0, 1]
+    loss, g, metrics = grpo_epilogue(logp, torch.ones(1), torch.tensor([adv]), logp - log_ratio,
+                                     params.pop("ref", None), None, None, torch.tensor([0, 1]),
+                                     GRPOLossParams(**params))
     return float(loss), float(g), {k: float(v) for k, v in metrics.items()}
 
 
@@ -49,7 +50,7 @@ def test_low_ratio_with_positive_advantage_is_not_clipped():
 
 def test_kl_only():
     # A = 0, β = 0.1, ref − logp = 0.5: k3 = e^0.5 − 0.5 − 1 = 0.148721, L = 0.0148721, dL/dlogp = β(1 − e^0.5)
-    loss, g, m = one_token(0.0, 0.0, beta=0.1, ref=torch.tensor([[-0.5]]))
+    loss, g, m = one_token(0.0, 0.0, beta=0.1, ref=torch.tensor([-0.5]))
     assert loss == pytest.approx(0.1 * (math.exp(0.5) - 1.5), rel=1e-6)
     assert g == pytest.approx(0.1 * (1 - math.exp(0.5)), rel=1e-6)
     assert m["kl"] == pytest.approx(math.exp(0.5) - 1.5, rel=1e-6)
