@@ -142,8 +142,9 @@ def write_checksums(folder: str) -> None:
         json.dump({name: _sha256(os.path.join(folder, name)) for name in _files(folder)}, f, indent=1)
 
 
-def verify_checksums(folder: str) -> None:
-    """Every file listed in checksums.json is present with its recorded SHA-256 (ValueError naming it if not)."""
+def verify_checksums(folder: str, part: tuple[int, int] = (0, 1)) -> None:
+    """Every file listed in checksums.json is present with its recorded SHA-256 (ValueError naming it if not).
+    part=(i, n): only every n-th listed file from the i-th, so that n processes share the reading."""
     listed = os.path.join(folder, CHECKSUMS)
     if not os.path.isfile(listed):
         warnings.warn(f"resume_from_checkpoint: {folder!r} has no {CHECKSUMS} (written before fastrl recorded "
@@ -154,7 +155,7 @@ def verify_checksums(folder: str) -> None:
             expected = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"resume_from_checkpoint: {listed!r} is unreadable ({e})") from None
-    for name, digest in expected.items():
+    for name, digest in list(expected.items())[part[0]::part[1]]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise ValueError(f"resume_from_checkpoint: {path!r} is missing from the checkpoint")
@@ -177,8 +178,19 @@ def prune(output_dir: str, save_total_limit: int | None) -> None:
         shutil.rmtree(path)
 
 
-def load_checkpoint(path: str, *, model, optimizer, scheduler) -> tuple[dict, dict | None]:
-    """Restore weights, optimizer, scheduler and RNG from `path`. Returns (trainer_state, rollout_buffer)."""
+def copy_into(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """One process or a replica: the parameters copied in place, the optimizer state loaded as saved."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(optimizer_state)
+
+
+def load_checkpoint(path: str, *, model, optimizer, scheduler, restore=copy_into) -> tuple[dict, dict | None]:
+    """Restore weights, optimizer, scheduler and RNG from `path`. Returns (trainer_state, rollout_buffer).
+    restore(model, optimizer, weights, optimizer_state) puts the saved whole tensors in place (a sharded model
+    passes its own: fastrl.sharded_checkpoint.restore_into_shards)."""
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         raise ValueError(f"resume_from_checkpoint: {path!r} is not a fastrl checkpoint (no trainer_state.json)")
     verify_checksums(path)
@@ -191,10 +203,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> tuple[dict, di
     if missing:
         raise ValueError(f"resume_from_checkpoint: checkpoint {path!r} lacks parameters {missing[:5]} "
                          "(was it written for another model?)")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
+    restore(model, optimizer, weights, torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
     restore_rng(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False))
     with open(os.path.join(path, "trainer_state.json")) as f:

@@ -41,7 +41,7 @@ from transformers.optimization import get_scheduler
 from transformers.utils import logging as transformers_logging
 
 from fastrl import distributed
-from fastrl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_seed
+from fastrl.checkpoint import copy_into, load_checkpoint, resolve_resume, save_checkpoint, set_seed
 from fastrl.config import GRPOConfig
 from fastrl.data import check_dataset, completions_for_rewards, is_stream, make_sampler, tokenize_prompts
 from fastrl.dynamic_sampling import ScoredGroups, concat_groups, fill_generation_batch
@@ -66,7 +66,8 @@ from fastrl.rewards.reward_model import wrap_reward_models
 from fastrl.rollout_batch import PackedBatch, RolloutBatch, token_budget_bins
 from fastrl.scoring import (UninformativeRewardWarning, aggregate_advantages, check_reward_columns,
                             check_reward_weights, combine, resolve_reward_funcs, score)
-from fastrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
+from fastrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, restore_into_shards, \
+    save_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -684,12 +685,10 @@ class GRPOTrainer:
         if is_sharded_checkpoint(path):  # resharded by DCP to this run's placement (one process included)
             state, buffer = load_sharded_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                                     scheduler=self.lr_scheduler, rank=self.launch.rank), None
-        elif distributed.is_sharded(self.model):
-            raise ValueError(f"resume_from_checkpoint: {path!r} was written by an unsharded run; resuming it with "
-                             "fsdp is not implemented (resume it without fsdp)")
-        else:
+        else:  # one process's (or rank 0's) whole tensors; cut into this rank's shards under fsdp
+            restore = restore_into_shards if distributed.is_sharded(self.model) else copy_into
             state, buffer = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                            scheduler=self.lr_scheduler)
+                                            scheduler=self.lr_scheduler, restore=restore)
         self.sampler.load_state_dict(state.pop("sampler"))
         if self.args.sync_ref_model:
             restore_reference(path, self.ref_model)

@@ -6,10 +6,16 @@ Trains 3 optimizer steps of a fixed, TRL-shaped config whose global batch is the
 caller passes per_device_train_batch_size = global micro-batch / world size). Rank 0 writes OUT_DIR/metrics.jsonl
 and completions.jsonl (the trainer's own logs, every step), OUT_DIR/trainable.pt (the trained parameters) and
 OUT_DIR/model (trainer.save_model).
+
+Faults for the tests, set by environment variable: FASTRL_TEST_KILL_RANK / FASTRL_TEST_KILL_AFTER_STEP kill a
+rank while it scores a step (first_char_or_die); FASTRL_TEST_KILL_IN_SAVE=RANK:N kills a rank inside the N-th
+sharded save (kill_in_save). Either writes the moment of the kill to OUT_DIR/killed_at.
 """
 import os
 import signal
 import sys
+import time
+from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +29,7 @@ from fastrl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 
 def main(model_dir: str, out: str, mode: str, per_device: int, *overrides: str) -> None:
+    kill_in_save(out)
     extra = {k: type_of(v) for k, v in (o.split("=", 1) for o in overrides)}
     fields = dict(output_dir=out, per_device_train_batch_size=per_device, num_generations=4,
                   gradient_accumulation_steps=2, max_completion_length=6, max_steps=3, logging_steps=1,
@@ -53,8 +60,39 @@ def first_char_or_die(completions, answer, trainer_state=None, **kwargs):
     while scoring the step after FASTRL_TEST_KILL_AFTER_STEP optimizer steps."""
     if os.environ.get("FASTRL_TEST_KILL_RANK") == os.environ.get("RANK", "0") and \
             trainer_state.global_step == int(os.environ.get("FASTRL_TEST_KILL_AFTER_STEP", -1)):
-        os.kill(os.getpid(), signal.SIGKILL)
+        die(os.environ["FASTRL_TEST_OUT"])
     return tiny.first_char_reward(completions, answer)
+
+
+def kill_in_save(out: str) -> None:
+    """FASTRL_TEST_KILL_IN_SAVE=RANK:N: that rank dies (SIGKILL) inside its N-th sharded save, once DCP has written
+    its shards, while the other ranks go on into the save's collectives (gathering the whole model, barriers)."""
+    os.environ["FASTRL_TEST_OUT"] = out
+    if ":" not in os.environ.get("FASTRL_TEST_KILL_IN_SAVE", ""):
+        return
+    rank, nth = map(int, os.environ["FASTRL_TEST_KILL_IN_SAVE"].split(":"))
+    if rank != int(os.environ.get("RANK", "0")):
+        return
+    import fastrl.sharded_checkpoint as sharded
+
+    real_save, calls = sharded.dcp.save, []
+
+    def save(*args, **kwargs):
+        result = real_save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == nth:
+            die(out)
+        return result
+
+    sharded.dcp = SimpleNamespace(**{**vars(sharded.dcp), "save": save})  # this module's view of DCP only
+
+
+def die(out: str) -> None:
+    """SIGKILL this process (no clean-up, no Python exit) after writing the moment to OUT/killed_at."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "killed_at"), "w") as f:
+        f.write(repr(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def type_of(value: str):

@@ -12,9 +12,14 @@ prompt 1 spans both ranks) and seed. Compared every step from the trainers' own 
 - weights after 3 AdamW steps (lr 1e-3): |a - b| <= 2e-5. Adam divides each gradient by its running RMS, so
   reduction-order noise in a small gradient component is not shrunk with it; measured max 1.9e-6 (full, both
   placements) and 2.3e-7 (LoRA) here.
+Faults and checkpoints (every compared run checkpoints every step): a rank SIGKILLed mid-step or mid-save ends
+the launch with the rank named, within a bound; the last complete checkpoint resumes 2 -> 1, 2 -> 2 (bit-identical
+to the uninterrupted run) and 1 -> 2 processes; a corrupted shard file is named at resume.
 """
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,9 +28,11 @@ import time
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from fastrl import GRPOConfig
+import helpers_tiny as tiny
+from fastrl import GRPOConfig, GRPOTrainer
 from fastrl.distributed import micro_batch_rows
 from fastrl.generation.base import SamplingConfig
 from fastrl.generation.decode import sample
@@ -36,6 +43,8 @@ from helpers_tiny import build_model, build_tokenizer
 
 TESTS = os.path.dirname(__file__)
 VOLATILE = ("step_time", "tokens_per_second", "peak_memory_mb")  # timings and memory differ by nature
+CHECKPOINTS = ("save_strategy=steps", "save_steps=1")
+FSDP = ("fsdp=full_shard",)
 
 
 def run_worker(model_dir, out, mode: str, nproc: int, *overrides: str, timeout: float = 600, env=None,
@@ -76,38 +85,57 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def one_process(model_dir, tmp_path_factory):
-    """The one-process runs, made once per mode and shared by the replicated and the sharded comparisons."""
+    """The one-process runs, made once per mode and shared by the replicated and the sharded comparisons. They
+    checkpoint every step (which changes nothing in the run), for the 1 -> 2 processes resume."""
     done = {}
 
     def get(mode: str):
         if mode not in done:
             done[mode] = tmp_path_factory.mktemp(f"one-{mode}")
-            run_worker(model_dir, done[mode], mode, 1)
+            run_worker(model_dir, done[mode], mode, 1, *CHECKPOINTS)
         return done[mode]
 
     return get
 
 
-def assert_same_run(one, two, mode: str) -> None:
-    """Metrics every step, completions token for token and trained weights, within the module's tolerances."""
-    steps_one, steps_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
-    assert [s["step"] for s in steps_one] == [s["step"] for s in steps_two] == [1, 2, 3]
+@pytest.fixture(scope="module")
+def two_processes(model_dir, tmp_path_factory):
+    """The uninterrupted 2-process runs, per (mode, placement), shared by the comparisons and the resumes; with
+    a checkpoint every step, as the runs they are compared with."""
+    done = {}
+
+    def get(mode: str, placement: str):
+        if (mode, placement) not in done:
+            done[mode, placement] = tmp_path_factory.mktemp(f"two-{mode}-{placement}")
+            run_worker(model_dir, done[mode, placement], mode, 2, *CHECKPOINTS, *(FSDP if placement == "fsdp" else ()))
+        return done[mode, placement]
+
+    return get
+
+
+def assert_same_run(one, two, mode: str, steps=(1, 2, 3), exact: bool = False) -> None:
+    """Metrics of `steps`, completions token for token and trained weights, within the module's tolerances (exact:
+    equal to the bit). `two` may hold only the later steps of `one` (a run resumed into another folder)."""
+    steps_one = [s for s in read_jsonl(one / "metrics.jsonl") if s["step"] in steps]
+    steps_two = read_jsonl(two / "metrics.jsonl")
+    assert [s["step"] for s in steps_one] == [s["step"] for s in steps_two] == list(steps)
     for a, b in zip(steps_one, steps_two):
         assert set(a) == set(b)
         for key in set(a) - set(VOLATILE):
-            if a[key] is None or b[key] is None:
-                assert a[key] == b[key], (a["step"], key)
+            if a[key] is None or b[key] is None or exact:
+                assert a[key] == b[key], (a["step"], key, a[key], b[key])
             else:
                 assert abs(a[key] - b[key]) <= 1e-6 + 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
-    rows_one, rows_two = read_jsonl(one / "completions.jsonl"), read_jsonl(two / "completions.jsonl")
-    assert len(rows_one) == 3 * 12  # 3 steps × (3 prompts × 4 generations)
+    rows_one = [r for r in read_jsonl(one / "completions.jsonl") if r["step"] in steps]
+    rows_two = read_jsonl(two / "completions.jsonl")
+    assert len(rows_one) == len(steps) * 12  # steps × (3 prompts × 4 generations)
     assert [(r["step"], r["prompt"], r["completion"]) for r in rows_one] == \
         [(r["step"], r["prompt"], r["completion"]) for r in rows_two]
     assert len({r["completion"] for r in rows_one}) > 3  # the comparison is not between constant outputs
     w_one, w_two = torch.load(one / "trainable.pt"), torch.load(two / "trainable.pt")
     assert w_one.keys() == w_two.keys() and (mode == "full" or all("lora_" in k for k in w_one))
     for name in w_one:
-        torch.testing.assert_close(w_two[name], w_one[name], atol=2e-5, rtol=0, msg=name)
+        torch.testing.assert_close(w_two[name], w_one[name], atol=0 if exact else 2e-5, rtol=0, msg=name)
 
 
 def read_jsonl(path):
@@ -117,11 +145,10 @@ def read_jsonl(path):
 
 @pytest.mark.parametrize("placement", ["replicated", "fsdp"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_two_processes_train_like_one(model_dir, one_process, tmp_path, mode, placement):
+def test_two_processes_train_like_one(one_process, two_processes, mode, placement):
     if mode == "lora":
         pytest.importorskip("peft")
-    one, two = one_process(mode), tmp_path / "two"
-    run_worker(model_dir, two, mode, 2, *(["fsdp=full_shard"] if placement == "fsdp" else []))
+    one, two = one_process(mode), two_processes(mode, placement)
     assert_same_run(one, two, mode)
     w_two = torch.load(two / "trainable.pt")
     if mode == "full":  # save_model wrote one whole model (gathered from the shards) that transformers loads
@@ -138,16 +165,68 @@ def test_a_killed_rank_stops_the_run_which_resumes_on_one_process(model_dir, one
     The checkpoint written after step 1 (replicated: by rank 0; fsdp: by both ranks, DCP shards, renamed into place
     by rank 0) resumes in ONE process, and the run ends where an uninterrupted one-process run ends."""
     out = tmp_path / "run"
-    checkpoints = ("save_strategy=steps", "save_steps=1")
-    sharding = ("fsdp=full_shard",) if placement == "fsdp" else ()
-    output = run_worker(model_dir, out, "full", 2, *checkpoints, *sharding, timeout=300, expect_ok=False,
+    output = run_worker(model_dir, out, "full", 2, *CHECKPOINTS, *(FSDP if placement == "fsdp" else ()),
+                        timeout=300, expect_ok=False,
                         env={"FASTRL_TEST_KILL_RANK": "1", "FASTRL_TEST_KILL_AFTER_STEP": "1"})
-    assert "rank" in output and "SIGKILL" in output and "exitcode  : -9" in output, output[-3000:]
+    assert_rank_killed(output, out, rank=1)
     assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
     assert (out / "checkpoint-1" / "dcp").is_dir() == (placement == "fsdp")
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")  # the whole model, gathered from the shards
-    run_worker(model_dir, out, "full", 1, *checkpoints, "resume_from_checkpoint=True")
+    run_worker(model_dir, out, "full", 1, *CHECKPOINTS, "resume_from_checkpoint=True")
     assert_same_run(one_process("full"), out, "full")
+
+
+def assert_rank_killed(output: str, out, rank: int, within_s: float = 60.0) -> None:
+    """torchrun's failure report names the rank and its SIGKILL, and the launch ended (the caller has just
+    returned from it) within `within_s` of the kill the worker recorded: no rank hung in a collective."""
+    assert re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)\s*\n\s*exitcode\s*: -9", output), output[-3000:]
+    waited = time.time() - float((out / "killed_at").read_text())
+    assert 0 <= waited <= within_s, f"the launch ended {waited:.0f} s after rank {rank} was killed"
+
+
+def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_which_resumes_bit_identically(
+        model_dir, two_processes, tmp_path):
+    """fsdp, a checkpoint every step. Rank 1 is SIGKILLed inside the save of checkpoint-2, once its DCP shards are
+    written, while rank 0 goes on into the save's collectives. The launch ends with the rank named; checkpoint-1
+    is complete (checksums verified at resume) and checkpoint-2 never appeared (only its temporary folder did).
+    Resumed by 2 processes, the run ends exactly as the uninterrupted 2-process run: same world size on CPU,
+    so every metric, completion and weight is equal to the bit (gloo reduces in a fixed order)."""
+    out = tmp_path / "run"
+    output = run_worker(model_dir, out, "full", 2, *CHECKPOINTS, *FSDP, timeout=300, expect_ok=False,
+                        env={"FASTRL_TEST_KILL_IN_SAVE": "1:2"})
+    assert_rank_killed(output, out, rank=1)
+    assert (out / "checkpoint-1" / "checksums.json").is_file() and not (out / "checkpoint-2").exists()
+    assert any(p.name.startswith(".tmp-checkpoint-2") for p in out.iterdir())
+    run_worker(model_dir, out, "full", 2, *CHECKPOINTS, *FSDP, "resume_from_checkpoint=True")
+    assert_same_run(two_processes("full", "fsdp"), out, "full", exact=True)
+
+
+def test_a_one_process_checkpoint_resumes_sharded_on_two(model_dir, one_process, tmp_path):
+    """1 -> 2 processes: the one-process run's checkpoint-1 (whole tensors) resumes under fsdp, each rank keeping
+    its shard of the weights and AdamW states (DCP's state-dict API); steps 2 and 3 then match the one-process
+    run's within the module's tolerances."""
+    one = one_process("full")
+    run_worker(model_dir, tmp_path / "two", "full", 2, *FSDP, f"resume_from_checkpoint={one / 'checkpoint-1'}")
+    assert_same_run(one, tmp_path / "two", "full", steps=(2, 3))
+
+
+def test_a_corrupted_shard_is_named_at_resume(model_dir, two_processes, tmp_path):
+    """A sharded checkpoint whose DCP shard file was altered after the save is refused, naming the file, before
+    anything is loaded (resumed here in one process, which reads every file)."""
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(two_processes("full", "fsdp") / "checkpoint-3", checkpoint)
+    shard = sorted((checkpoint / "dcp").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, num_generations=4,
+                      gradient_accumulation_steps=2, max_completion_length=6, max_steps=4, use_cpu=True,
+                      report_to="none", disable_tqdm=True)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[tiny.first_char_reward], args=args,
+                          train_dataset=Dataset.from_list(tiny.addition_rows(24)))
+    with pytest.raises(ValueError, match=re.escape(str(shard)) + ".*does not match its checksum"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0
 
 
 def test_two_nodes_on_localhost_train_like_one_process(model_dir, one_process, tmp_path):
