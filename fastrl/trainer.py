@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers.optimization import get_scheduler
 from transformers.utils import logging as transformers_logging
 
@@ -57,6 +58,7 @@ from fastrl.launch import launch_from_env
 from fastrl.logging_utils import MetricsLogger, NullLogger, append_jsonl
 from fastrl.model_logits import check_fused_logits, logit_transform
 from fastrl.output_dir import OutputDirLock, check_earlier_run, check_writable
+from fastrl.phase_times import PhaseTimes
 from fastrl.policy import (activations_offloaded, check_packed_attention, completion_hidden, frozen_reference,
                            is_peft, lm_head, load_policy, load_tokenizer, packed_completion_hidden,
                            prepare_for_training, reference_on)
@@ -190,6 +192,7 @@ class GRPOTrainer:
         self._window: list[dict] = []  # per-step metrics since the last log_history entry
         self._extra_metrics: dict[str, list[float]] = defaultdict(list)  # from reward functions' log_metric
         self._extra_columns: dict[str, list] = defaultdict(list)  # from reward functions' log_extra
+        self._times = PhaseTimes(self.device)  # this step's seconds per phase, logged as time/<phase>
         self._callback("on_init_end")
 
     # ------------------------------------------------------------------ training loop
@@ -265,10 +268,12 @@ class GRPOTrainer:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns its metrics."""
         args, t0 = self.args, time.perf_counter()
         self.model.train()
+        self._times.reset()  # what evaluation timed between steps is not this step's
         loss_total, tokens, per_batch = 0.0, 0, defaultdict(list)
         for batch, scale in self._step_micro_batches():
             loss, loss_metrics = self._micro_batch_loss(batch, scale=scale)
-            loss.backward()
+            with self._times.phase("backward"):
+                loss.backward()
             loss_total += loss.item()
             if not math.isfinite(loss_total):
                 raise FloatingPointError(f"step {self.state.global_step + 1}: the loss is {loss_total} (a non-finite "
@@ -285,6 +290,19 @@ class GRPOTrainer:
         loss_total = distributed.mean_over_ranks({"loss": loss_total})["loss"]  # ranks' gradients are averaged
         tokens = int(distributed.sum_over_ranks(tokens))
         self.state.num_input_tokens_seen += tokens
+        learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
+        with self._times.phase("optimizer"):  # gradient averaging and clipping included
+            grad_norm = self._clip_and_step()
+        step_time = time.perf_counter() - t0
+        return {"loss": loss_total, **{k: _nanmean(v) for k, v in per_batch.items()},
+                "grad_norm": float(grad_norm), "learning_rate": learning_rate, "step_time": step_time,
+                "tokens_per_second": tokens / step_time, "peak_memory_mb": _peak_memory_mb(self.device),
+                **self._times.metrics()}
+
+    def _clip_and_step(self) -> torch.Tensor:
+        """Average the ranks' gradients, clip them (refusing non-finite ones), step AdamW and the schedule; returns
+        the gradient norm before clipping."""
+        args = self.args
         params = [p for p in self.model.parameters() if p.requires_grad]
         distributed.average_gradients(self.model, params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
@@ -293,14 +311,10 @@ class GRPOTrainer:
             bad = _first_non_finite(self.model, "grad")
             raise FloatingPointError(f"step {self.state.global_step + 1}: the gradient of {bad} is not finite; "
                                      "stopped before the optimizer step")
-        learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - t0
-        return {"loss": loss_total, **{k: _nanmean(v) for k, v in per_batch.items()},
-                "grad_norm": float(grad_norm), "learning_rate": learning_rate, "step_time": step_time,
-                "tokens_per_second": tokens / step_time, "peak_memory_mb": _peak_memory_mb(self.device)}
+        return grad_norm
 
     def _next_micro_batch(self) -> RolloutBatch:
         args = self.args
@@ -336,15 +350,16 @@ class GRPOTrainer:
         token-budget micro-batches their own factor)."""
         spec = spec or self.loss_spec
         loss_tokens = self._buffer_info["loss_tokens"] if loss_tokens is None else loss_tokens
-        with activations_offloaded(self.args.gradient_checkpointing_offload, self.device):
+        with activations_offloaded(self.args.gradient_checkpointing_offload, self.device), self._times.phase("forward"):
             hidden, rows = self._decode(self.model, mb)  # padded [b, T, H] or packed [N, H]
         # fetched after the forward: a sharded root holds its whole lm_head from its forward to its backward;
         # the loss keeps its tensors on the device
         hidden, weight, bias = self._head_inputs(hidden, lm_head(self.model))
         inputs = rows.loss_inputs()
-        loss, metrics = self._loss_fn(hidden, weight, inputs.pop("targets"), inputs.pop("mask"),
-                                      inputs.pop("advantages"), bias=bias, logit_transform=self.logit_transform,
-                                      **inputs, **spec.loss_kwargs(loss_tokens))
+        with self._times.phase("loss"):  # the fused loss; with the loss last, its gradient sweep runs here too
+            loss, metrics = self._loss_fn(hidden, weight, inputs.pop("targets"), inputs.pop("mask"),
+                                          inputs.pop("advantages"), bias=bias, logit_transform=self.logit_transform,
+                                          **inputs, **spec.loss_kwargs(loss_tokens))
         for extreme, mean in (("low_min", "low_mean"), ("high_max", "high_mean")):  # TRL's min/max over processes
             if f"clip_ratio/{mean}" in metrics:  # of the clip ratios: this process's here, over ranks in the step
                 metrics[f"clip_ratio/{extreme}"] = metrics[f"clip_ratio/{mean}"]
@@ -369,7 +384,8 @@ class GRPOTrainer:
         args, G, training = self.args, num_generations or self.args.num_generations, rows is None
         # each backend wakes what it needs itself: the weights for the push, then the KV cache to generate; one
         # push per generation batch (dynamic sampling's further draws use the same, unchanged weights)
-        self.generator.push_weights(self.model)
+        with self._times.phase("weight_push"):
+            self.generator.push_weights(self.model)
         if rows is not None:
             scored, sampling_metrics = self._sample_and_score(rows, G), {}
         elif args.dynamic_sampling:  # DAPO: only groups whose rewards differ, sampling more prompts until full
@@ -393,7 +409,8 @@ class GRPOTrainer:
             sampler_logprobs = None if sampler_logprobs is None else sampler_logprobs[own]
         with torch.no_grad():
             if training and self._needs_old_logprobs():
-                batch.old_logprobs = self._completion_logprobs(self.model, batch)  # [B, T]
+                with self._times.phase("old_logprobs"):
+                    batch.old_logprobs = self._completion_logprobs(self.model, batch)  # [B, T]
             if training and args.use_vllm and args.vllm_importance_sampling_correction:
                 if sampler_logprobs is None:
                     raise ValueError("vllm_importance_sampling_correction=True needs the generator's sampling "
@@ -403,7 +420,8 @@ class GRPOTrainer:
                                                 args.vllm_importance_sampling_clip_min,
                                                 args.vllm_importance_sampling_clip_max)
             if args.beta != 0.0:
-                batch.ref_logprobs = self._reference_logprobs(batch)  # [B, T]
+                with self._times.phase("ref_logprobs"):
+                    batch.ref_logprobs = self._reference_logprobs(batch)  # [B, T]
         metrics = {**self._generation_metrics(rewards_per_func, rewards, reward_std, rollout), **sampling_metrics}
         if batch.old_logprobs is not None and sampler_logprobs is not None:
             # a push that did not land (stale generator weights) shows up here at once
@@ -425,7 +443,7 @@ class GRPOTrainer:
         mine = distributed.rank_slice(len(rows) * G, self.launch.rank, self.launch.world_size)
         keys = stream_keys(args.seed, self.sampler.draws, torch.arange(len(rows) * G)[mine])  # [B / world_size]
         sampling = replace(self._sampling(), stream_keys=keys.tolist() if training else None)
-        with self._autocast():
+        with self._autocast(), self._times.phase("generation"):
             if self.launch.world_size == 1:
                 rollout = self.generator.generate(prompt_ids, G, sampling)
             else:
@@ -437,8 +455,9 @@ class GRPOTrainer:
         columns = {k: [r[k] for r in rows for _ in range(G)][mine] for k in rows[0]
                    if k not in ("prompt", "completion", "completion_ids")}
         extras = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": self._log_extra}
-        rewards_per_func = score(self.reward_funcs, self.reward_func_names, prompts,
-                                 completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
+        with self._times.phase("rewards"):
+            rewards_per_func = score(self.reward_funcs, self.reward_func_names, prompts,
+                                     completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
         self._reward_watch.check(rewards_per_func)
         rewards = combine(rewards_per_func, self.reward_weights)  # [b], NaN = unscorable (row by row)
         scored = ScoredGroups([], [], rollout, rewards_per_func, rewards, self._pending_columns(len(prompts)))
@@ -739,7 +758,10 @@ class GRPOTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": a.weight_decay},  # no decay on
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # biases and norm scales
-        fused = a.optim == "adamw_torch_fused" and self.device.type == "cuda"
+        # adamw_torch_fused (the default) is fused on every device torch has the kernel for, CPU included, as
+        # transformers does for TRL: at 494M fp32 parameters on a 2-core CPU a step took ~0.95 s fused against ~6 s
+        # foreach (measured side by side); adamw_torch keeps torch's default (foreach)
+        fused = a.optim == "adamw_torch_fused" and self.device.type in _get_fused_kernels_supported_devices()
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=a.learning_rate,
                                  betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon, fused=fused or None)
 

@@ -1,5 +1,5 @@
 """The end-to-end benchmark harness (fastrl.bench.e2e): the same script trains under TRL and fastrl, steps are
-timed from the reward-call gaps, and the rows say what was measured."""
+timed between optimizer steps and split into phases (fastrl.bench.phases), and the rows say what was measured."""
 from dataclasses import replace
 from importlib.util import find_spec
 
@@ -9,6 +9,13 @@ import torch
 from fastrl.bench import e2e
 from fastrl.bench.jobs import JobFailed
 
+def phases(step_s: list[float]) -> list[dict]:
+    """A job's per-step phases as the worker reports them: here all of each step's time is generation."""
+    from fastrl.bench.phases import CATEGORIES
+
+    return [{"step_s": s, **dict.fromkeys(CATEGORIES, 0.0), "generation": s} for s in step_s]
+
+
 RUN = {"device": "cpu: test", "versions": "{}", "timestamp": "2026-01-01T00:00:00+00:00", "command": "pytest", "commit": "abc123"}
 
 
@@ -17,8 +24,9 @@ def test_rows_drop_the_warm_up_step_and_divide_tokens_by_the_timed_steps(monkeyp
         if job.get("memory"):
             assert env_extra == e2e.MEMORY_ENV
             return {"peak_mib": 123.0}
-        # 4 reward calls: gaps 10 s (warm-up, dropped), 1 s, 2 s; tokens 8 per step
-        return {"step_s": [10.0, 1.0, 2.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 14.0}
+        # 3 steps: 10 s (warm-up, dropped), 1 s, 2 s; tokens 8 per step
+        return {"step_s": [10.0, 1.0, 2.0], "phases": phases([10.0, 1.0, 2.0]), "tokens": [8, 8, 8],
+                "train_runtime_s": 14.0}
 
     monkeypatch.setattr("fastrl.bench.jobs.run_job", fake_job)
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
@@ -28,6 +36,7 @@ def test_rows_drop_the_warm_up_step_and_divide_tokens_by_the_timed_steps(monkeyp
     assert got["steps_per_s"]["p50"] == pytest.approx(1 / 1.5)
     assert got["tokens_per_s"]["p50"] == pytest.approx(16 / 3.0)
     assert got["memory"]["p50"] == 123.0
+    assert got["phase/generation"]["p50"] == pytest.approx(1500.0) and got["phase/backward"]["p50"] == 0.0
     assert {r["x_value"] for r in rows} == {e2e.tiny_case().vocab_size}
     from fastrl.bench.results import read_csv, write_csv
     from fastrl.bench.table import render_table
@@ -62,7 +71,8 @@ def test_one_import_apart():
 
 @pytest.mark.parametrize("trainer", ["trl", "fastrl"])
 def test_the_same_job_trains_under_each_trainer(trainer, tmp_path):
-    """In this process (the suite uses fresh ones): 3 steps of the tiny case, 3 reward calls, memory read."""
+    """In this process (the suite uses fresh ones): 3 steps of the tiny case, 3 reward calls, memory read, each
+    step split into phases that add up to it, the trainer's main phases each taking time."""
     pytest.importorskip(trainer)
     case = e2e.tiny_case()
     model_dir = e2e.build_model(case, str(tmp_path / "models"))
@@ -72,8 +82,13 @@ def test_the_same_job_trains_under_each_trainer(trainer, tmp_path):
         out = e2e.run_e2e_job({"trainer": trainer, "case": case.config(), "model_dir": model_dir, "memory": True})
     finally:
         torch.set_num_threads(n)
-    assert out["reward_calls"] == case.max_steps and len(out["step_s"]) == case.max_steps - 1
+    assert out["reward_calls"] == case.max_steps and len(out["step_s"]) == case.max_steps
     assert all(t > 0 for t in out["step_s"]) and out["peak_mib"] >= 0
+    for step in out["phases"]:
+        parts = {k: v for k, v in step.items() if k != "step_s"}
+        assert sum(parts.values()) == pytest.approx(step["step_s"], rel=1e-6) and min(parts.values()) >= 0
+        for phase in ("generation", "rewards", "old/ref logprobs", "policy forward", "loss", "backward", "optimizer"):
+            assert parts[phase] > 0, (phase, parts)  # beta 0.04: the reference pass runs in both
     assert 0 < sum(out["tokens"]) <= case.max_steps * case.per_device_train_batch_size * case.max_completion_length
 
 
@@ -135,8 +150,8 @@ def test_quick_times_and_measures_memory_in_one_process_per_trainer(monkeypatch,
 
     def fake_job(job, env_extra=None, timeout=None):
         calls.append((job["trainer"], job.get("memory"), env_extra))
-        return {"step_s": [10.0, 1.0, 2.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 14.0, "peak_mib": 50.0,
-                "rss_built_mib": 700.0}
+        return {"step_s": [10.0, 1.0, 2.0], "phases": phases([10.0, 1.0, 2.0]), "tokens": [8, 8, 8],
+                "train_runtime_s": 14.0, "peak_mib": 50.0, "rss_built_mib": 700.0}
 
     monkeypatch.setattr("fastrl.bench.jobs.run_job", fake_job)
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))

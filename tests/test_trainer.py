@@ -274,3 +274,27 @@ def test_every_completion_truncated_and_masked_gives_zero_loss_and_no_update(mod
         kept.train()
         assert [e["completions/clipped_ratio"] for e in kept.state.log_history[:-1]] == [1.0, 1.0]
         assert max_change(model_dir, kept.model) > 1e-4
+
+
+def test_phase_times_are_logged_and_add_up_to_the_step(model_dir, tmp_path):
+    """time/<phase> (fastrl.phase_times): every phase this run has, each a duration, together within the step's
+    time; beta > 0 brings the reference pass, a batch reused over two steps the old logprobs (and generation only
+    in the first of the two)."""
+    trainer = train_weights(model_dir, tmp_path, beta=0.04, steps_per_generation=2, max_steps=2)
+    steps = [e for e in trainer.state.log_history if "loss" in e]
+    every_step = {"time/forward", "time/loss", "time/backward", "time/optimizer"}
+    first = {"time/weight_push", "time/generation", "time/rewards", "time/old_logprobs", "time/ref_logprobs"}
+    assert set(k for k in steps[0] if k.startswith("time/")) == every_step | first
+    assert set(k for k in steps[1] if k.startswith("time/")) == every_step  # the batch's second half: no sampling
+    for e in steps:
+        times = [v for k, v in e.items() if k.startswith("time/")]
+        assert all(v >= 0 for v in times) and e["time/generation" if e is steps[0] else "time/forward"] > 0
+        assert sum(times) <= e["step_time"]
+
+
+@pytest.mark.parametrize("optim,fused", [("adamw_torch_fused", True), ("adamw_torch", None)])
+def test_default_optimizer_is_fused_on_cpu(model_dir, tmp_path, optim, fused):
+    """TRL's default optim (adamw_torch_fused) is torch's fused AdamW on CPU too, as transformers builds it for
+    TRL; adamw_torch is torch's default implementation."""
+    trainer = train_weights(model_dir, tmp_path, optim=optim, max_steps=1)
+    assert trainer.optimizer.defaults["fused"] is fused

@@ -24,8 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="kernels: time only, no memory processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--match", default=None,
-                        help="kernels: only cases whose id contains one of these comma-separated strings "
-                             "(ids look like grpo_loss-full-fp32-B4-T256-H256-V65536)")
+                        help="only cases whose id (kernels: grpo_loss-full-fp32-B4-T256-H256-V65536) or size (e2e: "
+                             "tiny-v32k, qwen2.5-0.5b-full, ...) contains one of these comma-separated strings")
+    parser.add_argument("--trainers", default=None, help="e2e: comma-separated trainers (default: all of "
+                                                         "fastrl, fastrl-vllm, trl)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="e2e: time and memory from one process per trainer (timed with the memory setting on)")
+    parser.add_argument("--tag", default=None, help="write <suite>-<tag>.csv (and its plots) instead of <suite>.csv")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     else:  # called by the `fastrl` command: record what the user typed
         command = command_line(sys.argv[1:], prog="fastrl")
     suites = ("kernels", "e2e") if args.suite == "all" else (args.suite,)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     for suite in suites:
         run_info = run_facts(command, device)
         if suite == "kernels":
@@ -56,25 +61,34 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             rows = run_kernel_suite(run_info, settings=settings, quick=args.quick, cases=cases,
                                     progress=not args.no_progress)
         else:
-            from .e2e import run_e2e_suite
+            from .e2e import TRAINERS, e2e_cases, run_e2e_suite
 
-            rows = run_e2e_suite(run_info, quick=args.quick, device=device, progress=not args.no_progress)
+            cases = matching_cases(e2e_cases(args.quick), args.match, key=lambda c: c.size)
+            trainers = tuple(args.trainers.split(",")) if args.trainers else TRAINERS
+            rows = run_e2e_suite(run_info, quick=args.quick, device=device, progress=not args.no_progress,
+                                 cases=cases, trainers=trainers, one_process=args.one_process or None)
         path = write_csv(rows, os.path.join(args.out, f"{suite}{suffix}.csv"))
         plots = write_plots(rows_from(path), args.out, f"{suite}{suffix}")
+        if suite == "e2e":
+            from .phases import write_phase_chart
+
+            chart = write_phase_chart(rows_from(path), os.path.join(args.out, f"{suite}{suffix}_phases.png"))
+            plots += [chart] if chart else []
         print(render_table(path))
         print("\n".join(goal_lines(rows_from(path))))
         print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in plots))
     return 0
 
 
-def matching_cases(cases: list, match: str | None) -> list:
-    """The cases whose case_id contains one of the comma-separated strings in `match` (all when None)."""
+def matching_cases(cases: list, match: str | None, key=lambda c: c.case_id) -> list:
+    """The cases whose key (a kernel case's case_id, an e2e case's size) contains one of the comma-separated
+    strings in `match` (all when None)."""
     if match is None:
         return cases
     wanted = [m for m in match.split(",") if m]
-    kept = [c for c in cases if any(m in c.case_id for m in wanted)]
+    kept = [c for c in cases if any(m in key(c) for m in wanted)]
     if not kept:
-        raise ValueError(f"--match: no case id contains any of {wanted}; ids look like {cases[0].case_id}")
+        raise ValueError(f"--match: no case contains any of {wanted}; they look like {key(cases[0])}")
     return kept
 
 

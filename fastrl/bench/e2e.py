@@ -9,10 +9,12 @@ The script below is TRL's documented shape (a dataset with a `prompt` column, re
 as keywords, GRPOConfig fields, GRPOTrainer(...).train()).
 
 What is measured, per (trainer, size):
-- a timing process (no allocator setting): the reward function is called once per optimizer step (one
-  generation batch per step), so the gaps between its calls are whole steps (generate → reward → loss → update);
-  the first gap is warm-up and dropped. steps/s and step time come from the remaining gaps; completion tokens/s
-  is the completion tokens scored in those steps (counted from `completion_ids`) over the same time.
+- a timing process (no allocator setting): a step runs from the end of one optimizer step to the end of the next
+  (generate → reward → loss → update; the first from train()'s start), noted by a global torch optimizer hook;
+  the first step is warm-up and dropped (a one-step run keeps it). steps/s and step time come from the remaining
+  steps; completion tokens/s is the completion tokens scored in them (counted by the reward function from
+  `completion_ids`) over the same time. Each step's time is also split into phases (fastrl.bench.phases: fastrl
+  logs its own, TRL's methods are wrapped), written as `phase_seconds` rows and drawn as a breakdown chart.
 - a memory process (MALLOC_MMAP_THRESHOLD_=65536): peak RSS during train() above the RSS after the trainer (policy,
   reference model, tokenizer, data) is built, so it covers generation, activations, gradients, optimizer state.
   For fastrl-vllm the built trainer already holds the vLLM engine (its weights and KV cache): `rss_built_mib` in
@@ -40,6 +42,11 @@ class E2ECase:
     hidden_size: int = 64
     num_layers: int = 2
     head_dim: int = 32
+    arch: str = "llama"  # fastrl.tasks.tiny_model's builder: llama or qwen2
+    num_key_value_heads: int | None = None  # None: as many as the attention heads
+    intermediate_size: int | None = None  # None: 4 x hidden_size
+    lora_r: int = 0  # > 0: LoRA of this rank on every linear layer of the decoder (peft), else full fine-tuning
+    gradient_checkpointing: bool = True  # TRL's default, and fastrl's
     per_device_train_batch_size: int = 8  # completions per step
     num_generations: int = 4
     max_completion_length: int = 16
@@ -57,6 +64,23 @@ class E2ECase:
         return E2ECase(**{k: v for k, v in d.items() if k in E2ECase.__dataclass_fields__})
 
 
+# Qwen2.5-0.5B's architecture (its config.json: 24 layers x 896, 14 heads / 2 KV heads of 64, MLP 4864, vocabulary
+# 151936, tied head), random weights; 8 completions x 128 tokens, beta 0.04 (issue 17's headline). Two steps: the
+# first is warm-up, the second is timed (a step takes minutes on a 2-core CPU).
+QWEN05B = dict(vocab_size=151936, hidden_size=896, num_layers=24, head_dim=64, arch="qwen2", num_key_value_heads=2,
+               intermediate_size=4864, per_device_train_batch_size=8, num_generations=8, max_completion_length=128,
+               max_steps=2, learning_rate=1e-6)
+# Qwen2.5-1.5B's (28 x 1536, 12 heads / 2 KV of 128, MLP 8960): one step, timed whole
+QWEN15B = {**QWEN05B, "hidden_size": 1536, "num_layers": 28, "head_dim": 128, "intermediate_size": 8960,
+           "max_steps": 1}
+
+
+def real_size_cases() -> list[E2ECase]:
+    """The real-architecture cases (`fastrl bench --suite e2e --match qwen2.5`), full fine-tuning and LoRA r=8."""
+    return [E2ECase("qwen2.5-0.5b-full", **QWEN05B), E2ECase("qwen2.5-0.5b-lora8", **QWEN05B, lora_r=8),
+            E2ECase("qwen2.5-1.5b-full", **QWEN15B)]
+
+
 def e2e_cases(quick: bool) -> list[E2ECase]:
     if quick:
         return [E2ECase("tiny-v32k", vocab_size=32768, max_steps=4)]  # 4 reward calls: 3 gaps, the first dropped
@@ -64,7 +88,7 @@ def e2e_cases(quick: bool) -> list[E2ECase]:
             E2ECase("small-v32k", vocab_size=32768, hidden_size=256, num_layers=4, head_dim=64, max_steps=8,
                     per_device_train_batch_size=16, max_completion_length=32),
             E2ECase("small-v152k", vocab_size=151936, hidden_size=256, num_layers=4, head_dim=64, max_steps=8,
-                    per_device_train_batch_size=16, max_completion_length=32)]
+                    per_device_train_batch_size=16, max_completion_length=32)] + real_size_cases()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,14 +100,19 @@ def model_cache_dir() -> str:
 
 
 def build_model(case: E2ECase, root: str | None = None) -> str:
-    """The tiny random-init Llama + character tokenizer (fastrl.tasks.tiny_model), built once per size and reused
+    """The random-init model + character tokenizer (fastrl.tasks.tiny_model), built once per shape and reused
     (the builder is idempotent)."""
     from fastrl.tasks.tiny_model import build_tiny_model
 
+    shape = dict(num_layers=case.num_layers, hidden_size=case.hidden_size, head_dim=case.head_dim,
+                 vocab_size=case.vocab_size, seed=case.seed)
     name = f"llama-L{case.num_layers}-H{case.hidden_size}-V{case.vocab_size}-s{case.seed}"
-    return build_tiny_model(os.path.join(root or model_cache_dir(), name), num_layers=case.num_layers,
-                            hidden_size=case.hidden_size, head_dim=case.head_dim, vocab_size=case.vocab_size,
-                            seed=case.seed)
+    if case.arch != "llama" or case.num_key_value_heads or case.intermediate_size:
+        shape.update(arch=case.arch, num_key_value_heads=case.num_key_value_heads,
+                     intermediate_size=case.intermediate_size)
+        name = (f"{case.arch}-L{case.num_layers}-H{case.hidden_size}-KV{case.num_key_value_heads}"
+                f"-I{case.intermediate_size}-V{case.vocab_size}-s{case.seed}")
+    return build_tiny_model(os.path.join(root or model_cache_dir(), name), **shape)
 
 
 def prompts() -> list[dict]:
@@ -137,10 +166,20 @@ def generation_args(trainer: str) -> dict:
     return {}
 
 
+def peft_config(case: E2ECase):
+    """LoRA on every linear layer of the decoder (None for full fine-tuning), the same object for both trainers."""
+    if not case.lora_r:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=case.lora_r, lora_alpha=2 * case.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
 def run_e2e_job(job: dict) -> dict:
     from datasets import Dataset
 
     from .measure import _status_kib, can_reset_peak_rss
+    from .phases import StepPhases
 
     case = E2ECase.from_dict(job["case"])
     module = trainer_module(job["trainer"])
@@ -150,10 +189,14 @@ def run_e2e_job(job: dict) -> dict:
             output_dir=out, per_device_train_batch_size=case.per_device_train_batch_size,
             num_generations=case.num_generations, max_completion_length=case.max_completion_length,
             max_steps=case.max_steps, learning_rate=case.learning_rate, beta=case.beta, loss_type=case.loss_type,
-            logging_steps=1, use_cpu=job.get("device", "cpu") == "cpu", bf16=False, save_strategy="no",
-            report_to="none", disable_tqdm=True, seed=case.seed, **generation_args(job["trainer"]))
+            gradient_checkpointing=case.gradient_checkpointing, logging_steps=1,
+            use_cpu=job.get("device", "cpu") == "cpu", bf16=False, save_strategy="no", report_to="none",
+            disable_tqdm=True, seed=case.seed, **generation_args(job["trainer"]))
         trainer = module.GRPOTrainer(model=job["model_dir"], reward_funcs=[clock], args=args,
-                                     train_dataset=Dataset.from_list(prompts()))
+                                     train_dataset=Dataset.from_list(prompts()), peft_config=peft_config(case))
+        phases = StepPhases()
+        if job["trainer"] == "trl":
+            phases.wrap_trl(trainer)
         memory = job.get("memory", False)
         built = round(_status_kib("VmRSS") / 1024.0, 1)
         if memory:
@@ -163,13 +206,14 @@ def run_e2e_job(job: dict) -> dict:
                 f.write("5")
             before = _status_kib("VmRSS")
         t0 = time.perf_counter()
-        trainer.train()
+        with phases.optimizer_steps():
+            trainer.train()
         runtime = time.perf_counter() - t0
         peak_mib = (_status_kib("VmHWM") - before) / 1024.0 if memory else None
-    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    if len(gaps) < 1:
-        raise RuntimeError(f"need at least 2 steps to time one, got {len(clock.times)} reward calls")
-    return {"step_s": gaps, "tokens": clock.tokens, "reward_calls": len(clock.times), "train_runtime_s": runtime,
+    fastrl_log = None if job["trainer"] == "trl" else [e for e in trainer.state.log_history if "step_time" in e]
+    steps = phases.per_step(fastrl_log)
+    return {"step_s": [s["step_s"] for s in steps], "phases": steps, "tokens": clock.tokens,
+            "reward_calls": len(clock.times), "train_runtime_s": runtime,
             "peak_mib": peak_mib, "rss_built_mib": built, "interval_s": clock.times[-1] - clock.times[0],
             "interval_tokens": sum(clock.tokens[1:])}
 
@@ -179,15 +223,18 @@ def run_e2e_job(job: dict) -> dict:
 
 def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases: list[E2ECase] | None = None,
                   trainers: tuple[str, ...] = TRAINERS, progress: bool = True, model_root: str | None = None,
-                  timeout_s: float = 3600.0) -> list[dict]:
+                  timeout_s: float = 3600.0, one_process: bool | None = None) -> list[dict]:
+    """Rows for every (case, trainer), trainers alternating within a case. one_process (default: quick): time and
+    memory from one process per trainer, timed with the memory setting on (said in the rows' config)."""
     from tqdm.auto import tqdm
 
     from .measure import quantiles
     from .jobs import JobFailed, run_job
+    from .phases import CATEGORIES
     from .results import row
 
     cases = cases if cases is not None else e2e_cases(quick)
-    one_process = quick  # time and memory from the same process (see the module docstring)
+    one_process = quick if one_process is None else one_process
     procs = 1 if one_process else 2
     rows: list[dict] = []
     bar = tqdm(total=len(cases) * len(trainers) * procs, desc="e2e", unit="proc", disable=not progress,
@@ -196,7 +243,8 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
         for case in cases:
             bar.set_postfix_str(f"{case.size}: building the model", refresh=True)
             model_dir = build_model(case, model_root)
-            case_cfg = {**case.config(), "sweep": f"L{case.num_layers}-H{case.hidden_size}"}  # plots: one per shape
+            sweep = f"L{case.num_layers}-H{case.hidden_size}" + (f"-lora{case.lora_r}" if case.lora_r else "")
+            case_cfg = {**case.config(), "sweep": sweep}  # plots: one per shape
             base = dict(operation="grpo_train_step", mode="generate+train", x_name="V", x_value=case.vocab_size,
                         run=run)
             for trainer in trainers:
@@ -230,6 +278,11 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
                 tps = tokens / timed_s
                 rows.append(row(provider=trainer, metric="tokens_per_s", unit="tok/s", values=[tps, tps, tps],
                                 config={**info, "completion_tokens": tokens}, **base))
+                timed_phases = timed["phases"][1:] or timed["phases"]  # the same steps as step_ms
+                for category in CATEGORIES:
+                    q = quantiles([1e3 * p[category] for p in timed_phases])
+                    rows.append(row(provider=trainer, metric=f"phase/{category}", unit="ms", values=q, config=info,
+                                    **base))
                 try:
                     if one_process:
                         mem = timed

@@ -79,15 +79,15 @@ def _check_args(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, 
         raise ValueError(f"vocab_size must be >= the tokenizer's {base_vocab} tokens, got {vocab_size}")
 
 
-def _model_config(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, tie_word_embeddings,
-                  initializer_range, tokenizer):
+def _model_config(arch, num_layers, hidden_size, num_heads, num_key_value_heads, head_dim, intermediate_size,
+                  vocab_size, tie_word_embeddings, initializer_range, tokenizer):
     return ARCHITECTURES[arch](
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_key_value_heads,
         head_dim=head_dim,
         max_position_embeddings=512,
         initializer_range=initializer_range,
@@ -114,7 +114,9 @@ def build_tiny_model(
     num_layers: int = 2,
     hidden_size: int = 64,
     num_heads: int | None = None,
+    num_key_value_heads: int | None = None,
     head_dim: int = 32,
+    intermediate_size: int | None = None,
     vocab_size: int | None = None,
     tie_word_embeddings: bool = True,
     initializer_range: float = 0.02,
@@ -122,18 +124,29 @@ def build_tiny_model(
 ) -> str:
     """Write a random-init causal LM and its character tokenizer to `output_dir`; return the path.
 
-    num_heads defaults to hidden_size // head_dim; initializer_range is the std of the random weights.
+    num_heads defaults to hidden_size // head_dim, num_key_value_heads to num_heads (grouped-query attention when
+    fewer), intermediate_size to 4 * hidden_size; initializer_range is the std of the random weights.
+    Qwen2.5-0.5B's shape, for example: arch="qwen2", num_layers=24, hidden_size=896, num_heads=14,
+    num_key_value_heads=2, head_dim=64, intermediate_size=4864, vocab_size=151936.
     vocab_size defaults to the tokenizer's size (100 tokens); a larger value (e.g. 32768, for benchmarks)
     pads the embedding and lm_head with rows no text maps to.
     An existing folder built with the same arguments is reused as it is.
     """
     tokenizer = build_tokenizer()
     num_heads = num_heads if num_heads is not None else hidden_size // head_dim
+    num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_heads
+    intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
     _check_args(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, initializer_range, len(tokenizer))
+    if num_key_value_heads < 1 or num_heads % num_key_value_heads:
+        raise ValueError(f"num_key_value_heads must divide num_heads={num_heads}, got {num_key_value_heads}")
+    if intermediate_size < 1:
+        raise ValueError(f"intermediate_size must be >= 1, got {intermediate_size}")
     vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
     build_args = dict(arch=arch, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
                       head_dim=head_dim, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
                       initializer_range=initializer_range, seed=seed)
+    if (num_key_value_heads, intermediate_size) != (num_heads, 4 * hidden_size):  # older folders stay valid
+        build_args.update(num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size)
     output_dir = os.path.abspath(output_dir)
     if _already_built(output_dir, build_args):
         return output_dir
@@ -142,8 +155,8 @@ def build_tiny_model(
         raise ValueError(f"output_dir {output_dir!r} is a non-empty folder that holds no tiny model; "
                          "refusing to overwrite it")
 
-    config = _model_config(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, tie_word_embeddings,
-                           initializer_range, tokenizer)
+    config = _model_config(arch, num_layers, hidden_size, num_heads, num_key_value_heads, head_dim, intermediate_size,
+                           vocab_size, tie_word_embeddings, initializer_range, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
 
