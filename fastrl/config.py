@@ -37,7 +37,6 @@ UNSUPPORTED = {
     "use_adaptive_entropy": (False, "the entropy bonus is not in the fused loss"),
     "off_policy_mask_threshold": (None, "off-policy sequence masking is not implemented"),
     "router_aux_loss_coef": (None, "MoE router auxiliary losses are not implemented"),
-    "max_tool_calling_iterations": (None, "tool calling is not implemented"),
     "use_transformers_continuous_batching": (False, "continuous batching is not implemented"),
     "use_transformers_paged": (False, "continuous batching is not implemented"),
     "auto_find_batch_size": (False, "shrinking the batch would split prompt groups (TRL refuses it too)"),

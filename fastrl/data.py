@@ -176,15 +176,17 @@ class StreamSampler:
         self.epoch, self.position, self._rows = state["epoch"], state["position"], None
 
 
-def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None,
-                     chat_template_kwargs: dict | None = None) -> list[list[int]]:
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None, chat_template_kwargs: dict | None = None,
+                     tools: list | None = None, chat_template: str | None = None) -> list[list[int]]:
     """Plain text or chat messages (chat template applied, generation prompt added) -> token ids per prompt.
+    tools: their schemas rendered into chat prompts (tool calling); chat_template: one replacing the tokenizer's.
 
     With max_prompt_length set, prompts are cut from the left (the end of a prompt is what the model continues).
     """
     if is_conversational(prompts[0]):
+        extra = {k: v for k, v in (("tools", tools), ("chat_template", chat_template)) if v is not None}
         out = tokenizer.apply_chat_template(conversation=prompts, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True, **(chat_template_kwargs or {}))
+                                            return_dict=True, **extra, **(chat_template_kwargs or {}))
         ids = out["input_ids"]
     else:
         ids = tokenizer(text=list(prompts))["input_ids"]

@@ -49,10 +49,7 @@ def select_groups(scored: ScoredGroups, groups: list[int], num_generations: int)
     """The groups at indices `groups`, in that order."""
     G = num_generations
     rows_idx = [g * G + j for g in groups for j in range(G)]
-    r = scored.rollout
-    rollout = Rollout(completion_ids=[r.completion_ids[i] for i in rows_idx],
-                      logprobs=None if r.logprobs is None else [r.logprobs[i] for i in rows_idx],
-                      truncated=[r.truncated[i] for i in rows_idx])
+    rollout = scored.rollout.select(rows_idx)
     index = torch.tensor(rows_idx, dtype=torch.long)
     return ScoredGroups([scored.rows[g] for g in groups], [scored.prompt_ids[g] for g in groups], rollout,
                         scored.rewards_per_func[index], scored.rewards[index],

@@ -26,17 +26,18 @@ from fastrl.rewards.reward_model import load_reward_model, reward_model_name
 log = logging.getLogger(__name__)
 
 
-def resolve_reward_funcs(reward_funcs, model_init_kwargs: dict | None = None) -> tuple[list, list[str]]:
+def resolve_reward_funcs(reward_funcs, model_init_kwargs: dict | None = None,
+                         optional: bool = False) -> tuple[list, list[str]]:
     """One callable, reward model or string, or a list of them -> (functions and models, TRL's names).
+    optional: none is fine (an environment may score its rollouts; check_reward_source runs once they are known).
 
     A string is "module:function", a built-in reward name, or else a reward model's id or folder."""
     if reward_funcs is None:
         reward_funcs = []
     elif not isinstance(reward_funcs, (list, tuple)):
         reward_funcs = [reward_funcs]
-    if not reward_funcs:  # TRL's message (an environment's get_reward is the other source TRL accepts)
-        raise ValueError("No reward source provided. Pass `reward_funcs`, or an `environment_factory` whose "
-                         "environment defines a `get_reward` method.")
+    if not optional:
+        check_reward_source(reward_funcs)
     funcs = [import_reward(f, model_init_kwargs) if isinstance(f, str) else f for f in reward_funcs]
     for f in funcs:
         if isinstance(f, torch.nn.Module) and not hasattr(f, "config"):
@@ -47,6 +48,12 @@ def resolve_reward_funcs(reward_funcs, model_init_kwargs: dict | None = None) ->
     names = [reward_model_name(f) if isinstance(f, torch.nn.Module) else getattr(f, "__name__", type(f).__name__)
              for f in funcs]
     return funcs, names
+
+
+def check_reward_source(funcs: list) -> None:
+    if not funcs:  # TRL's message (an environment's get_reward is the other source TRL accepts)
+        raise ValueError("No reward source provided. Pass `reward_funcs`, or an `environment_factory` whose "
+                         "environment defines a `get_reward` method.")
 
 
 def import_reward(spec: str, model_init_kwargs: dict | None = None) -> Callable | torch.nn.Module:

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import resource
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -46,11 +47,12 @@ from fastrl.checkpoint import copy_into, load_checkpoint, resolve_resume, save_c
 from fastrl.config import GRPOConfig
 from fastrl.data import check_dataset, completions_for_rewards, is_stream, make_sampler, tokenize_prompts
 from fastrl.dynamic_sampling import ScoredGroups, concat_groups, fill_generation_batch
+from fastrl.environments import placeholder_dataset
 from fastrl.evaluation import check_eval_dataset, eval_due, evaluate_set, named_sets
 from fastrl.generation.base import SamplingConfig
 from fastrl.generation.extra_kwargs import transformers_generation_config
 from fastrl.generation.is_correction import logprob_abs_diff
-from fastrl.generation.streams import stream_keys
+from fastrl.generation.streams import stream_keys, turn_keys
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 from fastrl.kernels.loss_spec import COMPLETION_BUDGET, ITEMS, LOSS_RULES, MASK_TOTAL, LossSpec
@@ -66,8 +68,9 @@ from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_re
                              restore_reference, sync_due)
 from fastrl.rewards.reward_model import wrap_reward_models
 from fastrl.rollout_batch import PackedBatch, RolloutBatch, token_budget_bins
+from fastrl.rollout_hooks import HookedRollout, RolloutHooks
 from fastrl.scoring import (UninformativeRewardWarning, aggregate_advantages, check_reward_columns,
-                            check_reward_weights, combine, resolve_reward_funcs, score)
+                            check_reward_source, check_reward_weights, combine, resolve_reward_funcs, score)
 from fastrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, restore_into_shards, \
     save_sharded_checkpoint
 
@@ -124,12 +127,13 @@ class GRPOTrainer:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
             args = GRPOConfig(f"{name.split('/')[-1]}-GRPO")
         self.args = args
-        _refuse_unsupported_arguments(quantization_config=quantization_config, tools=tools, rollout_func=rollout_func,
-                                      environment_factory=environment_factory)
+        _refuse_unsupported_arguments(quantization_config=quantization_config)
         set_seed(args.seed)
         _warn_like_trl(args)
         _apply_process_settings(args)
         check_writable(args.output_dir)  # a read-only or full disk, found before the model loads
+        if train_dataset is None:  # TRL's rule: allowed when the environment gives the prompts
+            train_dataset = placeholder_dataset(args, environment_factory)
         check_dataset(train_dataset)
         if is_stream(train_dataset) or any(is_stream(ds) for ds in named_sets(eval_dataset, "").values()):
             _check_stream_settings(args, is_stream(train_dataset))
@@ -141,19 +145,34 @@ class GRPOTrainer:
         self.eval_dataset = eval_dataset
         check_sync_supported(args, peft_config)
         self.train_dataset = train_dataset
-        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs)
+        if processing_class is None:
+            processing_class = load_tokenizer(model if isinstance(model, str) else model.config._name_or_path)
+        self.processing_class = processing_class
+        self.hooks = None  # rollout_func, tools, environment_factory (fastrl.rollout_hooks)
+        if rollout_func is not None or tools or environment_factory is not None:
+            self.hooks = RolloutHooks(processing_class, args, tools, rollout_func, environment_factory)
+        env = self.hooks.environments if self.hooks is not None else None
+        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs,
+                                                                         optional=env is not None)
         self.reward_weights = self._reward_weights()
-        check_reward_columns(self.reward_funcs, self.reward_func_names, train_dataset.column_names)
-        self._reward_watch = UninformativeRewardWarning(self.reward_func_names)
+        if rollout_func is None:  # a rollout function's extra fields are columns too, known only once it ran
+            known = list(train_dataset.column_names) + (["environments"] if env is not None else [])
+            check_reward_columns(self.reward_funcs, self.reward_func_names, known)
         self.launch = launch_from_env()
+        if self.hooks is not None and self.hooks.multi_turn and self.launch.world_size > 1:
+            raise ValueError("tools / environment_factory: multi-turn rollouts with several processes are not "
+                             "implemented (ranks would run different numbers of generation turns)")
         self.device = distributed.device_for(self.launch, args.use_cpu)
         distributed.init_process_group(self.launch, self.device, args.ddp_timeout)
         if args.tf32 is not None and self.device.type == "cuda":  # TrainingArguments' switch
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         self.reward_funcs = wrap_reward_models(self.reward_funcs, reward_processing_classes, self.device, args)
-        if processing_class is None:
-            processing_class = load_tokenizer(model if isinstance(model, str) else model.config._name_or_path)
-        self.processing_class = processing_class
+        if env is not None and env.reward_funcs:  # environments that score their rollouts: weight 1 each (TRL)
+            self.reward_funcs += env.reward_funcs
+            self.reward_func_names += env.reward_names
+            self.reward_weights = torch.cat([self.reward_weights, torch.ones(len(env.reward_funcs))])
+        check_reward_source(self.reward_funcs)
+        self._reward_watch = UninformativeRewardWarning(self.reward_func_names)
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token_id is None:
@@ -400,7 +419,8 @@ class GRPOTrainer:
                                                       args.multi_objective_aggregation, args.scale_rewards)  # [B]
         records = self._records(scored, advantages) if args.log_completions else []  # for completions.jsonl
 
-        batch = self._to_tensors([ids for ids in prompt_ids for _ in range(G)], rollout, advantages)
+        row_prompts = rollout.prompt_ids or [ids for ids in prompt_ids for _ in range(G)]  # [B] token id lists
+        batch = self._to_tensors(row_prompts, rollout, advantages)
         loss_tokens = float(batch.completion_mask.sum())  # the whole batch's: the spec's num_items_in_batch
         sampler_logprobs = None if rollout.logprobs is None else self._padded(rollout.logprobs, batch)  # [B, T]
         if training:
@@ -425,9 +445,9 @@ class GRPOTrainer:
         metrics = {**self._generation_metrics(rewards_per_func, rewards, reward_std, rollout), **sampling_metrics}
         if batch.old_logprobs is not None and sampler_logprobs is not None:
             # a push that did not land (stale generator weights) shows up here at once
-            diff = logprob_abs_diff(sampler_logprobs, batch.old_logprobs, batch.completion_attention)
+            diff = logprob_abs_diff(sampler_logprobs, batch.old_logprobs, batch.completion_mask)  # model tokens
             metrics.update(distributed.mean_over_ranks({"rollout/logprob_abs_diff": diff},
-                                                       weight=float(batch.completion_attention.sum())))
+                                                       weight=float(batch.completion_mask.sum())))
         return batch, {"loss_tokens": loss_tokens, "metrics": metrics, "completions": records}
 
     def _sample_and_score(self, rows: list[dict] | None = None, num_generations: int | None = None) -> ScoredGroups:
@@ -436,32 +456,54 @@ class GRPOTrainer:
         args, G, training = self.args, num_generations or self.args.num_generations, rows is None
         if training:
             rows = self.sampler.next_rows(self.train_dataset)  # P prompts, the same on every rank
-        prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], args.max_prompt_length,
-                                      args.chat_template_kwargs)
         # this rank's completions: rows `mine` of the B = P × G (grouped by prompt; a group may span ranks),
         # each from its own random stream when training (evaluation samples from torch's generator)
         mine = distributed.rank_slice(len(rows) * G, self.launch.rank, self.launch.world_size)
         keys = stream_keys(args.seed, self.sampler.draws, torch.arange(len(rows) * G)[mine])  # [B / world_size]
         sampling = replace(self._sampling(), stream_keys=keys.tolist() if training else None)
         with self._autocast(), self._times.phase("generation"):
-            if self.launch.world_size == 1:
-                rollout = self.generator.generate(prompt_ids, G, sampling)
-            else:
-                rollout = self.generator.generate([p for p in prompt_ids for _ in range(G)][mine], 1, sampling)
+            hooked = self._rollout(rows, G, mine, sampling)
+        rollout = hooked.rollout
 
         # rewards, one per completion
-        prompts = [r["prompt"] for r in rows for _ in range(G)][mine]
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        completions = hooked.completions if hooked.completions is not None else \
+            completions_for_rewards(hooked.prompts, texts)
         columns = {k: [r[k] for r in rows for _ in range(G)][mine] for k in rows[0]
                    if k not in ("prompt", "completion", "completion_ids")}
         extras = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": self._log_extra}
         with self._times.phase("rewards"):
-            rewards_per_func = score(self.reward_funcs, self.reward_func_names, prompts,
-                                     completions_for_rewards(prompts, texts), rollout.completion_ids, columns, extras)
+            rewards_per_func = score(self.reward_funcs, self.reward_func_names, hooked.prompts, completions,
+                                     rollout.completion_ids, {**columns, **hooked.columns}, {**extras, **hooked.extras})
         self._reward_watch.check(rewards_per_func)
         rewards = combine(rewards_per_func, self.reward_weights)  # [b], NaN = unscorable (row by row)
-        scored = ScoredGroups([], [], rollout, rewards_per_func, rewards, self._pending_columns(len(prompts)))
-        return self._gather_scored(scored)._replace(rows=rows, prompt_ids=prompt_ids)  # every rank: all B rows
+        scored = self._gather_scored(ScoredGroups([], [], rollout, rewards_per_func, rewards,
+                                                  self._pending_columns(len(hooked.prompts))))
+        prompt_ids = scored.rollout.prompt_ids[::G] if scored.rollout.prompt_ids else hooked.prompt_ids
+        return scored._replace(rows=rows, prompt_ids=prompt_ids)  # every rank: all B rows
+
+    def _rollout(self, rows: list[dict], G: int, mine: slice, sampling: SamplingConfig) -> HookedRollout:
+        """This rank's rows `mine` of P prompts × G completions: one generate() call, or the rollout hooks."""
+        prompts = [r["prompt"] for r in rows for _ in range(G)][mine]
+        if self.hooks is not None:
+            keys = sampling.stream_keys
+
+            def generate(ids: list[list[int]], batch_rows: list[int], turn: int):  # turn t of rows `batch_rows`
+                k = None if keys is None else turn_keys(torch.tensor(keys)[batch_rows], turn).tolist()
+                return self.generator.generate(ids, 1, replace(sampling, stream_keys=k))
+
+            # the context a tool result must leave room in (TRL: vLLM's max_model_len, else the model's)
+            max_len = (self.args.use_vllm and self.args.vllm_max_model_len) or \
+                getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or sys.maxsize
+            return self.hooks.run(self, prompts, [r for r in rows for _ in range(G)][mine], generate,
+                                  set(self._eos_ids()) | {self.tokenizer.pad_token_id}, max_len)
+        prompt_ids = tokenize_prompts(self.processing_class, [r["prompt"] for r in rows], self.args.max_prompt_length,
+                                      self.args.chat_template_kwargs)
+        if self.launch.world_size == 1:
+            rollout = self.generator.generate(prompt_ids, G, sampling)
+        else:
+            rollout = self.generator.generate([p for p in prompt_ids for _ in range(G)][mine], 1, sampling)
+        return HookedRollout(prompts, rollout, None, {}, {}, prompt_ids)
 
     def _gather_scored(self, mine: ScoredGroups) -> ScoredGroups:
         """Every rank's scored completions -> the whole batch's, in row order (rows and prompts are the caller's:
@@ -507,6 +549,8 @@ class GRPOTrainer:
             if c:
                 completion[i, :len(c)], attention[i, :len(c)] = torch.tensor(c), 1
         loss_mask = attention.clone()
+        for i, m in enumerate(rollout.tool_mask or []):  # tool and environment tokens: attended to, not trained
+            loss_mask[i, :len(m)] *= torch.tensor(m, dtype=loss_mask.dtype)
         if self.args.mask_truncated_completions:
             loss_mask[torch.tensor(rollout.truncated, dtype=torch.bool)] = 0
         d = self.device
@@ -597,7 +641,8 @@ class GRPOTrainer:
         return out.to(self.device)
 
     def _generation_metrics(self, rewards_per_func, rewards, reward_std, rollout) -> dict:
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        lengths = torch.tensor([sum(m) for m in rollout.tool_mask] if rollout.tool_mask  # TRL: the model's tokens
+                               else [len(c) for c in rollout.completion_ids], dtype=torch.float32)
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
         terminated = lengths[~truncated]
         m = {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
@@ -775,12 +820,16 @@ class GRPOTrainer:
 
         if a.generation_kwargs:  # unknown GenerationConfig keys are refused now, not at the first generation
             transformers_generation_config(a.generation_kwargs, self._sampling())
+        return TransformersGenerator(self.model, tok.pad_token_id, self._eos_ids(), a.cache_implementation)
 
+    def _eos_ids(self) -> list[int]:
+        """The ids that end a completion: the model's generation config's eos ids and the tokenizer's."""
+        tok = self.tokenizer
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = [tok.eos_token_id] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
             eos_ids.append(tok.eos_token_id)
-        return TransformersGenerator(self.model, tok.pad_token_id, eos_ids, a.cache_implementation)
+        return eos_ids
 
     def _set_run_settings(self) -> None:
         """The state fields that describe this run's settings (after a resume too: a resumed run may change them)."""
@@ -831,9 +880,7 @@ def _check_stream_settings(args: GRPOConfig, training_stream: bool) -> None:
 
 def _refuse_unsupported_arguments(**arguments) -> None:
     """TRL's GRPOTrainer arguments fastrl does not implement yet: a ValueError naming the one given."""
-    why = {"quantization_config": "quantized policies are not supported",
-           "tools": "tool calling is not implemented", "rollout_func": "custom rollouts are not implemented",
-           "environment_factory": "environments are not implemented"}
+    why = {"quantization_config": "quantized policies are not supported"}
     for name, value in arguments.items():
         if value is not None:
             raise ValueError(f"{name} is not supported by fastrl ({why[name]}); leave it out")

@@ -35,13 +35,26 @@ class Rollout:
     completion_ids: list[list[int]]  # P*G lists of token ids, eos included when sampled, no padding
     logprobs: list[list[float]] | None  # P*G lists, the sampler's logprob of each completion token (None if unknown)
     truncated: list[bool] = field(default_factory=list)  # P*G: hit max_completion_length without eos
+    # multi-turn rollouts (rollout_func, tools, environments; fastrl.rollout_hooks):
+    prompt_ids: list[list[int]] | None = None  # P*G: each row's own prompt, when rows of a group differ
+    tool_mask: list[list[int]] | None = None  # P*G, as completion_ids: 1 = written by the model, 0 = tool/env text
+
+    def select(self, rows: list[int]) -> "Rollout":
+        """The rows `rows`, in that order, of every per-row field."""
+        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
+        return Rollout(completion_ids=pick(self.completion_ids), logprobs=pick(self.logprobs),
+                       truncated=pick(self.truncated), prompt_ids=pick(self.prompt_ids),
+                       tool_mask=pick(self.tool_mask))
 
 
 def concat_rollouts(parts: list[Rollout]) -> Rollout:
-    """The rows of several rollouts, in order (logprobs None when any part lacks them)."""
-    logprobs = None if any(p.logprobs is None for p in parts) else [lp for p in parts for lp in p.logprobs]
-    return Rollout(completion_ids=[c for p in parts for c in p.completion_ids], logprobs=logprobs,
-                   truncated=[t for p in parts for t in p.truncated])
+    """The rows of several rollouts, in order (an optional field is None when any part lacks it)."""
+    def joined(name):
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else [x for v in values for x in v]
+
+    return Rollout(completion_ids=joined("completion_ids"), logprobs=joined("logprobs"),
+                   truncated=joined("truncated"), prompt_ids=joined("prompt_ids"), tool_mask=joined("tool_mask"))
 
 
 class Generator(Protocol):

@@ -39,3 +39,9 @@ def uniforms(keys: torch.Tensor, position: int) -> torch.Tensor:
     """keys [B] -> one uniform in [0, 1) per row [B] float32, for token `position` of each completion."""
     bits = mix(keys ^ mix(torch.tensor(position, dtype=torch.int64, device=keys.device)))
     return (bits >> 8).float() / 2.0**24  # 24 bits: exact in float32
+
+
+def turn_keys(keys: torch.Tensor, turn: int) -> torch.Tensor:
+    """keys [B] -> the keys of each row's turn-th continuation in a multi-turn rollout (turn 0: the keys
+    themselves), so a later turn does not reuse the first turn's uniforms."""
+    return keys if turn == 0 else mix(keys ^ mix(torch.tensor(turn, dtype=torch.int64, device=keys.device)))

@@ -80,7 +80,7 @@ def _check_args(arch, num_layers, hidden_size, num_heads, head_dim, vocab_size, 
 
 
 def _model_config(arch, num_layers, hidden_size, num_heads, num_key_value_heads, head_dim, intermediate_size,
-                  vocab_size, tie_word_embeddings, initializer_range, tokenizer):
+                  vocab_size, tie_word_embeddings, initializer_range, tokenizer, max_position_embeddings):
     return ARCHITECTURES[arch](
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -89,7 +89,7 @@ def _model_config(arch, num_layers, hidden_size, num_heads, num_key_value_heads,
         num_attention_heads=num_heads,
         num_key_value_heads=num_key_value_heads,
         head_dim=head_dim,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         initializer_range=initializer_range,
         tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
@@ -121,6 +121,8 @@ def build_tiny_model(
     tie_word_embeddings: bool = True,
     initializer_range: float = 0.02,
     seed: int = 0,
+    max_position_embeddings: int = 512,
+    chat_template: str | None = None,
 ) -> str:
     """Write a random-init causal LM and its character tokenizer to `output_dir`; return the path.
 
@@ -129,10 +131,13 @@ def build_tiny_model(
     Qwen2.5-0.5B's shape, for example: arch="qwen2", num_layers=24, hidden_size=896, num_heads=14,
     num_key_value_heads=2, head_dim=64, intermediate_size=4864, vocab_size=151936.
     vocab_size defaults to the tokenizer's size (100 tokens); a larger value (e.g. 32768, for benchmarks)
-    pads the embedding and lm_head with rows no text maps to.
+    pads the embedding and lm_head with rows no text maps to. chat_template replaces the ChatML one (tool calling
+    needs a template with tool roles, e.g. Qwen's; at one token per character its prompts need a longer context).
     An existing folder built with the same arguments is reused as it is.
     """
     tokenizer = build_tokenizer()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     num_heads = num_heads if num_heads is not None else hidden_size // head_dim
     num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_heads
     intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
@@ -147,6 +152,8 @@ def build_tiny_model(
                       initializer_range=initializer_range, seed=seed)
     if (num_key_value_heads, intermediate_size) != (num_heads, 4 * hidden_size):  # older folders stay valid
         build_args.update(num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size)
+    if max_position_embeddings != 512 or chat_template is not None:  # earlier builds' markers stay valid
+        build_args.update(max_position_embeddings=max_position_embeddings, chat_template=chat_template)
     output_dir = os.path.abspath(output_dir)
     if _already_built(output_dir, build_args):
         return output_dir
@@ -156,7 +163,7 @@ def build_tiny_model(
                          "refusing to overwrite it")
 
     config = _model_config(arch, num_layers, hidden_size, num_heads, num_key_value_heads, head_dim, intermediate_size,
-                           vocab_size, tie_word_embeddings, initializer_range, tokenizer)
+                           vocab_size, tie_word_embeddings, initializer_range, tokenizer, max_position_embeddings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
 
