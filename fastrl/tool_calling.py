@@ -2,7 +2,7 @@
 `_get_tool_suffix_ids`): the same token layout and the same tool_mask, so the loss trains the same tokens.
 
 A row's completion grows turn by turn, by concatenating token ids (never re-tokenizing what was sampled):
-    completion = turn 1 | tool suffix 1 | turn 2 | tool suffix 2 | ...      tool_mask = 1…1 | 0…0 | 1…1 | 0…0 | ...
+    completion = turn 1 | tool suffix 1 | turn 2 | tool suffix 2 | ...    tool_mask = 1…1 | 0…0 | 1…1 | 0…0 | ...
 A turn is parsed with the tokenizer's response template (transformers' `parse_response`, through TRL's
 `trl.chat_template_utils`, which also holds the response templates of the chat templates TRL knows); each tool
 call runs (an exception, or an unknown tool, becomes {"error": ...} as the tool's result, counted as a failure);
@@ -150,7 +150,8 @@ def tool_loop(calling: ToolCalling, generate: Callable[[list[list[int]], list[in
             ids[i] = whole[len(prompt_ids[i]):] + new
             if new:  # a turn cut to nothing adds no message
                 completions[i].append(calling.parse(new, whole, tools[i]))
-        active = [i for i in active if completions[i][-1]["role"] == "assistant" and completions[i][-1].get("tool_calls")]
+        last = {i: completions[i][-1] for i in active}  # a row whose new turn calls tools goes on
+        active = [i for i in active if last[i]["role"] == "assistant" and last[i].get("tool_calls")]
         turn += 1
     metrics = {"tools/call_frequency": calls / max(1, len(ids)),
                "tools/failure_frequency": failures / calls if calls else 0.0}

@@ -170,7 +170,8 @@ class ScriptedModel:
             seen[text] += 1
             if turn:  # the variant whose first turn is in the prompt (2 before 1: its first turn starts with 1's)
                 variant = next(v for v in (2, 3, 1) if scripted_turn(question, v, 0, self.tool) in text)
-            out.append(self.tok(scripted_turn(question, variant, turn, self.tool), add_special_tokens=False)["input_ids"])
+            written = scripted_turn(question, variant, turn, self.tool)
+            out.append(self.tok(written, add_special_tokens=False)["input_ids"])
         return out
 
     # fastrl's generator interface (fastrl.generation.base.Generator)
