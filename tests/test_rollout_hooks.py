@@ -391,3 +391,43 @@ def test_rollout_func_samples_with_vllm(tmp_path):
     diffs = [e["rollout/logprob_abs_diff"] for e in trainer.state.log_history if "rollout/logprob_abs_diff" in e]
     assert moved > 0.01 and len(diffs) == 3 and max(diffs) <= 1e-3, (moved, diffs)
     trainer.generator.close()
+
+
+class FirstTurnScripted:
+    """The first turn scripted (a tool call, so the loop runs), every later turn sampled by the real transformers
+    generator from prompt + completion + tool suffix: the layout the trainer rebuilds must be the one sampled."""
+
+    def __init__(self, real, tokenizer):
+        self.real, self.script = real, ScriptedModel(tokenizer, "multiply")
+
+    def generate(self, prompt_ids, num_generations, sampling):
+        from fastrl.generation.base import Rollout
+
+        if "<tool_response>" in self.script.tok.decode(prompt_ids[0]):
+            return self.real.generate(prompt_ids, num_generations, sampling)
+        rows = [p for p in prompt_ids for _ in range(num_generations)]
+        ids = [self.script.tok(scripted_turn("1+2=", 1, 0, "multiply"), add_special_tokens=False)["input_ids"]
+               for _ in rows]
+        return Rollout(ids, [[None] * len(c) for c in ids], [False] * len(ids))  # None: no sampler logprob
+
+    def push_weights(self, model):
+        pass
+
+    def sleep(self):
+        pass
+
+
+def test_sampled_turns_after_tool_results_match_the_trainers_logprobs(tool_model_dir, tmp_path):
+    """Turns sampled after a tool result, from prompt + completion + tool suffix as one context: the sampler's
+    logprob of each of their tokens equals the trainer's on the rebuilt [prompt | completion] sequence (measured as
+    rollout/logprob_abs_diff over the model's tokens, the batch reused so old logprobs are computed)."""
+    from transformers import AutoTokenizer
+
+    ds = Dataset.from_list(chat_rows(2 * B // G))
+    args = config(GRPOConfig, tmp_path, max_completion_length=200, steps_per_generation=2, temperature=1.3)
+    trainer = GRPOTrainer(tool_model_dir, recording_reward([]), args, train_dataset=ds, tools=[multiply])
+    trainer.generator = FirstTurnScripted(trainer.generator, AutoTokenizer.from_pretrained(tool_model_dir))
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["tools/call_frequency"] == 1.0 and log["completions/mean_length"] > 30
+    assert log["rollout/logprob_abs_diff"] <= 1e-4
