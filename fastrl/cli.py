@@ -2,7 +2,7 @@
 
     fastrl train CONFIG.yaml [--field value ...]
     fastrl filter CONFIG.yaml --k 8
-    fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu]
+    fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu] [--predict-time]
     fastrl bench [--suite kernels|e2e|all] [--quick]
 
 Each subcommand is one entry of COMMANDS: the module holding it and the names of two functions there,

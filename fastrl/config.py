@@ -540,6 +540,13 @@ class GRPOConfig:
             raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
                              f"vllm_importance_sampling_clip_max ({hi})")
 
+    def needs_old_logprobs(self) -> bool:
+        """TRL's rule for a pass of old logprobs: a generation batch outlives one optimizer step (it is reused over
+        num_iterations or spread over steps); and with vLLM always: rollout/logprob_abs_diff, the stale-weights
+        detector, compares them with the generator's every step."""
+        generate_every = self.steps_per_generation * self.num_iterations
+        return self.gradient_accumulation_steps % generate_every != 0 or self.use_vllm
+
     def _derive_batch_sizes(self) -> None:
         """TRL's rule: generation_batch_size = per_device_train_batch_size × world_size × steps_per_generation."""
         global_micro = self.per_device_train_batch_size * self.world_size

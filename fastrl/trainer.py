@@ -428,7 +428,7 @@ class GRPOTrainer:
             batch = batch.select(own)
             sampler_logprobs = None if sampler_logprobs is None else sampler_logprobs[own]
         with torch.no_grad():
-            if training and self._needs_old_logprobs():
+            if training and args.needs_old_logprobs():
                 with self._times.phase("old_logprobs"):
                     batch.old_logprobs = self._completion_logprobs(self.model, batch)  # [B, T]
             if training and args.use_vllm and args.vllm_importance_sampling_correction:
@@ -606,13 +606,6 @@ class GRPOTrainer:
         return metrics
 
     # ------------------------------------------------------------------ helpers of the loop
-    def _needs_old_logprobs(self) -> bool:
-        """TRL's rule (the batch outlives one optimizer step, or the generator's numerics differ), and with vLLM
-        always: rollout/logprob_abs_diff, the stale-weights detector, is measured every step."""
-        a = self.args
-        generate_every = a.steps_per_generation * a.num_iterations
-        return a.gradient_accumulation_steps % generate_every != 0 or a.use_vllm
-
     def _sampling(self) -> SamplingConfig:
         a = self.args
         return SamplingConfig(max_completion_length=a.max_completion_length, temperature=a.temperature,

@@ -195,7 +195,7 @@ def test_reused_batches_compute_old_logprobs(model_dir, tmp_path):
     """num_iterations=2: each generation batch is trained on twice, so old logprobs are kept and the second pass
     sees a ratio away from 1 (clip metrics defined, loss finite)."""
     trainer = train_weights(model_dir, tmp_path, max_steps=2, num_iterations=2, learning_rate=3e-2)
-    assert trainer._needs_old_logprobs()
+    assert trainer.args.needs_old_logprobs()
     assert all(b.old_logprobs is not None for b in trainer._buffer)
     assert trainer.state.log_history[1]["clip_ratio/region_mean"] is not None
     # the transformers generator samples from the policy itself: its logprobs are the trainer's (fp32)

@@ -1,7 +1,9 @@
-"""`fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu]`: will this GRPO run fit, and what makes it fit.
+"""`fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu] [--predict-time]`: will this GRPO run fit, what
+makes it fit, and how long a step would take on one H100.
 
 Reads the run's YAML (the `fastrl train` schema) and its model's config.json, prints the predicted peak of each
-phase (predict.py) and the settings that make the run fit the budget (advice.py).
+phase (predict.py) and the settings that make the run fit the budget (advice.py); with --predict-time, the
+predicted time of each phase of a step on one H100 (step_time.py; without --memory, only that).
 """
 from __future__ import annotations
 
@@ -96,20 +98,37 @@ def tiny_model_config(kwargs: dict) -> dict:
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config (the `fastrl train` schema, plus optional `peft`)")
-    parser.add_argument("--memory", required=True, help="memory budget, e.g. 24GB (GB = GiB = 2^30 bytes)")
+    parser.add_argument("--memory", default=None,
+                        help="memory budget, e.g. 24GB (GB = GiB = 2^30 bytes); required unless --predict-time")
     parser.add_argument("--device", choices=DEVICES, default="cuda",
                         help="cuda: the budget is one GPU's memory; cpu: host memory (default: cuda)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--predict-time", action="store_true",
+                        help="also predict each phase's time on one H100 from flops, bytes and peak rates")
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    budget = parse_memory(args.memory)
+    if args.memory is None and not args.predict_time:
+        raise ValueError("--memory: required (a budget such as 24GB), unless only --predict-time is asked")
     model_config, run = load_plan_inputs(args.config)
+    times = {}
+    if args.predict_time:
+        from fastrl.plan.step_time import format_time, predict_time
+
+        phases = predict_time(model_config, run)
+        times = {"predicted_step_time_h100": [vars(p) for p in phases]}
+        if not args.json:
+            print(format_time(phases))
+    if args.memory is None:
+        if args.json:
+            print(json.dumps(times, indent=2))
+        return 0
+    budget = parse_memory(args.memory)
     plan = predict(model_config, run, args.device, device_memory=budget)
     advice = recommend(plan, budget)
     if args.json:
         print(json.dumps({"plan": plan.as_dict(), "budget": budget, "fits": plan.fits(budget),
-                          "advice": advice.as_dict()}, indent=2))
+                          "advice": advice.as_dict(), **times}, indent=2))
     else:
         print(format_plan(plan, budget))
         print(format_advice(advice, plan, budget))
