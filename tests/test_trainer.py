@@ -298,3 +298,7 @@ def test_default_optimizer_is_fused_on_cpu(model_dir, tmp_path, optim, fused):
     TRL; adamw_torch is torch's default implementation."""
     trainer = train_weights(model_dir, tmp_path, optim=optim, max_steps=1)
     assert trainer.optimizer.defaults["fused"] is fused
+    # and, as in TRL, no old-logprob pass when the batch is used once (num_iterations 1, no vLLM): the loss's
+    # old logprobs are the policy's own, detached
+    step = next(e for e in trainer.state.log_history if "loss" in e)
+    assert "time/old_logprobs" not in step and "time/forward" in step
