@@ -29,27 +29,39 @@ def rows_per_tile(n_rows: int, vocab: int, elements: int = TILE_ELEMENTS) -> int
     return min(rows, max(n_rows, 1))
 
 
+# 16-bit inputs: W is upcast in chunks of this many elements (4 MiB fp32) for the logits GEMM (logits_tile).
+WEIGHT_CHUNK_ELEMENTS = 1 << 20
+
+
 def logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias, t: LogitTransform, out: torch.Tensor):
     """[n, H] @ [H, V] -> out [n, V] float32: the logits z of LogitTransform t (scales, softcap, 1/τ).
 
-    The GEMM runs in the input dtype, writing straight into a reused buffer when the dtype is fp32 (a fresh 8 MiB
-    tensor per tile costs page faults on every tile), with the scales and 1/τ as the GEMM's alpha/beta (no extra
-    pass over the tile). A softcap adds one pass: tanh and its factor c/τ."""
-    alpha, beta = t.gemm_scale, t.bias_scale
-    if hidden.dtype == torch.float32 and bias is None and alpha == 1.0:
-        torch.mm(hidden, weight.T, out=out)
-    elif hidden.dtype == torch.float32 and bias is None:
-        torch.addmm(out, hidden, weight.T, beta=0.0, alpha=alpha, out=out)
-    elif hidden.dtype == torch.float32:
-        torch.addmm(bias, hidden, weight.T, beta=beta, alpha=alpha, out=out)
-    else:  # h·Wᵀ (+ b, with s_h as the GEMM's alpha) in the input dtype, then the rest as one fp32 factor
-        out.copy_(hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T, alpha=t.hidden_scale))
-        factor = alpha if bias is None else beta
-        if factor != 1.0:
-            out.mul_(factor)
+    The GEMM runs in fp32, writing straight into a reused buffer (a fresh 8 MiB tensor per tile costs page faults
+    on every tile), with the scales and 1/τ as the GEMM's alpha/beta (no extra pass over the tile). 16-bit inputs
+    are upcast first (h whole, W and b in chunks of WEIGHT_CHUNK_ELEMENTS): the logits are then never rounded to
+    16 bits, as in the Triton sweep (fp32 accumulator), whereas a 16-bit GEMM's rounding of h·Wᵀ would be scaled
+    by s_l/τ (error ~0.5% of |z| in bf16). A softcap adds one pass: tanh and its factor c/τ."""
+    if hidden.dtype == torch.float32:
+        _scaled_gemm(hidden, weight, bias, t, out)
+    else:
+        h32, chunk = hidden.float(), max(MIN_ROWS, WEIGHT_CHUNK_ELEMENTS // weight.shape[1])
+        for v in range(0, weight.shape[0], chunk):
+            cols = slice(v, v + chunk)
+            _scaled_gemm(h32, weight[cols].float(), None if bias is None else bias[cols].float(), t, out[:, cols])
     if t.softcap is not None:
         out.tanh_().mul_(t.cap_scale)
     return out
+
+
+def _scaled_gemm(hidden, weight, bias, t: LogitTransform, out):
+    """fp32 [n, H] @ [H, V] -> out [n, V] = gemm_scale·h·Wᵀ + bias_scale·b."""
+    alpha, beta = t.gemm_scale, t.bias_scale
+    if bias is None and alpha == 1.0:
+        torch.mm(hidden, weight.T, out=out)
+    elif bias is None:
+        torch.addmm(out, hidden, weight.T, beta=0.0, alpha=alpha, out=out)
+    else:
+        torch.addmm(bias, hidden, weight.T, beta=beta, alpha=alpha, out=out)
 
 
 def softcap_derivative(z: torch.Tensor, t: LogitTransform, out: torch.Tensor) -> torch.Tensor:
