@@ -340,8 +340,10 @@ class GRPOConfig:
     log_unique_prompts: bool = False  # the printed table shows each prompt once (TRL: its wandb/trackio table)
     # ---- packed batches (fastrl) ----
     # True: the decoder and the loss read each micro-batch padding-free (PackedBatch: tokens back to back, the
-    # sequences kept apart by their position ids); False: the padded [B, P+T] path, TRL's, kept as the test twin
-    padding_free: bool = True
+    # sequences kept apart by their position ids); False: the padded [B, P+T] path, TRL's, kept as the test twin;
+    # None: packed when the model's attention keeps packed sequences apart (checked once before training,
+    # fastrl.policy.use_padding_free), else padded with one log line saying why. The trainer sets the result here.
+    padding_free: bool | None = None
     # micro-batches of at most this many prompt + completion tokens (first-fit over the sequences sorted by
     # length) instead of per_device_train_batch_size sequences each; needs padding_free. None = off
     max_tokens_per_micro_batch: int | None = None
@@ -530,7 +532,7 @@ class GRPOConfig:
         need(self.dynamic_sampling_max_attempts >= 1, "dynamic_sampling_max_attempts", "an integer >= 1")
         need(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
              "max_tokens_per_micro_batch", "None or a positive token count")
-        need(self.max_tokens_per_micro_batch is None or self.padding_free, "max_tokens_per_micro_batch",
+        need(self.max_tokens_per_micro_batch is None or self.padding_free is not False, "max_tokens_per_micro_batch",
              "None when padding_free=False (token-budget micro-batches are packed)")
         need(self.ddp_timeout > 0, "ddp_timeout", "a number of seconds > 0")
         if self.loss_type == "dr_grpo":

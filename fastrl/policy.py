@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import logging
 import os
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -15,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 
 def pick_attn_implementation(device_type: str, model_class: type | None = None) -> str | None:
@@ -192,10 +195,10 @@ def final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
     return base_model(model).get_decoder()(**inputs, use_cache=False).last_hidden_state
 
 
-def check_packed_attention(model: torch.nn.Module) -> None:
-    """padding_free needs the decoder to keep packed sequences apart (packed_completion_hidden); a model whose
-    attention ignores the position ids' sequence boundaries would silently attend across sequences. Checked
-    once on two short sequences: the second one's hidden states packed behind the first must equal its own."""
+def packed_attention_problem(model: torch.nn.Module) -> str | None:
+    """Why the decoder can not take packed sequences (packed_completion_hidden), or None: a model whose attention
+    ignores the position ids' sequence boundaries would silently attend across sequences. Checked once on two short
+    sequences: the second one's hidden states packed behind the first must equal its own."""
     inner = base_model(model)
     device = next(inner.parameters()).device
     ids = torch.arange(7, device=device) % inner.config.vocab_size  # [7]: sequences of 3 and 4 tokens
@@ -208,14 +211,34 @@ def check_packed_attention(model: torch.nn.Module) -> None:
                                                                      predict_index=torch.arange(3, 7)))
             alone = packed_completion_hidden(inner, SimpleNamespace(input_ids=ids[3:], position_ids=pos[3:],
                                                                     predict_index=torch.arange(4)))
+    except Exception as e:  # noqa: BLE001 - a decoder that can not run a packed row at all is the same answer
+        return f"its decoder fails on a packed row ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     finally:
         inner.train(was_training)
     scale = float(alone.float().abs().max()) + 1e-6
     tol = 1e-4 if alone.dtype == torch.float32 else 3e-2
     if float((packed.float() - alone.float()).abs().max()) > tol * scale:
-        raise ValueError(f"padding_free=True: the attention of this model ({type(inner).__name__}, "
-                         f"attn_implementation={inner.config._attn_implementation!r}) mixes packed sequences; "
-                         "use an sdpa, eager, flex_attention or flash_attention_2 model, or padding_free=False")
+        return (f"its attention (attn_implementation={inner.config._attn_implementation!r}) mixes packed "
+                "sequences")
+    return None
+
+
+def use_padding_free(model: torch.nn.Module, padding_free: bool | None, required_by: str | None = None) -> bool:
+    """GRPOConfig.padding_free resolved for this model: False stays False; True (or `required_by`, a setting that
+    needs packing) requires packed_attention_problem to find none, else a ValueError; None packs when it finds
+    none and otherwise trains padded, saying so in one log line (many families' attention can not pack)."""
+    if padding_free is False:
+        return False
+    problem = packed_attention_problem(model)
+    if problem is None:
+        return True
+    name = type(base_model(model)).__name__
+    if padding_free or required_by:
+        raise ValueError(f"{'padding_free=True' if padding_free else required_by}: {name} can not run packed "
+                         f"sequences: {problem}; use an sdpa, eager, flex_attention or flash_attention_2 model, or "
+                         "padding_free=False")
+    log.info("padding_free: %s trains on padded batches: %s", name, problem)
+    return False
 
 
 def frozen_reference(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:

@@ -61,9 +61,9 @@ from fastrl.logging_utils import MetricsLogger, NullLogger, append_jsonl
 from fastrl.model_logits import check_fused_logits, logit_transform
 from fastrl.output_dir import OutputDirLock, check_earlier_run, check_writable
 from fastrl.phase_times import PhaseTimes
-from fastrl.policy import (activations_offloaded, check_packed_attention, completion_hidden, frozen_reference,
+from fastrl.policy import (activations_offloaded, completion_hidden, frozen_reference,
                            is_peft, lm_head, load_policy, load_tokenizer, packed_completion_hidden,
-                           prepare_for_training, reference_on)
+                           prepare_for_training, reference_on, use_padding_free)
 from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_reference, reference_state,
                              restore_reference, sync_due)
 from fastrl.rewards.reward_model import wrap_reward_models
@@ -182,8 +182,9 @@ class GRPOTrainer:
         distributed.broadcast_parameters(self.model)  # replicas start from rank 0's weights
         self.logit_transform = logit_transform(self.model)  # the family's scales / softcap, folded into the sweeps
         check_fused_logits(self.model, lm_head(self.model), completion_hidden)  # before any work (model_logits.py)
-        if args.padding_free:
-            check_packed_attention(self.model)  # refuses a model whose attention would mix packed sequences
+        # packed when the model's attention keeps packed sequences apart (None: else padded, logged; True: refused)
+        args.padding_free = use_padding_free(self.model, args.padding_free, args.max_tokens_per_micro_batch and
+                                             "max_tokens_per_micro_batch (token-budget micro-batches are packed)")
         # beta > 0: a frozen copy for full fine-tuning (in host memory with ref_model_offload); a PEFT policy is
         # its own reference with the adapter disabled, so no second copy of the model exists (TRL does the same)
         self.ref_model = None

@@ -104,12 +104,11 @@ def train_two_steps(model, tok, out_dir: str):
     from fastrl import GRPOConfig, GRPOTrainer
 
     # temperature 8 on logits of std 8: varied completions, so the advantages are not all zero and the weights move.
-    # No gradient checkpointing (CTRL refuses it) nor packing (check_packed_attention refuses families whose
-    # attention ignores packed sequences' boundaries): those are other questions than the logits'.
+    # No gradient checkpointing (CTRL refuses it), another question than the logits'. padding_free is left at its
+    # default: families whose attention can not pack train padded (fastrl.policy.use_padding_free).
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=3,
                       max_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
-                      disable_tqdm=True, bf16=False, temperature=8.0, gradient_checkpointing=False,
-                      padding_free=False)
+                      disable_tqdm=True, bf16=False, temperature=8.0, gradient_checkpointing=False)
     rows = [{"prompt": f"{a}+{b}="} for a, b in zip(range(4), range(3, 7))]
     trainer = GRPOTrainer(model, checksum_reward, args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok)

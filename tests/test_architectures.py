@@ -6,6 +6,7 @@ logprobs equal to log_softmax of the model's own forward, two GRPO steps are fin
 refused by name before any work. The families whose post-processing fastrl folds into the kernels, and those TRL's
 own tests train, must train. The README's family table is this test's output (`python tests/arch_families.py`).
 """
+import math
 import os
 import re
 
@@ -72,6 +73,27 @@ def test_transform_is_read_from_the_config(model_type, field, tok):
     t = logit_transform(model)
     assert getattr(t, field) not in (None, 1.0), t
     assert check_fused_logits(model, lm_head(model), completion_hidden) <= 1e-3
+
+
+def test_family_whose_attention_can_not_pack_trains_padded(tok, tmp_path, caplog):
+    """OPT's attention ignores packed sequences' boundaries: by default (padding_free=None) the trainer takes the
+    padded path, with one log line naming the class and why, and trains; padding_free=True is refused by name."""
+    model = fam.build("opt", tok)
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=3,
+                max_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, bf16=False,
+                gradient_checkpointing=False)
+    data = Dataset.from_list([{"prompt": f"{a}+1="} for a in range(4)])
+    with caplog.at_level("INFO", logger="fastrl.policy"):
+        trainer = GRPOTrainer(model, fam.checksum_reward, GRPOConfig(**args), train_dataset=data, processing_class=tok)
+    assert trainer.args.padding_free is False
+    assert [r.getMessage() for r in caplog.records if r.name == "fastrl.policy"] == [
+        "padding_free: OPTForCausalLM trains on padded batches: its attention (attn_implementation='sdpa') mixes "
+        "packed sequences"]
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    with pytest.raises(ValueError, match="padding_free=True: OPTForCausalLM can not run packed sequences"):
+        GRPOTrainer(model, fam.checksum_reward, GRPOConfig(**args, padding_free=True), train_dataset=data,
+                    processing_class=tok)
 
 
 def test_gpt_oss_loads_by_path_with_an_attention_it_supports(tok, tmp_path):

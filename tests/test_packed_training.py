@@ -158,18 +158,28 @@ def test_trainer_step_padded_packed_and_token_budget_agree(model_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_packed_attention_check(tmp_path, monkeypatch, arch):
-    """The once-per-model check passes for sdpa Llama and Qwen2, and refuses a model whose attention would mix
-    packed sequences (simulated: transformers' packed-sequence detection switched off)."""
+def test_packed_attention_check(tmp_path, monkeypatch, caplog, arch):
+    """The once-per-model check packs sdpa Llama and Qwen2 under True and None (the default). A model whose attention
+    would mix packed sequences (simulated: transformers' packed-sequence detection switched off) trains padded
+    under None, with one log line naming its class and why, and is refused by name under True or when a setting
+    needs packing."""
     import transformers.masking_utils as masking_utils
     from transformers import AutoModelForCausalLM
 
-    from fastrl.policy import check_packed_attention
+    from fastrl.policy import use_padding_free
     from fastrl.tasks.tiny_model import build_tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_model(str(tmp_path / arch), arch=arch),
                                                  attn_implementation="sdpa")
-    check_packed_attention(model)
+    assert use_padding_free(model, None) and use_padding_free(model, True) and not use_padding_free(model, False)
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
-    with pytest.raises(ValueError, match="padding_free=True"):
-        check_packed_attention(model)
+    name = type(model).__name__
+    with caplog.at_level("INFO", logger="fastrl.policy"):
+        assert use_padding_free(model, None) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"padding_free: {name} trains on padded batches: its attention (attn_implementation='sdpa') mixes packed "
+        "sequences"]
+    with pytest.raises(ValueError, match=f"padding_free=True: {name} can not run packed sequences"):
+        use_padding_free(model, True)
+    with pytest.raises(ValueError, match=f"max_tokens_per_micro_batch: {name} can not run packed"):
+        use_padding_free(model, None, "max_tokens_per_micro_batch")
