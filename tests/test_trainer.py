@@ -229,21 +229,6 @@ def test_rewards_by_name_and_by_module_path():
         import_reward("helpers_tiny:nope")
 
 
-@pytest.mark.parametrize("accum, steps_per_generation", [(1, 2), (2, 2), (2, 4)])
-def test_dapo_normalizer_is_trls(model_dir, tmp_path, accum, steps_per_generation):
-    """TRL (grpo_trainer.py, _compute_loss, dapo): the generation batch's loss-mask token count / processes,
-    × gradient_accumulation_steps / steps_per_generation: one accumulation window's share of the tokens."""
-    trainer = GRPOTrainer(model_dir, tiny.first_char_reward,
-                          small_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=accum,
-                                     steps_per_generation=steps_per_generation),
-                          train_dataset=Dataset.from_list(tiny.addition_rows(16)))
-    trainer._next_micro_batch()
-    tokens = sum(int(b.completion_mask.sum()) for b in trainer._buffer)  # the whole generation batch
-    assert len(trainer._buffer) == steps_per_generation
-    assert trainer.loss_spec.num_items_in_batch(trainer._buffer_info["loss_tokens"]) == \
-        tokens * accum / steps_per_generation
-
-
 # ---------------------------------------------------------------- mask_truncated_completions: an all-masked batch
 def odd_first_char(completions, **kwargs):
     """Rewards that differ within groups of 1-token completions (so the policy-gradient term is not 0 by itself)."""
