@@ -178,7 +178,9 @@ def peft_config(case: E2ECase):
 def run_e2e_job(job: dict) -> dict:
     from datasets import Dataset
 
-    from .measure import _status_kib, can_reset_peak_rss
+    from fastrl.peak_rss import reset_peak_rss, status_kib
+
+    from .measure import can_reset_peak_rss
     from .phases import StepPhases
 
     case = E2ECase.from_dict(job["case"])
@@ -198,18 +200,17 @@ def run_e2e_job(job: dict) -> dict:
         if job["trainer"] == "trl":
             phases.wrap_trl(trainer)
         memory = job.get("memory", False)
-        built = round(_status_kib("VmRSS") / 1024.0, 1)
+        built = round(status_kib("VmRSS") / 1024.0, 1)
         if memory:
             if not can_reset_peak_rss():
                 raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs not writable)")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = _status_kib("VmRSS")
+            reset_peak_rss()
+            before = status_kib("VmRSS")
         t0 = time.perf_counter()
         with phases.optimizer_steps():
             trainer.train()
         runtime = time.perf_counter() - t0
-        peak_mib = (_status_kib("VmHWM") - before) / 1024.0 if memory else None
+        peak_mib = (status_kib("VmHWM") - before) / 1024.0 if memory else None
     fastrl_log = None if job["trainer"] == "trl" else [e for e in trainer.state.log_history if "step_time" in e]
     steps = phases.per_step(fastrl_log)
     return {"step_s": [s["step_s"] for s in steps], "phases": steps, "tokens": clock.tokens,

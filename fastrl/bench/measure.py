@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from fastrl.peak_rss import reset_peak_rss, status_kib
+
 QUANTILES = (0.2, 0.5, 0.8)
 
 
@@ -80,18 +82,9 @@ def synchronize(device) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # memory
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def can_reset_peak_rss() -> bool:
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        reset_peak_rss()
         return True
     except OSError:
         return False
@@ -100,11 +93,10 @@ def can_reset_peak_rss() -> bool:
 def peak_rss_above(fn: Callable[[], object]) -> float:
     """MiB of peak RSS during fn() above the RSS right before it. Needs /proc/self/clear_refs (Linux >= 4.0)."""
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    before = _status_kib("VmRSS")
+    reset_peak_rss()
+    before = status_kib("VmRSS")
     out = fn()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     del out
     return (peak - before) / 1024.0
 

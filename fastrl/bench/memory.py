@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from fastrl.peak_rss import reset_peak_rss, status_kib
+
 MODEL = dict(num_layers=2, hidden_size=256, head_dim=64, vocab_size=32768, seed=0)
 RUN = dict(per_device_train_batch_size=16, num_generations=8, max_completion_length=256, beta=0.04, max_steps=2,
            learning_rate=1e-5, loss_type="dapo", seed=0)
@@ -58,14 +60,6 @@ def model_dir(root: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the child
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def prompts() -> list[dict]:
     return [{"prompt": f"{a}+{b}="} for a in range(10) for b in range(10)]
 
@@ -102,16 +96,15 @@ def child(job: dict) -> dict:
         trainer = module.GRPOTrainer(model=job["model_dir"], reward_funcs=[reward], args=args,
                                      train_dataset=Dataset.from_list(prompts()), peft_config=peft_config)
         model_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        before = _status_kib("VmRSS")
+        reset_peak_rss()
+        before = status_kib("VmRSS")
         if job.get("limit_mib"):
-            limit = _status_kib("VmSize") * 1024 + job["limit_mib"] * 2**20
+            limit = status_kib("VmSize") * 1024 + job["limit_mib"] * 2**20
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
     return {"peak_mib": (peak - before) / 1024, "baseline_mib": before / 1024, "model_mib": model_bytes / 2**20,
             "seconds": seconds, "mean_completion_length": sum(lengths) / max(1, len(lengths)),
             "reference_model": getattr(trainer, "ref_model", None) is not None}

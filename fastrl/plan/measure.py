@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from fastrl.peak_rss import reset_peak_rss, status_kib
+
 # name -> (model config.json fields, run config). Models: the 2-layer width-256 vocab-32768 Llama,
 # and a 4-layer width-512 one (untied head, grouped KV heads) for a second shape.
 SMALL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
@@ -85,14 +87,6 @@ def case_inputs(name: str) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------------------------------- the child
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _build(model_config: dict, run: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -206,25 +200,20 @@ def child(name: str) -> dict:
     model_config, run = case_inputs(name)
     _warm_up(run)
     gc.collect()
-    _reset_peak()
-    baseline = _status_kib("VmRSS") * 1024
+    reset_peak_rss()
+    baseline = status_kib("VmRSS") * 1024
     phases: dict[str, int] = {}  # each phase's peak above the baseline, the last step's
     overall = [0]  # the whole run's peak (building the model and step 1 included)
 
     def marks(phase: str) -> None:
-        phases[phase] = _status_kib("VmHWM") * 1024 - baseline
+        phases[phase] = status_kib("VmHWM") * 1024 - baseline
         overall[0] = max(overall[0], phases[phase])
-        _reset_peak()
+        reset_peak_rss()
 
     t0 = time.perf_counter()
     _run_steps(model_config, run, steps=2, marks=marks)
     return {"case": name, "baseline": baseline, "peak": overall[0], "phases": phases,
             "seconds": time.perf_counter() - t0}
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
 
 
 def _train(model_path: str, run: dict, steps: int) -> None:
@@ -261,11 +250,11 @@ def trainer_child(name: str) -> dict:
         path = build_tiny_model(os.path.join(tmp, "bench"), **tiny)
         _train(warm, {**run, "max_completion_length": 8}, steps=1)
         gc.collect()
-        _reset_peak()
-        baseline = _status_kib("VmRSS") * 1024
+        reset_peak_rss()
+        baseline = status_kib("VmRSS") * 1024
         t0 = time.perf_counter()
         _train(path, run, steps=2)
-        return {"case": name, "baseline": baseline, "peak": _status_kib("VmHWM") * 1024 - baseline, "phases": {},
+        return {"case": name, "baseline": baseline, "peak": status_kib("VmHWM") * 1024 - baseline, "phases": {},
                 "seconds": time.perf_counter() - t0}
 
 
