@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 SUITES = ("kernels", "e2e", "all")
 
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "fastrl, fastrl-vllm, trl)")
     parser.add_argument("--one-process", action="store_true",
                         help="e2e: time and memory from one process per trainer (timed with the memory setting on)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="e2e: steps per run instead of each case's own (1: one step, timed whole, warm-up in it)")
     parser.add_argument("--tag", default=None, help="write <suite>-<tag>.csv (and its plots) instead of <suite>.csv")
 
 
@@ -64,6 +67,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             from .e2e import TRAINERS, e2e_cases, run_e2e_suite
 
             cases = matching_cases(e2e_cases(args.quick), args.match, key=lambda c: c.size)
+            if args.max_steps is not None:
+                if args.max_steps < 1:
+                    raise ValueError(f"--max-steps: expected a positive number of steps, got {args.max_steps}")
+                cases = [replace(c, max_steps=args.max_steps) for c in cases]
             trainers = tuple(args.trainers.split(",")) if args.trainers else TRAINERS
             rows = run_e2e_suite(run_info, quick=args.quick, device=device, progress=not args.no_progress,
                                  cases=cases, trainers=trainers, one_process=args.one_process or None)
