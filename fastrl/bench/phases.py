@@ -132,7 +132,7 @@ def write_phase_chart(rows: list[dict], path: str) -> str | None:
     if not bars:
         return None
     labels = [f"{size}\n{trainer}" for size, trainer in bars]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.55 * len(bars)))
+    fig, ax = plt.subplots(figsize=(9, 1.9 + 0.55 * len(bars)))
     left = [0.0] * len(bars)
     colors = plt.get_cmap("tab10")
     for i, category in enumerate(CATEGORIES):
@@ -141,7 +141,7 @@ def write_phase_chart(rows: list[dict], path: str) -> str | None:
         left = [a + b for a, b in zip(left, widths)]
     ax.invert_yaxis()
     ax.set_xlabel("seconds per step (p50 of the timed steps)")
-    ax.legend(ncol=3, fontsize=8, loc="lower right")
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45 if len(bars) < 3 else -0.2))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
