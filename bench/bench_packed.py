@@ -1,10 +1,15 @@
 """Padding-free training steps against the padded path and TRL, on a long-tailed ragged batch -> a results CSV.
 
     PYTHONPATH=. .venv/bin/python bench/bench_packed.py [--quick] [--out bench/results/packed.csv]
+    PYTHONPATH=. .venv/bin/python bench/bench_packed.py --case qwen0.5b     # -> bench/results/packed-qwen0.5b.csv
 
-The batch (seed 0, the same for every provider): B = 8 completions; prompts uniform in [8, 24] tokens; completion
-lengths 8 + Geometric(mean 56), capped at max_completion_length = 256, the longest set to 256 (a truncated
-completion sets the padded width, as in real batches), so the mean completion is about a quarter of the longest.
+Cases (`CASES`): "small", tiny_model's Llama (4 layers, hidden 256, head_dim 64) at V 32768 and 151936, with
+B = 8, prompts uniform in [8, 24] tokens and completions of up to 256; "qwen0.5b", the Qwen2.5-0.5B architecture
+(Qwen2, 24 layers × 896, 14 query / 2 KV heads of 64, MLP 4864, V 151936, tied head; random weights, built
+here) with B = 8 and completions of up to 128.
+The batch (seed 0, the same for every provider): completion lengths 8 + Geometric(mean tail), capped at
+max_completion_length, the longest set to max_completion_length (a truncated completion sets the padded width,
+as in real batches), with the tail's mean chosen so that the mean completion is about a quarter of the longest.
 One training step = decoder forward + backward + GRPO loss (dapo, beta 0, on-policy) + AdamW step; generation is
 not part of it. Providers, each in a fresh process (MALLOC_MMAP_THRESHOLD_=65536 so freed memory is returned,
 one intra-op thread), timing `steps` steps after one warm-up step:
@@ -16,7 +21,6 @@ one intra-op thread), timing `steps` steps after one warm-up step:
 Time: the step's CPU time (time.process_time; one thread, so it is the work done, little changed by other jobs
 on a shared machine) as `step_cpu_time` / `steps_per_cpu_s`, and its wall time as `step_time` (contention shows).
 Peak memory: the process's peak RSS above its RSS once model, optimizer and batch are built.
-Models: tiny_model's Llama, 4 layers, hidden 256, head_dim 64, random weights, at V 32768 and 151936.
 Each CSV row records the git commit it was measured at; timings on a shared machine say so in their config.
 """
 from __future__ import annotations
@@ -29,21 +33,43 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 PROVIDERS = ("fastrl-packed", "fastrl-padded", "fastrl-equal", "trl")
-B, MAX_COMPLETION, MEAN_TAIL, PROMPT_RANGE = 8, 256, 56, (8, 24)
+B, PROMPT_RANGE = 8, (8, 24)
 
 
-def lengths(seed: int = 0) -> tuple[list[int], list[int]]:
+@dataclass(frozen=True)
+class Case:
+    model: str  # as recorded in the CSV
+    vocabs: tuple[int, ...]
+    max_completion: int
+    mean_tail: int  # mean of the geometric tail added to 8 tokens
+    steps: int  # timed steps after one warm-up step
+    build: dict  # build_tiny_model's arguments besides vocab_size ("small"), config.json values ("qwen0.5b")
+
+
+CASES = {
+    "small": Case("llama L4 H256 head_dim 64, random weights", (32768, 151936), 256, 56, 4,
+                  dict(num_layers=4, hidden_size=256, head_dim=64)),
+    # Qwen2.5-0.5B's config.json architecture values (tied head); tiny_model's builder fixes MLP = 4·H, KV = heads
+    "qwen0.5b": Case("qwen2 L24 H896 (Qwen2.5-0.5B shape), random weights", (151936,), 128, 24, 2,
+                     dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                          head_dim=64, intermediate_size=4864, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                          max_position_embeddings=32768, tie_word_embeddings=True)),
+}
+
+
+def lengths(case: Case, seed: int = 0) -> tuple[list[int], list[int]]:
     """(prompt lengths, completion lengths) of the benchmark batch."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(PROMPT_RANGE[0], PROMPT_RANGE[1] + 1, (B,), generator=g).tolist()
     torch.manual_seed(seed)  # torch.distributions samples from the global generator
-    tail = torch.distributions.Geometric(probs=torch.tensor(1.0 / MEAN_TAIL)).sample((B,))
-    completions = [min(MAX_COMPLETION, 8 + int(x)) for x in tail]
-    completions[completions.index(max(completions))] = MAX_COMPLETION
+    tail = torch.distributions.Geometric(probs=torch.tensor(1.0 / case.mean_tail)).sample((B,))
+    completions = [min(case.max_completion, 8 + int(x)) for x in tail]
+    completions[completions.index(max(completions))] = case.max_completion
     return prompts, completions
 
 
@@ -73,7 +99,7 @@ def _fastrl_step(model_dir, batch, padding_free):
     from fastrl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=4,
-                      max_completion_length=MAX_COMPLETION, bf16=False, save_strategy="no", disable_tqdm=True,
+                      max_completion_length=batch.completion_ids.shape[1], bf16=False, save_strategy="no", disable_tqdm=True,
                       padding_free=padding_free, beta=0.0, loss_type="dapo", learning_rate=1e-5,
                       gradient_checkpointing=False)
     trainer = GRPOTrainer(model_dir, lambda completions, **k: [0.0] * len(completions), args,
@@ -95,7 +121,7 @@ def _trl_step(model_dir, batch):
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, num_generations=4,
-                      max_completion_length=MAX_COMPLETION, bf16=False, use_cpu=True, report_to=[], beta=0.0,
+                      max_completion_length=batch.completion_ids.shape[1], bf16=False, use_cpu=True, report_to=[], beta=0.0,
                       loss_type="dapo", learning_rate=1e-5, gradient_checkpointing=False)
     trainer = GRPOTrainer(model_dir, lambda completions, **k: [0.0] * len(completions), args=args,
                           train_dataset=Dataset.from_list([{"prompt": "1"}] * 8))
@@ -113,13 +139,13 @@ def _trl_step(model_dir, batch):
     return step
 
 
-def worker(provider: str, model_dir: str, vocab: int, steps: int) -> dict:
+def worker(case: str, provider: str, model_dir: str, vocab: int, steps: int) -> dict:
     """Time `steps` training steps of one provider after a warm-up step; peak RSS above the built state."""
     import torch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    prompts, completions = lengths()
+    prompts, completions = lengths(CASES[case])
     if provider == "fastrl-equal":
         mean = round(sum(completions) / B)
         completions = [mean] * B
@@ -138,32 +164,59 @@ def worker(provider: str, model_dir: str, vocab: int, steps: int) -> dict:
             "completion_lengths": completions}
 
 
-def build_model(vocab: int) -> str:
+def build_model(name: str, vocab: int) -> str:
+    """The case's random-init model folder (cached under ~/.cache/fastrl/bench_models)."""
     from fastrl.tasks.tiny_model import build_tiny_model
 
-    root = os.path.join(os.path.expanduser("~"), ".cache", "fastrl", "bench_models", f"packed-L4-H256-v{vocab}")
-    return build_tiny_model(root, num_layers=4, hidden_size=256, head_dim=64, vocab_size=vocab)
+    root = os.path.join(os.path.expanduser("~"), ".cache", "fastrl", "bench_models")
+    if name == "small":
+        return build_tiny_model(os.path.join(root, f"packed-L4-H256-v{vocab}"), vocab_size=vocab,
+                                **CASES[name].build)
+    folder = os.path.join(root, f"packed-{name}-v{vocab}")
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        skeleton = build_tiny_model(folder + "-skeleton", arch="qwen2", num_layers=1, vocab_size=vocab)
+        _resize(skeleton, folder, {**CASES[name].build, "vocab_size": vocab})
+    return folder
 
 
-def run(quick: bool, out: str) -> None:
+def _resize(skeleton: str, folder: str, config_values: dict) -> None:
+    """A copy of a tiny model folder (its tokenizer files) whose model has `config_values`, random weights."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastrl.tasks.tiny_model import MARKER_FILE
+
+    shutil.copytree(skeleton, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER_FILE, "model.*"))
+    values = {**AutoConfig.from_pretrained(skeleton).to_dict(), **config_values}
+    values.pop("layer_types", None)  # one per layer: re-derived from num_hidden_layers
+    config = AutoConfig.for_model(**values)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+def run(case_name: str, quick: bool, out: str) -> None:
     from fastrl.bench.measure import quantiles
     from fastrl.bench.results import row, run_facts, write_csv
 
+    case = CASES[case_name]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    facts = run_facts("python bench/bench_packed.py" + (" --quick" if quick else ""))
-    steps, rows = (2 if quick else 4), []
-    for vocab in ((32768,) if quick else (32768, 151936)):
-        model_dir = build_model(vocab)
+    facts = run_facts("python bench/bench_packed.py" + (" --quick" if quick else "")
+                      + ("" if case_name == "small" else f" --case {case_name}"))
+    steps, rows = (min(2, case.steps) if quick else case.steps), []
+    for vocab in case.vocabs[:1] if quick else case.vocabs:
+        model_dir = build_model(case_name, vocab)
         for provider in PROVIDERS:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
             code = f"import json, sys; sys.path.insert(0, 'bench'); import bench_packed as b; " \
-                   f"print(json.dumps(b.worker({provider!r}, {model_dir!r}, {vocab}, {steps})))"
+                   f"print(json.dumps(b.worker({case_name!r}, {provider!r}, {model_dir!r}, {vocab}, {steps})))"
             done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{provider} V={vocab} failed:\n{done.stderr[-3000:]}")
             res = json.loads(done.stdout.strip().splitlines()[-1])
-            config = {"commit": commit, "model": "llama L4 H256 head_dim 64, random weights", "batch": B,
-                      "max_completion_length": MAX_COMPLETION, "completion_lengths": res["completion_lengths"],
+            config = {"commit": commit, "model": case.model, "batch": B,
+                      "max_completion_length": case.max_completion, "completion_lengths": res["completion_lengths"],
                       "prompt_lengths": res["prompt_lengths"], "timed_steps": steps, "threads": 1,
                       "loss_type": "dapo", "beta": 0.0,
                       "note": "shared, busy 2-core machine: compare providers within this run, by CPU time"}
@@ -182,7 +235,9 @@ def run(quick: bool, out: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="V 32768 only, 2 timed steps")
-    parser.add_argument("--out", default="bench/results/packed.csv")
+    parser.add_argument("--case", choices=list(CASES), default="small")
+    parser.add_argument("--quick", action="store_true", help="the case's first vocabulary only, 2 timed steps")
+    parser.add_argument("--out", help="default: bench/results/packed.csv (small), packed-CASE.csv (others)")
     a = parser.parse_args()
-    run(a.quick, a.out)
+    run(a.case, a.quick, a.out or ("bench/results/packed.csv" if a.case == "small" else
+                                   f"bench/results/packed-{a.case}.csv"))
