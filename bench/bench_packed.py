@@ -53,7 +53,7 @@ CASES = {
     "small": Case("llama L4 H256 head_dim 64, random weights", (32768, 151936), 256, 56, 4,
                   dict(num_layers=4, hidden_size=256, head_dim=64)),
     # Qwen2.5-0.5B's config.json architecture values (tied head); tiny_model's builder fixes MLP = 4·H, KV = heads
-    "qwen0.5b": Case("qwen2 L24 H896 (Qwen2.5-0.5B shape), random weights", (151936,), 128, 24, 2,
+    "qwen0.5b": Case("qwen2 L24 H896 (Qwen2.5-0.5B shape), random weights", (151936,), 128, 24, 1,
                      dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
                           head_dim=64, intermediate_size=4864, rope_theta=1000000.0, rms_norm_eps=1e-6,
                           max_position_embeddings=32768, tie_word_embeddings=True)),
@@ -62,30 +62,9 @@ CASES = {
 
 def lengths(case: Case, seed: int = 0) -> tuple[list[int], list[int]]:
     """(prompt lengths, completion lengths) of the benchmark batch."""
-    import torch
+    from fastrl.bench.ragged import long_tail_lengths
 
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(PROMPT_RANGE[0], PROMPT_RANGE[1] + 1, (B,), generator=g).tolist()
-    torch.manual_seed(seed)  # torch.distributions samples from the global generator
-    tail = torch.distributions.Geometric(probs=torch.tensor(1.0 / case.mean_tail)).sample((B,))
-    completions = [min(case.max_completion, 8 + int(x)) for x in tail]
-    completions[completions.index(max(completions))] = case.max_completion
-    return prompts, completions
-
-
-def rollout(prompts, completions, vocab, seed=0):
-    import torch
-
-    from fastrl.rollout_batch import RolloutBatch
-
-    g = torch.Generator().manual_seed(seed)
-    P, T = max(prompts), max(completions)
-    prompt, prompt_mask = torch.zeros(B, P, dtype=torch.long), torch.zeros(B, P, dtype=torch.long)
-    completion, attention = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        prompt[i, P - p:], prompt_mask[i, P - p:] = torch.randint(4, vocab, (p,), generator=g), 1
-        completion[i, :c], attention[i, :c] = torch.randint(4, vocab, (c,), generator=g), 1
-    return RolloutBatch(prompt, prompt_mask, completion, attention, attention.clone(), torch.randn(B, generator=g))
+    return long_tail_lengths(B, PROMPT_RANGE, case.max_completion, case.mean_tail, seed)
 
 
 def _rss_mib() -> float:
@@ -143,13 +122,15 @@ def worker(case: str, provider: str, model_dir: str, vocab: int, steps: int) -> 
     """Time `steps` training steps of one provider after a warm-up step; peak RSS above the built state."""
     import torch
 
+    from fastrl.bench.ragged import random_rollout
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     prompts, completions = lengths(CASES[case])
     if provider == "fastrl-equal":
         mean = round(sum(completions) / B)
         completions = [mean] * B
-    batch = rollout(prompts, completions, vocab)
+    batch = random_rollout(prompts, completions, vocab)
     step = _trl_step(model_dir, batch) if provider == "trl" else _fastrl_step(model_dir, batch,
                                                                                 provider != "fastrl-padded")
     built = _rss_mib()
@@ -230,7 +211,7 @@ def run(case_name: str, quick: bool, out: str) -> None:
             rows.append(row(metric="peak_memory", unit="MiB", values=(res["peak_mib"],) * 3, **common))
             print(f"V={vocab} {provider:14s} step p50 {cpu_q[1]:.3f} s CPU ({wall_q[1]:.3f} s wall)  "
                   f"peak +{res['peak_mib']:.0f} MiB", flush=True)
-    write_csv(rows, out)
+            write_csv(rows, out)  # after every provider: a long run stopped midway keeps what it measured
 
 
 if __name__ == "__main__":
