@@ -17,6 +17,8 @@ GiB = 1 << 30
 
 # Small enough for a ~15-30 s subprocess each, large enough (~200-1000 MiB) that allocator noise is small; the
 # first two peak in backward (activations), the LoRA one in the loss's forward, the wider one in the optimizer.
+# The padded cases set padding_free false (measure.BASE_RUN); the packed one trains a long-tailed ragged batch
+# (measure.case_lengths) and the plan is given its mean lengths.
 MEASURED = {
     "L2-H256-V32768-full-b8-T192": (SMALL, {"max_prompt_length": 32, "max_completion_length": 192}),
     "L2-H256-V32768-full-ckpt-b8-T256": (SMALL, {"max_prompt_length": 64, "max_completion_length": 256,
@@ -27,6 +29,8 @@ MEASURED = {
     "L4-H512-V32000-untied-beta-ckpt-b2-T96": (WIDER, {"per_device_train_batch_size": 2, "max_prompt_length": 32,
                                                        "max_completion_length": 96, "beta": 0.04, "num_generations": 2,
                                                        "gradient_checkpointing": True}),
+    "L2-H256-V32768-packed-b16-T256": (SMALL, {"per_device_train_batch_size": 16, "max_prompt_length": 64,
+                                               "max_completion_length": 256, "padding_free": True}),
 }
 
 
@@ -136,6 +140,42 @@ def test_optimizer_states_follow_the_parameter_dtype():
     bf16 = predict(QWEN_05B, RUN)
     key = "AdamW states (2 per trainable param)"
     assert fp32.phases[0].parts[key] == 2 * bf16.phases[0].parts[key]
+
+
+def test_padding_free_counts_the_valid_tokens():
+    """Packed: S = b·(P̄ + T̄) tokens and N = b·T̄ rows, not b·(P + T) and b·T; the sdpa mask spans the packed
+    row S; with a token budget S is the budget, whatever the micro-batch's sequence count."""
+    run = {**RUN, "gradient_checkpointing": False}  # activations set the policy phase's peak
+    packed = {**run, "padding_free": True}
+    quarter = predict(QWEN_05B, packed, mean_lengths=(64, 256))
+    assert (quarter.run.micro_tokens, quarter.run.micro_rows) == (8 * 320, 8 * 256)
+    padded = predict(QWEN_05B, {**run, "padding_free": False})
+    assert (padded.run.micro_tokens, padded.run.micro_rows, padded.run.attention_row) == (8 * 1280, 8 * 1024, 1280)
+    assert quarter.run.attention_row == 8 * 320
+    assert _policy_activations(quarter) < _policy_activations(padded) / 3
+    worst = predict(QWEN_05B, packed)  # no mean lengths: every sequence full, the mask spans 8 × 1280 keys
+    assert worst.run.micro_tokens == padded.run.micro_tokens
+    assert _policy_activations(worst) > _policy_activations(padded)
+    budget = {**packed, "max_tokens_per_micro_batch": 4096, "gradient_accumulation_steps": 4}
+    for b in (8, 16):  # a window of 32 or 64 sequences regrouped into micro-batches of 4096 tokens
+        plan = predict(QWEN_05B, {**budget, "per_device_train_batch_size": b}, mean_lengths=(64, 256))
+        assert plan.run.micro_tokens == 4096 and plan.run.micro_rows == 3277  # ⌈4096 · 256 / 320⌉
+    small_window = predict(QWEN_05B, {**budget, "gradient_accumulation_steps": 1}, mean_lengths=(64, 256))
+    assert small_window.run.micro_tokens == 8 * 320  # the window's 8 sequences hold fewer tokens than the budget
+
+
+def test_padding_free_on_cuda_assumes_varlen_attention():
+    packed = {**RUN, "padding_free": True}
+    plan = predict(QWEN_05B, packed, "cuda", 80 * GiB, mean_lengths=(64, 256))
+    assert plan.run.attention_row == 0 and any("flash_attention_2" in n for n in plan.notes)
+
+
+def test_bad_mean_lengths_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match="mean_lengths.*max_completion_length = 1024"):
+        predict(QWEN_05B, {**RUN, "padding_free": True}, mean_lengths=(64, 2000))
+    config = _write(tmp_path, QWEN_05B, RUN)
+    assert plan_main([config, "--memory", "24GB", "--mean-lengths", "64"]) == 2
+    assert "--mean-lengths" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- CLI and budgets

@@ -58,7 +58,7 @@ def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
     if run.has_reference_copy and plan.device == "cuda" and not run.offload_reference:
         out.append(("ref_model_offload: true (reference in host memory between uses)",
                     {"offload_reference": True}))
-    if run.micro_batch > 1:
+    if run.micro_batch > 1 and run.token_budget is None:  # a token budget, not b, sizes packed micro-batches
         out.append(("smaller micro-batch", {"micro_batch": 1}))  # refined by _best_micro_batch
     if run.lora is None:
         out.append((f"LoRA: peft: {{r: {LORA_DEFAULT.r}, target_modules: all-linear}}", {"lora": LORA_DEFAULT}))

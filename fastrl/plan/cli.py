@@ -54,6 +54,18 @@ def format_plan(plan: Plan, budget: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def parse_mean_lengths(text: str | None) -> tuple[float, float] | None:
+    """'40,96' -> (40.0, 96.0); None stays None."""
+    if text is None:
+        return None
+    try:
+        prompt, completion = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mean-lengths: expected PROMPT,COMPLETION token counts such as 40,96, "
+                         f"got {text!r}") from None
+    return prompt, completion
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def load_plan_inputs(path: str) -> tuple[dict, dict]:
     """CONFIG.yaml -> (model config.json dict, run dict). `model` is a folder (or config.json) or "tiny"."""
@@ -105,6 +117,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--predict-time", action="store_true",
                         help="also predict each phase's time on one H100 from flops, bytes and peak rates")
+    parser.add_argument("--mean-lengths", metavar="PROMPT,COMPLETION",
+                        help="padding_free: the expected mean prompt and completion lengths in tokens, which size a "
+                             "packed micro-batch (default: max_prompt_length,max_completion_length, the worst case)")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -124,7 +139,8 @@ def run_plan(args: argparse.Namespace) -> int:
             print(json.dumps(times, indent=2))
         return 0
     budget = parse_memory(args.memory)
-    plan = predict(model_config, run, args.device, device_memory=budget)
+    plan = predict(model_config, run, args.device, device_memory=budget,
+                   mean_lengths=parse_mean_lengths(args.mean_lengths))
     advice = recommend(plan, budget)
     if args.json:
         print(json.dumps({"plan": plan.as_dict(), "budget": budget, "fits": plan.fits(budget),

@@ -8,9 +8,13 @@ micro-step does, twice (so the second step runs with the optimizer states alread
     build a random-init transformers Llama (fp32) -> fastrl.policy.prepare_for_training (LoRA, checkpointing)
     -> frozen reference copy (beta > 0, full fine-tuning) -> reference logprobs, no grad, fused kernel
     (LoRA: the same model with the adapter disabled) -> final hidden states of prompt + completion
-    (fastrl.policy.completion_hidden) -> fastrl.kernels.fused_linear_grpo_loss(backend="torch") -> backward
-    -> clip_grad_norm_ -> AdamW step -> zero_grad(set_to_none=True)
+    (fastrl.policy.completion_hidden, or packed_completion_hidden with padding_free) ->
+    fastrl.kernels.fused_linear_grpo_loss(backend="torch") -> backward -> clip_grad_norm_ -> AdamW step
+    -> zero_grad(set_to_none=True)
 
+The batch: padded cases (padding_free false) have every prompt of max_prompt_length tokens but every other
+one left-padded by a quarter, and every completion of max_completion_length; padding-free cases a long-tailed
+ragged batch (`case_lengths`), whose mean lengths the plan is given.
 Peak = VmHWM − baseline. Predicted = `fastrl.plan.predict(..., device="cpu").peak`.
 
     python -m fastrl.plan.measure --csv bench/results/plan_validation.csv     # every case, ~1-2 min
@@ -38,7 +42,7 @@ WIDER = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "
          "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "tie_word_embeddings": False,
          "dtype": "float32"}
 BASE_RUN = {"num_generations": 4, "max_prompt_length": 64, "max_completion_length": 256, "bf16": False,
-            "gradient_checkpointing": False, "beta": 0.0, "per_device_train_batch_size": 8}
+            "gradient_checkpointing": False, "beta": 0.0, "per_device_train_batch_size": 8, "padding_free": False}
 LORA_ALL = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
 
 CASES = {
@@ -52,6 +56,9 @@ CASES = {
     "wider_full": (WIDER, {"per_device_train_batch_size": 4, "max_completion_length": 192}),
     "wider_lora_qv_ckpt": (WIDER, {"gradient_checkpointing": True, "beta": 0.04,
                                    "peft": {"r": 16, "target_modules": ["q_proj", "v_proj"]}}),
+    "packed_fp32": (SMALL, {"padding_free": True, "per_device_train_batch_size": 16}),
+    "packed_fp32_beta_ckpt": (SMALL, {"padding_free": True, "per_device_train_batch_size": 16, "beta": 0.04,
+                                      "gradient_checkpointing": True}),
 }
 
 
@@ -109,33 +116,50 @@ def _build(model_config: dict, run: dict):
     return model, ref, args
 
 
-def _batch(vocab: int, b: int, p: int, t: int):
-    """Left-padded prompts [b, P] (every other row padded by P/4) + full-length completions [b, T]."""
-    import torch
+def case_lengths(run: dict) -> tuple[list[int], list[int]]:
+    """(prompt, completion) lengths of a case's micro-batch of b = per_device_train_batch_size sequences.
+    Padded: prompts of P, every other one padded by P/4, completions of T. Padding-free: prompts uniform in
+    [P/4, P], completions 8 + Geometric(mean T/4 − 8) up to T, the longest T (mean about a quarter of T)."""
+    from fastrl.bench.ragged import long_tail_lengths
 
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(4, vocab, (b, p), generator=g)
-    prompt_mask = torch.ones(b, p, dtype=torch.long)
-    prompt_mask[::2, : p // 4] = 0
-    completion = torch.randint(4, vocab, (b, t), generator=g)
-    ids = torch.cat([prompt, completion], 1)  # [b, P+T]
-    attention = torch.cat([prompt_mask, torch.ones(b, t, dtype=torch.long)], 1)
-    return ids, attention, completion
+    b, p, t = run["per_device_train_batch_size"], run["max_prompt_length"], run["max_completion_length"]
+    if not run.get("padding_free", True):
+        return [p - (p // 4 if i % 2 == 0 else 0) for i in range(b)], [t] * b
+    return long_tail_lengths(b, (p // 4, p), t, max(1.0, t / 4 - 8), seed=1)
 
 
-def _reference_logprobs(model, ref, ids, attention, completion, p, args):
+def mean_lengths(run: dict) -> tuple[float, float] | None:
+    """The mean (prompt, completion) lengths the plan is given for a padding-free case (None: padded)."""
+    if not run.get("padding_free", True):
+        return None
+    prompts, completions = case_lengths(run)
+    return sum(prompts) / len(prompts), sum(completions) / len(completions)
+
+
+def _reference_logprobs(model, ref, batch, args):
     import contextlib
 
     import torch
 
     from fastrl.kernels import fused_linear_logprobs
-    from fastrl.policy import completion_hidden, lm_head
+    from fastrl.policy import lm_head
 
     source = ref if ref is not None else model
     adapter_off = model.disable_adapter() if ref is None else contextlib.nullcontext()
     with torch.no_grad(), adapter_off, _autocast(args):
-        hidden = completion_hidden(source, ids, attention, p)  # [b, T, H]
-        return fused_linear_logprobs(hidden, lm_head(source).weight.to(hidden.dtype), completion, backend="torch")
+        hidden = _completion_hidden(source, batch, args)  # [b, T, H] or packed [N, H]
+        return fused_linear_logprobs(hidden, lm_head(source).weight.to(hidden.dtype), batch.loss_inputs()["targets"],
+                                     backend="torch")
+
+
+def _completion_hidden(model, batch, args):
+    """batch: a RolloutBatch (padded, -> [b, T, H]) or a PackedBatch (padding_free, -> [N, H])."""
+    from fastrl.policy import completion_hidden, packed_completion_hidden
+
+    if args.padding_free:
+        return packed_completion_hidden(model, batch)
+    ids, attention = batch.input_ids()
+    return completion_hidden(model, ids, attention, batch.prompt_ids.shape[1])
 
 
 def _autocast(args):
@@ -146,23 +170,24 @@ def _autocast(args):
     return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
 
-def _step(model, ref, opt, args, ids, attention, completion, p, marks):
+def _step(model, ref, opt, args, batch, marks):
     """One micro-step + optimizer step; `marks(phase)` is called at the end of each phase."""
     import torch
 
     from fastrl.kernels import fused_linear_grpo_loss
     from fastrl.kernels.loss_spec import LossSpec
-    from fastrl.policy import completion_hidden, lm_head
+    from fastrl.policy import lm_head
 
-    ref_logp = _reference_logprobs(model, ref, ids, attention, completion, p, args) if args.beta > 0 else None
+    ref_logp = _reference_logprobs(model, ref, batch, args) if args.beta > 0 else None
     marks("logprob passes (reference/old)")
     with _autocast(args):
-        hidden = completion_hidden(model, ids, attention, p)  # [b, T, H]
+        hidden = _completion_hidden(model, batch, args)  # [b, T, H] or packed [N, H]
     weight = lm_head(model).weight
-    advantages = torch.linspace(-1, 1, ids.shape[0])
-    spec, mask = LossSpec.from_config(args), torch.ones_like(completion)  # the trainer's loss settings
-    loss, _ = fused_linear_grpo_loss(hidden, weight.to(hidden.dtype), completion, mask, advantages,
-                                     ref_logprobs=ref_logp, backend="torch", **spec.loss_kwargs(mask.sum()))
+    inputs = {**batch.loss_inputs(), "advantages": torch.linspace(-1, 1, len(batch.advantages)),
+              "ref_logprobs": ref_logp}
+    spec = LossSpec.from_config(args)  # the trainer's loss settings
+    loss, _ = fused_linear_grpo_loss(hidden, weight.to(hidden.dtype), backend="torch", **inputs,
+                                     **spec.loss_kwargs(inputs["mask"].sum()))
     del hidden
     (loss * spec.micro_batch_scale).backward()
     marks("policy forward+backward")
@@ -184,11 +209,14 @@ def _run_steps(model_config: dict, run: dict, steps: int, marks=lambda phase: No
     import torch
 
     model, ref, args = _build(model_config, run)
+    from fastrl.bench.ragged import random_rollout
+    from fastrl.rollout_batch import PackedBatch
+
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
-    ids, attention, completion = _batch(model_config["vocab_size"], args.per_device_train_batch_size,
-                                        args.max_prompt_length, args.max_completion_length)
+    batch = random_rollout(*case_lengths(run), model_config["vocab_size"], seed=1)
+    batch = PackedBatch.from_rollout(batch) if args.padding_free else batch
     for _ in range(steps):
-        _step(model, ref, opt, args, ids, attention, completion, args.max_prompt_length, marks)
+        _step(model, ref, opt, args, batch, marks)
 
 
 def child(name: str) -> dict:
@@ -274,7 +302,7 @@ def predicted(name: str):
     from fastrl.plan.predict import predict
 
     model_config, run = case_inputs(name)
-    return predict(model_config, run, device="cpu")
+    return predict(model_config, run, device="cpu", mean_lengths=mean_lengths(run))
 
 
 STEP_PHASES = ("logprob passes (reference/old)", "policy forward+backward", "optimizer step")
@@ -297,6 +325,7 @@ def compare(name: str) -> dict:
             "vocab": model_config["vocab_size"], "micro_batch": run["per_device_train_batch_size"],
             "prompt_len": run["max_prompt_length"], "completion_len": run["max_completion_length"],
             "checkpointing": run["gradient_checkpointing"], "bf16": run["bf16"], "beta": run["beta"],
+            "padding_free": run["padding_free"], "micro_batch_tokens": plan.run.micro_tokens,
             "lora": json.dumps(run.get("peft")) if run.get("peft") else "",
             "compared": compared, "predicted_mib": _mib(peak), "measured_mib": _mib(m["peak"]),
             "error_pct": round(100 * (peak - m["peak"]) / m["peak"], 1), "plan_peak_phase": plan.peak_phase.name,

@@ -1,7 +1,8 @@
 """The memory formulas behind `fastrl plan`: bytes held by each part of a GRPO step, phase by phase.
 
 Notation: L layers, H hidden, I intermediate, Hq = heads·head_dim, V vocab, b completions per micro-batch,
-P prompt and T completion length, S = b·(P + T) tokens in a micro-batch, N = b·T completion tokens.
+P prompt and T completion length, S tokens in a micro-batch and N completion tokens: b·(P + T) and b·T padded,
+the valid tokens only with padding_free (RunShape.micro_tokens / micro_rows).
 
 Activations are counted tensor by tensor from what autograd saves in a transformers Llama layer with sdpa
 attention (listed with `torch.autograd.graph.saved_tensors_hooks`, torch 2.13 / transformers 5.23), per token:
@@ -9,7 +10,8 @@ attention (listed with `torch.autograd.graph.saved_tensors_hooks`, torch 2.13 / 
     attention norm   x [H], rsqrt [1], x·rsqrt [H] (only if the norm weight trains)
     q/k/v input      normed [H] once, if q, k or v trains (under bf16 autocast: one bf16 copy per trained linear)
     attention        q, k, v (k, v repeated to all heads), output: 4·Hq; log-sum-exp [heads] fp32;
-                     the padding mask [B, 1, P+T, P+T]: P+T per token, a fresh copy in every layer
+                     the attention mask, a fresh fp32 copy in every layer: [b, 1, P+T, P+T] padded (P+T per
+                     token), [1, 1, S, S] packed (sdpa's block-diagonal mask: S per token, quadratic in S)
     MLP norm         x [H], rsqrt [1], x·rsqrt [H] (if the norm trains), normed [H] if gate or up trains
     MLP              gate, up, silu(gate): 3·I; their product [I] if down trains
     LoRA             the adapter's A output [r] per adapted linear (A and B train, the base does not)
@@ -68,7 +70,7 @@ def activation_bytes_per_token(model: ModelShape, run: RunShape, seq_len: int) -
     out += 2 * (norm_x * h) if norms_train else 0  # x·rsqrt [H], saved for the norm weight's gradient
     out += a * h * ((len(attn_in) if copies else min(1, len(attn_in))) + (len(mlp_in) if copies else
                                                                            min(1, len(mlp_in))))
-    out += a * 4 * hq + FP32 * model.heads + a * seq_len  # q, k, v, output; lse; the padding mask row
+    out += a * 4 * hq + FP32 * model.heads + a * seq_len  # q, k, v, output; lse; the attention mask row
     out += a * 3 * i + (a * i if _trains(model, run, "down_proj") else 0)  # gate, up, silu(gate), product
     if run.lora is not None:
         out += a * run.lora.r * len(run.lora.targets)
@@ -142,8 +144,7 @@ def grad_timeline(model: ModelShape, run: RunShape, tokens: int, loss: dict[str,
     recomputed first); the end (the embedding's dense [V, H] gradient, added into the tied head's or its own).
     """
     p = model.weight_bytes
-    seq_len = run.prompt_len + run.completion_len
-    per_layer_act = activation_bytes_per_token(model, run, seq_len) * tokens
+    per_layer_act = activation_bytes_per_token(model, run, run.attention_row) * tokens
     per_layer_grad = (model.layer_params() if run.lora is None else run.lora.params(model) // model.layers) * p
     head_grad = model.head_params() * p if run.lora is None else 0
     top = top_activation_bytes_per_token(model, run) * tokens + autocast_weight_copies(model, run)

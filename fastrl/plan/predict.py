@@ -63,13 +63,16 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------- prediction
-def predict(model_config: dict, run: dict, device: str = "cpu", device_memory: int | None = None) -> Plan:
+def predict(model_config: dict, run: dict, device: str = "cpu", device_memory: int | None = None,
+            mean_lengths: tuple[float, float] | None = None) -> Plan:
     """Per-phase peak bytes of a GRPO run. model_config: a transformers config.json as a dict; run: GRPOConfig
     fields (TRL's names) plus an optional `peft` dict (r, lora_alpha, target_modules). device_memory: the
-    accelerator's total bytes, needed to size vLLM's share (vllm_gpu_memory_utilization × total)."""
+    accelerator's total bytes, needed to size vLLM's share (vllm_gpu_memory_utilization × total).
+    mean_lengths: expected mean (prompt, completion) tokens of a padding-free run (None: the maxima)."""
     if device not in DEVICES:
         raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
-    return predict_shapes(model_shape(model_config, loaded_dtype(run)), run_shape(run), device, device_memory)
+    return predict_shapes(model_shape(model_config, loaded_dtype(run)), run_shape(run, mean_lengths), device,
+                          device_memory)
 
 
 def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory: int | None = None) -> Plan:
@@ -78,6 +81,8 @@ def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory:
                          "(vLLM takes vllm_gpu_memory_utilization × total)")
     if device == "cpu":  # offloading to host memory moves nothing on a CPU run
         run = run.replace(offload_activations=False)
+    if device == "cuda" and run.padding_free:  # packed on CUDA: flash_attention_2's varlen path (policy.py)
+        run = run.replace(varlen_attention=True)
     resident, host = resident_parts(model, run, device, device_memory)
     phases = [generation_phase(model, run, device, device_memory, resident)]
     if run.use_vllm:
@@ -87,8 +92,7 @@ def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory:
     policy = policy_phase(model, run, resident, fused_loss_bytes)
     if run.checkpointing and run.offload_activations:
         policy.host["checkpointed activations (offloaded)"] = (
-            model.layers * checkpointed_bytes_per_token(model, run) * run.micro_batch
-            * (run.prompt_len + run.completion_len))
+            model.layers * checkpointed_bytes_per_token(model, run) * run.micro_tokens)
     phases += [policy, optimizer_phase(model, run, resident)]
     for p in phases:
         if device == "cuda":
@@ -169,11 +173,10 @@ def logprob_phase(model, run, device, resident) -> Phase:
     phase = Phase("logprob passes (reference/old)", dict(resident))
     if run.has_reference_copy and run.offload_reference and device == "cuda":
         phase.parts["reference copy (brought back)"] = model.total_params() * model.weight_bytes
-    tokens = run.micro_batch * (run.prompt_len + run.completion_len)
+    tokens, n_rows = run.micro_tokens, run.micro_rows
     a = BF16 if (run.bf16 or model.weight_bytes == BF16) else FP32
-    seq = run.prompt_len + run.completion_len
-    phase.parts["forward working set (one layer)"] = tokens * (3 * model.intermediate + 4 * model.hidden + seq) * a
-    n_rows = run.micro_batch * run.completion_len
+    phase.parts["forward working set (one layer)"] = tokens * (3 * model.intermediate + 4 * model.hidden
+                                                               + run.attention_row) * a
     phase.parts["hidden states [S,H]"] = tokens * model.hidden * FP32
     phase.parts["logprob tiles 2×[rows,V] fp32"] = 2 * rows_per_tile(n_rows, model.vocab) * model.vocab * FP32
     return phase
@@ -181,8 +184,7 @@ def logprob_phase(model, run, device, resident) -> Phase:
 
 def policy_phase(model, run, resident, loss_parts) -> Phase:
     phase = Phase("policy forward+backward", dict(resident))
-    tokens = run.micro_batch * (run.prompt_len + run.completion_len)
-    n_rows = run.micro_batch * run.completion_len
+    tokens, n_rows = run.micro_tokens, run.micro_rows
     loss = loss_parts(model, run, n_rows, tokens)
     live, where = grad_timeline(model, run, tokens, loss)
     phase.parts[f"activations + gradients ({where})"] = live
@@ -214,6 +216,13 @@ def notes(model, run, device, device_memory) -> list[str]:
                        f"({fmt(kv)}): it will queue requests (slower, not out of memory)")
     if device == "cpu" and run.use_vllm:
         out.append("vLLM on CPU has no sleep mode: its weights and KV cache stay allocated (not validated here)")
+    if run.padding_free:
+        out.append(f"padding_free: a micro-batch is {run.micro_tokens} tokens ({run.micro_rows} completion rows)"
+                   + ("" if run.mean_completion_len is not None else
+                      ", every sequence at its maximum length (--mean-lengths gives the expected means)"))
+    if run.padding_free and device == "cuda":
+        out.append("padding_free on CUDA assumes flash_attention_2 (pip install flash-attn): with sdpa the "
+                   f"packed row's block-diagonal mask adds {fmt(run.micro_tokens ** 2 * 4)} per layer")
     return out
 
 

@@ -2,11 +2,13 @@
 
 `ModelShape` holds the sizes of a Llama-family decoder (Llama, Qwen2, Mistral: RMSNorm, rotary attention with
 grouped KV heads, a SwiGLU MLP) and counts its parameters. `RunShape` holds the batch, the lengths and the
-memory-relevant switches of a GRPO run, with GRPOConfig's defaults and checks (TRL's names).
+memory-relevant switches of a GRPO run, with GRPOConfig's defaults and checks (TRL's names), and the tokens a
+training micro-batch holds: padded (b rows of P + T) or, with padding_free, packed (its valid tokens only).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from fastrl.config import GRPOConfig
@@ -133,9 +135,50 @@ class RunShape:
     vllm_sleep_level: int
     offload_reference: bool = False  # the reference model kept in host memory between uses
     offload_activations: bool = False  # checkpointed activations in host memory (gradient_checkpointing_offload)
+    padding_free: bool = False  # packed micro-batches: valid tokens only, in one row
+    token_budget: int | None = None  # max_tokens_per_micro_batch (padding_free only)
+    window: int = 1  # sequences per optimizer step and process (micro_batch × gradient_accumulation_steps)
+    mean_prompt_len: float | None = None  # P̄, expected (padding_free only); None: P, every prompt full length
+    mean_completion_len: float | None = None  # T̄, likewise; None: T
+    varlen_attention: bool = False  # packed sequences kept apart by flash_attention_2's cu_seqlens: no mask
 
     def replace(self, **changes) -> "RunShape":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def micro_tokens(self) -> int:
+        """S, the tokens the decoder reads per micro-batch: b·(P + T) padded; packed b·(P̄ + T̄), or with a
+        token budget the budget (first-fit fills it; one sequence longer than it gets its own micro-batch),
+        at most the window's tokens."""
+        if not self.padding_free:
+            return self.micro_batch * (self.prompt_len + self.completion_len)
+        mean = self._mean_prompt + self._mean_completion
+        if self.token_budget is None:
+            return math.ceil(self.micro_batch * mean)
+        return min(max(self.token_budget, self.prompt_len + self.completion_len), math.ceil(self.window * mean))
+
+    @property
+    def micro_rows(self) -> int:
+        """N, the completion rows the loss sweeps per micro-batch (b·T padded; packed S·T̄ / (P̄ + T̄))."""
+        if not self.padding_free:
+            return self.micro_batch * self.completion_len
+        return math.ceil(self.micro_tokens * self._mean_completion / (self._mean_prompt + self._mean_completion))
+
+    @property
+    def attention_row(self) -> int:
+        """Keys each query's attention mask row spans: P + T padded ([b, 1, P+T, P+T]); packed, the whole row S
+        (sdpa's block-diagonal mask [1, 1, S, S]), or none with varlen attention."""
+        if not self.padding_free:
+            return self.prompt_len + self.completion_len
+        return 0 if self.varlen_attention else self.micro_tokens
+
+    @property
+    def _mean_prompt(self) -> float:
+        return self.prompt_len if self.mean_prompt_len is None else self.mean_prompt_len
+
+    @property
+    def _mean_completion(self) -> float:
+        return self.completion_len if self.mean_completion_len is None else self.mean_completion_len
 
     @property
     def has_reference_copy(self) -> bool:
@@ -149,15 +192,18 @@ def check_run_keys(run: dict) -> None:
     check_keys(run, RUN_ONLY_KEYS, "run config")
 
 
-def run_shape(run: dict) -> RunShape:
+def run_shape(run: dict, mean_lengths: tuple[float, float] | None = None) -> RunShape:
     """A run config (GRPOConfig fields at top level, TRL's names, + `peft`) -> RunShape, with GRPOConfig's
-    defaults and value checks."""
+    defaults and value checks. mean_lengths: the expected mean (prompt, completion) length in tokens, which
+    sets a padding-free micro-batch's size; None: every sequence at its maximum (the worst case)."""
     if not isinstance(run, dict):
         raise ValueError(f"run config: expected a mapping, got {type(run).__name__}")
     check_run_keys(run)
     args = GRPOConfig(**{k: v for k, v in run.items() if k not in RUN_ONLY_KEYS})
     if args.max_prompt_length is None:
         raise ValueError("max_prompt_length: plan needs the longest prompt in tokens (set max_prompt_length)")
+    _check_mean_lengths(mean_lengths, args.max_prompt_length, args.max_completion_length)
+    mean_prompt, mean_completion = mean_lengths or (None, None)
     return RunShape(micro_batch=args.per_device_train_batch_size, generation_batch=args.generation_batch_size,
                     prompt_len=args.max_prompt_length, completion_len=args.max_completion_length,
                     checkpointing=bool(args.gradient_checkpointing), bf16=bool(args.bf16), beta=float(args.beta),
@@ -165,7 +211,22 @@ def run_shape(run: dict) -> RunShape:
                     vllm_utilization=float(args.vllm_gpu_memory_utilization),
                     vllm_sleep=bool(args.vllm_enable_sleep_mode), vllm_sleep_level=int(args.vllm_sleep_level),
                     offload_reference=bool(args.ref_model_offload),
-                    offload_activations=bool(args.gradient_checkpointing_offload))
+                    offload_activations=bool(args.gradient_checkpointing_offload),
+                    padding_free=bool(args.padding_free), token_budget=args.max_tokens_per_micro_batch,
+                    window=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                    mean_prompt_len=mean_prompt, mean_completion_len=mean_completion)
+
+
+def _check_mean_lengths(mean_lengths, max_prompt: int, max_completion: int) -> None:
+    if mean_lengths is None:
+        return
+    prompt, completion = mean_lengths
+    if not 0 < prompt <= max_prompt:
+        raise ValueError(f"mean_lengths (--mean-lengths): the prompt's, expected a number in "
+                         f"(0, max_prompt_length = {max_prompt}], got {prompt!r}")
+    if not 0 < completion <= max_completion:
+        raise ValueError(f"mean_lengths (--mean-lengths): the completion's, expected a number in "
+                         f"(0, max_completion_length = {max_completion}], got {completion!r}")
 
 
 def loaded_dtype(run: dict) -> str | None:
