@@ -317,8 +317,8 @@ def predicted_peak(name: str, plan) -> tuple[int, str]:
     return max(p.total for p in phases), "training phases (no generation)"
 
 
-def compare(name: str) -> dict:
-    m, plan = measure(name), predicted(name)
+def compare(name: str, timeout: float = 300) -> dict:
+    m, plan = measure(name, timeout), predicted(name)
     peak, compared = predicted_peak(name, plan)
     model_config, run = case_inputs(name)
     return {"case": name, "layers": model_config["num_hidden_layers"], "hidden": model_config["hidden_size"],
@@ -361,13 +361,14 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append",
                         help=f"one of {sorted(CASES) + sorted(TRAINER_CASES)} (default: all)")
     parser.add_argument("--csv", help="write the comparison to this CSV file")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per case (a busy machine needs more)")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(trainer_child(args.child) if args.child in TRAINER_CASES else child(args.child)))
         return 0
     rows = []
     for name in args.case or list(CASES) + list(TRAINER_CASES):
-        rows.append(compare(name))
+        rows.append(compare(name, args.timeout))
         print(json.dumps(rows[-1]), flush=True)
     if args.csv:
         write_csv(args.csv, rows, "python -m fastrl.plan.measure --csv " + args.csv
