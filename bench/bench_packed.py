@@ -5,8 +5,8 @@
 
 Cases (`CASES`): "small", tiny_model's Llama (4 layers, hidden 256, head_dim 64) at V 32768 and 151936, with
 B = 8, prompts uniform in [8, 24] tokens and completions of up to 256; "qwen0.5b", the Qwen2.5-0.5B architecture
-(Qwen2, 24 layers × 896, 14 query / 2 KV heads of 64, MLP 4864, V 151936, tied head; random weights, built
-here) with B = 8 and completions of up to 128.
+(Qwen2, 24 layers × 896, 14 query / 2 KV heads of 64, MLP 4864, V 151936, tied head; random weights, tiny_model's
+builder) with B = 8 and completions of up to 128.
 The batch (seed 0, the same for every provider): completion lengths 8 + Geometric(mean tail), capped at
 max_completion_length, the longest set to max_completion_length (a truncated completion sets the padded width,
 as in real batches), with the tail's mean chosen so that the mean completion is about a quarter of the longest.
@@ -46,17 +46,16 @@ class Case:
     max_completion: int
     mean_tail: int  # mean of the geometric tail added to 8 tokens
     steps: int  # timed steps after one warm-up step
-    build: dict  # build_tiny_model's arguments besides vocab_size ("small"), config.json values ("qwen0.5b")
+    build: dict  # build_tiny_model's arguments besides vocab_size
 
 
 CASES = {
     "small": Case("llama L4 H256 head_dim 64, random weights", (32768, 151936), 256, 56, 4,
                   dict(num_layers=4, hidden_size=256, head_dim=64)),
-    # Qwen2.5-0.5B's config.json architecture values (tied head); tiny_model's builder fixes MLP = 4·H, KV = heads
+    # Qwen2.5-0.5B's architecture (its config.json), tied head
     "qwen0.5b": Case("qwen2 L24 H896 (Qwen2.5-0.5B shape), random weights", (151936,), 128, 24, 1,
-                     dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
-                          head_dim=64, intermediate_size=4864, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                          max_position_embeddings=32768, tie_word_embeddings=True)),
+                     dict(arch="qwen2", num_layers=24, hidden_size=896, num_heads=14, num_key_value_heads=2,
+                          head_dim=64, intermediate_size=4864)),
 }
 
 
@@ -150,31 +149,8 @@ def build_model(name: str, vocab: int) -> str:
     from fastrl.tasks.tiny_model import build_tiny_model
 
     root = os.path.join(os.path.expanduser("~"), ".cache", "fastrl", "bench_models")
-    if name == "small":
-        return build_tiny_model(os.path.join(root, f"packed-L4-H256-v{vocab}"), vocab_size=vocab,
-                                **CASES[name].build)
-    folder = os.path.join(root, f"packed-{name}-v{vocab}")
-    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-        skeleton = build_tiny_model(folder + "-skeleton", arch="qwen2", num_layers=1, vocab_size=vocab)
-        _resize(skeleton, folder, {**CASES[name].build, "vocab_size": vocab})
-    return folder
-
-
-def _resize(skeleton: str, folder: str, config_values: dict) -> None:
-    """A copy of a tiny model folder (its tokenizer files) whose model has `config_values`, random weights."""
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fastrl.tasks.tiny_model import MARKER_FILE
-
-    shutil.copytree(skeleton, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER_FILE, "model.*"))
-    values = {**AutoConfig.from_pretrained(skeleton).to_dict(), **config_values}
-    values.pop("layer_types", None)  # one per layer: re-derived from num_hidden_layers
-    config = AutoConfig.for_model(**values)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return build_tiny_model(os.path.join(root, f"bench_packed-{name}-v{vocab}"), vocab_size=vocab,
+                            **CASES[name].build)
 
 
 def run(case_name: str, quick: bool, out: str) -> None:
