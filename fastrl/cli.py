@@ -61,6 +61,8 @@ def run_train(args: argparse.Namespace) -> int:
         trainer.train()
         trainer.save_model()
     finally:
+        if hasattr(trainer.generator, "close"):  # vLLM: its shutdown destroys the process groups it used
+            trainer.generator.close()
         distributed.shutdown()  # a launched run's process group (nothing for one process)
     return 0
 

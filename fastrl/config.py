@@ -109,16 +109,6 @@ NO_EFFECT = {
 FSDP_OPTIONS = ("full_shard", "auto_wrap")
 FSDP_CONFIG_KEYS = ("reshard_after_forward",)
 
-# field -> (its required value, why) when world_size > 1: not implemented across processes yet
-MULTI_PROCESS_UNSUPPORTED = (
-    ("use_vllm", False, "a vLLM engine per rank is not implemented yet; use the transformers generator"),
-    ("ref_model_offload", False, "moving the reference between host and device is not implemented per rank"),
-    ("sync_ref_model", False, "reference resets are not implemented across processes"),
-    ("eval_strategy", "no", "evaluation across processes is not implemented yet"),
-    ("max_tokens_per_micro_batch", None, "ranks would train different numbers of micro-batches"),
-)
-
-
 @dataclass
 class GRPOConfig:
     # ---- output, logging, checkpoints (TrainingArguments) ----
@@ -434,11 +424,6 @@ class GRPOConfig:
                                  f"leave it at {default!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r} is not supported; fastrl uses torch AdamW ({OPTIMIZERS})")
-        if self.world_size > 1:  # what is not implemented across processes yet, by name
-            for name, default, why in MULTI_PROCESS_UNSUPPORTED:
-                if getattr(self, name) != default:
-                    raise ValueError(f"{name}={getattr(self, name)!r} with world_size={self.world_size}: {why}; "
-                                     f"leave it at {default!r} or run one process")
 
     def _check_fsdp(self) -> None:
         """transformers' `fsdp` spelling, mapped to FSDP2: only full sharding (auto_wrap is what it does anyway)."""
@@ -453,6 +438,10 @@ class GRPOConfig:
         if self.world_size < 2:
             raise ValueError(f"fsdp={options!r}: needs a launch with several processes (torchrun, accelerate "
                              "launch); one process trains unsharded")
+        if self.sync_ref_model and self.save_strategy != "no":
+            raise ValueError("sync_ref_model=True with fsdp and save_strategy='steps': a sharded checkpoint does not "
+                             "hold the mixed reference model yet, so it could not resume; set save_strategy='no' or "
+                             "train replicated (without fsdp)")
         if not isinstance(self.fsdp_config, (dict, type(None))):
             raise ValueError(f"fsdp_config: expected a dict, got {self.fsdp_config!r} (a JSON file is not read)")
         unknown = set(self.fsdp_config or {}) - set(FSDP_CONFIG_KEYS)
@@ -499,8 +488,10 @@ class GRPOConfig:
         need(self.num_generations_eval is None or self.num_generations_eval >= 1, "num_generations_eval",
              "None or an integer >= 1")
         eval_g = self.num_generations_eval or self.num_generations
-        need(not self.do_eval or self.eval_strategy == "no" or self.per_device_eval_batch_size % eval_g == 0,
-             "per_device_eval_batch_size", f"a multiple of the number of generations used for evaluation ({eval_g})")
+        need(not self.do_eval or self.eval_strategy == "no"
+             or self.per_device_eval_batch_size * self.world_size % eval_g == 0, "per_device_eval_batch_size",
+             f"× world_size ({self.world_size}) a multiple of the number of generations used for evaluation "
+             f"({eval_g})")
         if isinstance(self.generation_kwargs, str):  # TRL accepts a JSON string (from a command line)
             self.generation_kwargs = json.loads(self.generation_kwargs)
         check_generation_kwargs(self.generation_kwargs, self.use_vllm)
@@ -521,6 +512,9 @@ class GRPOConfig:
         need(self.vllm_importance_sampling_mode in VLLM_IS_MODES, "vllm_importance_sampling_mode",
              f"one of {VLLM_IS_MODES}")
         need(self.vllm_sleep_level in (1, 2), "vllm_sleep_level", "1 or 2")
+        need(self.vllm_tensor_parallel_size >= 1 and self.world_size % self.vllm_tensor_parallel_size == 0,
+             "vllm_tensor_parallel_size", f"a divisor of world_size={self.world_size} (each group of that many ranks "
+             "shares one vLLM engine)")
         need(self.warmup_ratio is None or 0 <= self.warmup_ratio <= 1, "warmup_ratio", "None or in [0, 1]")
         need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", "a number in [0, 1]")
         need(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", "an integer >= 1")

@@ -49,11 +49,17 @@ def init_process_group(launch: Launch, device: torch.device, timeout_s: float) -
                             world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def shard(model: torch.nn.Module, device: torch.device, fsdp_config: dict | None) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: torch.device, args, offload: bool = False) -> torch.nn.Module:
     """FSDP2 on each decoder layer, then on the root (a PEFT wrapper or the causal LM): the module, sharded in
-    place. Frozen parameters (a LoRA base, a reference model) are sharded the same way."""
+    place. Frozen parameters (a LoRA base, a reference model) are sharded the same way.
+
+    args: the GRPOConfig (fsdp_config's reshard_after_forward; bf16). With bf16 the shards stay fp32 (the
+    optimizer's master weights) and FSDP2's MixedPrecisionPolicy gathers each layer in bf16 for its forward and
+    backward and reduces gradients in fp32. `offload` (a reference with ref_model_offload) keeps the shards in
+    host memory and copies each layer to the device for its forward (CPUOffloadPolicy); on a CPU run there is
+    nothing to offload to."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     from fastrl.policy import base_model
 
@@ -61,10 +67,13 @@ def shard(model: torch.nn.Module, device: torch.device, fsdp_config: dict | None
     # into it, which is what this FSDP2 warning is about
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    reshard = (fsdp_config or {}).get("reshard_after_forward", True)
+    policies = dict(
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None, reduce_dtype=torch.float32),
+        offload_policy=CPUOffloadPolicy(pin_memory=True) if offload and device.type == "cuda" else OffloadPolicy())
+    reshard = (args.fsdp_config or {}).get("reshard_after_forward", True)
     for layer in base_model(model).get_decoder().layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, **policies)
+    fully_shard(model, mesh=mesh, **policies)
     return model
 
 
@@ -72,6 +81,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free an FSDP2 root's gathered parameters after a forward with no backward to follow (the reference,
+    logprob and evaluation passes): FSDP2 keeps the root gathered until its backward, and a pass without one would
+    leave the whole embedding and lm_head gathered on every rank (a reference's until the end of the run)."""
+    if is_sharded(model):
+        model.reshard()
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -167,9 +184,9 @@ def shutdown() -> None:
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> slice:
-    """Rows [rank·n/W, (rank+1)·n/W) of n (W divides n)."""
-    size = n // world_size
-    return slice(rank * size, (rank + 1) * size)
+    """Rows [⌊rank·n/W⌋, ⌊(rank+1)·n/W⌋) of n: equal shares when W divides n, else shares one row apart (a rank
+    may get none). Rank r of a group of g consecutive ranks gets a part of the group's rank_slice(n, r // g, W / g)."""
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
 def micro_batch_rows(order: torch.Tensor, micro_batches: int, world_size: int, rank: int) -> torch.Tensor:

@@ -1,10 +1,14 @@
 """Evaluation as TRL 1.16 runs it: generation and rewards on held-out prompts, and the loss, with no update.
 
 `GRPOTrainer.evaluate()` (and `eval_strategy` / `eval_steps` / `eval_on_start` during training) walks the eval
-set in batches of per_device_eval_batch_size completions, num_generations_eval (default num_generations) per
-prompt, in a seeded order (TRL's RepeatSampler for a `Dataset`; an `IterableDataset` is read in its own order),
-the last batch possibly smaller. Each batch is generated and scored like a training batch and its loss computed on
-policy (old = current logprobs) without gradients. The result is one dict, as transformers' `evaluate` returns it:
+set in batches of per_device_eval_batch_size × world_size completions (TRL's global eval batch),
+num_generations_eval (default num_generations) per prompt, in a seeded order (TRL's RepeatSampler for a `Dataset`;
+an `IterableDataset` is read in its own order), the last batch possibly smaller. Each batch is generated and scored
+like a training batch (each rank sampling its share, from random streams keyed by the step and the batch, so an
+evaluation samples the same at any world size and whenever that step is evaluated again) and its loss computed on
+policy (old = current logprobs) without gradients. Every rank computes the loss of the whole eval batch: the eval
+metrics are then the global ones on every rank without a further all-reduce, at the cost of each rank running the
+batch's forward (eval batches are small next to training's). The result is one dict, as transformers' `evaluate` returns it:
 `{prefix}_loss`, `{prefix}_runtime`, `{prefix}_samples_per_second`, `{prefix}_steps_per_second`, and every
 training metric of the batches (reward, rewards/<name>/mean, kl, completions/*, ...) averaged over them under the
 same prefix. The prefix is "eval", or "eval_<name>" for each set of a dict / DatasetDict of eval sets (TRL
@@ -21,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from fastrl import distributed
 from fastrl.data import is_stream
 
 
@@ -62,19 +67,23 @@ def evaluate_set(trainer, dataset, prefix: str) -> dict[str, float]:
     """Generation, rewards and the on-policy loss over one eval set -> {prefix}_* metrics."""
     args = trainer.args
     G = args.num_generations_eval or args.num_generations
-    if args.per_device_eval_batch_size % G:
-        raise ValueError(f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) must be divisible by the "
-                         f"number of generations used for evaluation ({G}) (num_generations_eval)")
-    # one eval batch is one generation batch and one micro-batch: no accumulation scaling
-    spec = dataclasses.replace(trainer.loss_spec, gradient_accumulation_steps=1, steps_per_generation=1)
+    completions = args.per_device_eval_batch_size * args.world_size  # TRL's global eval batch
+    if completions % G:
+        raise ValueError(f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) × world_size "
+                         f"({args.world_size}) must be divisible by the number of generations used for evaluation "
+                         f"({G}) (num_generations_eval)")
+    # one eval batch is one generation batch and one micro-batch, whole on every rank: no accumulation or rank
+    # scaling
+    spec = dataclasses.replace(trainer.loss_spec, gradient_accumulation_steps=1, steps_per_generation=1, world_size=1)
     started, was_training = time.time(), trainer.model.training
     losses, sizes, per_batch = [], [], defaultdict(list)
     trainer.model.eval()
     try:
-        for rows in prompt_batches(dataset, args.per_device_eval_batch_size // G, args.seed):
-            batch, info = trainer._generate_and_score(rows, G)
+        for i, rows in enumerate(prompt_batches(dataset, completions // G, args.seed)):
+            batch, info = trainer._generate_and_score(rows, G, eval_draw(trainer.state.global_step, i))
             with torch.no_grad():
                 loss, loss_metrics = trainer._micro_batch_loss(batch, spec, info["loss_tokens"])
+            distributed.reshard(trainer.model)
             losses.append(float(loss))
             sizes.append(len(batch))
             for k, v in {**loss_metrics, **info["metrics"]}.items():
@@ -92,6 +101,12 @@ def evaluate_set(trainer, dataset, prefix: str) -> dict[str, float]:
         valid = [v for v in values if not math.isnan(v)]
         metrics[f"{prefix}_{k}"] = sum(valid) / len(valid) if valid else None
     return metrics
+
+
+def eval_draw(step: int, batch: int) -> int:
+    """The random-stream draw (fastrl.generation.streams) of eval batch `batch` at optimizer step `step`: negative,
+    so apart from training's draws (0, 1, ...), and the same whenever that step is evaluated."""
+    return -1 - (step << 24) - batch
 
 
 def eval_due(args, step: int, every: int, epoch_before: float, epoch_after: float) -> bool:

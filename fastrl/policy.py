@@ -260,8 +260,9 @@ def frozen_reference(model: torch.nn.Module, device: torch.device | str | None =
 @contextlib.contextmanager
 def reference_on(ref: torch.nn.Module, device: torch.device, offload: bool):
     """With `offload` (ref_model_offload), the reference is moved to `device` for the block and back to host
-    memory after it; without, nothing moves. On a CPU run both are the same."""
-    if not offload:
+    memory after it; without, nothing moves. On a CPU run both are the same. An FSDP2-sharded reference is never
+    moved here: FSDP2 itself copies its host shards layer by layer (distributed.shard)."""
+    if not offload or isinstance(ref, FSDPModule):
         yield ref
         return
     ref.to(device)

@@ -33,7 +33,13 @@ def mix_into_reference(policy: torch.nn.Module, ref: torch.nn.Module, alpha: flo
             if ref_param.shape != param.shape:
                 raise ValueError(f"sync_ref_model: parameter {name} has shape {tuple(param.shape)} in the policy "
                                  f"but {tuple(ref_param.shape)} in the reference model")
-            ref_param.mul_(1.0 - alpha).add_(param.to(ref_param.dtype), alpha=alpha)
+            ref_local, local = _local(ref_param), _local(param)  # FSDP2: both sharded alike, each rank its shard
+            ref_local.mul_(1.0 - alpha).add_(local.to(ref_local.device, ref_local.dtype), alpha=alpha)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (a DTensor; possibly in host memory), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def sync_due(args, global_step: int) -> bool:

@@ -137,3 +137,15 @@ def token_budget_bins(lengths: list[int], budget: int) -> list[list[int]]:
             bins[k].append(i)
             room[k] -= lengths[i]
     return [sorted(b) for b in bins]
+
+
+def split_bins(bins: list[list[int]], count: int) -> list[list[int]]:
+    """`bins` with the one holding most sequences split in halves until there are `count` of them (count at most
+    the number of sequences). Ranks run as many token-budget micro-batches as the rank with most (an FSDP forward
+    needs every rank); LossSpec.token_budget_scale makes the step's loss independent of the split."""
+    bins = [list(b) for b in bins]
+    while len(bins) < count:
+        k = max(range(len(bins)), key=lambda i: len(bins[i]))
+        half = len(bins[k]) // 2
+        bins[k:k + 1] = [bins[k][:half], bins[k][half:]]
+    return bins

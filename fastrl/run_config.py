@@ -223,11 +223,24 @@ def build_trainer(raw: dict):
     check_writable(config.output_dir)
     model = run["model"]
     if model == "tiny":
-        from fastrl.tasks.tiny_model import build_tiny_model
-
-        model = build_tiny_model(os.path.join(config.output_dir, "tiny_model"), **(run["tiny_model"] or {}))
+        model = _write_tiny_model(config, run["tiny_model"] or {})
     return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
                        eval_dataset=eval_dataset, peft_config=peft_config)
+
+
+def _write_tiny_model(config, kwargs: dict) -> str:
+    """The tiny model's folder in output_dir, written by rank 0 alone; the other ranks of a launch wait for it
+    (the process group made here is the one the trainer then uses)."""
+    from fastrl import distributed
+    from fastrl.launch import launch_from_env
+    from fastrl.tasks.tiny_model import build_tiny_model
+
+    launch, path = launch_from_env(), os.path.join(config.output_dir, "tiny_model")
+    distributed.init_process_group(launch, distributed.device_for(launch, config.use_cpu), config.ddp_timeout)
+    if launch.rank == 0:
+        build_tiny_model(path, **kwargs)
+    distributed.barrier()
+    return path
 
 
 def lora_config(kwargs: dict):

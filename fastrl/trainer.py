@@ -67,7 +67,7 @@ from fastrl.policy import (activations_offloaded, completion_hidden, frozen_refe
 from fastrl.ref_sync import (REFERENCE_FILE, check_sync_supported, maybe_sync_reference, reference_state,
                              restore_reference, sync_due)
 from fastrl.rewards.reward_model import wrap_reward_models
-from fastrl.rollout_batch import PackedBatch, RolloutBatch, token_budget_bins
+from fastrl.rollout_batch import PackedBatch, RolloutBatch, split_bins, token_budget_bins
 from fastrl.rollout_hooks import HookedRollout, RolloutHooks
 from fastrl.scoring import (UninformativeRewardWarning, aggregate_advantages, check_reward_columns,
                             check_reward_source, check_reward_weights, combine, resolve_reward_funcs, score)
@@ -151,6 +151,9 @@ class GRPOTrainer:
         self.hooks = None  # rollout_func, tools, environment_factory (fastrl.rollout_hooks)
         if rollout_func is not None or tools or environment_factory is not None:
             self.hooks = RolloutHooks(processing_class, args, tools, rollout_func, environment_factory)
+            if self._ranks_per_engine() > 1:
+                raise ValueError(f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}: multi-turn rollouts "
+                                 "(rollout_func, tools, environment_factory) need an engine per rank; use 1")
         env = self.hooks.environments if self.hooks is not None else None
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs,
                                                                          optional=env is not None)
@@ -191,9 +194,9 @@ class GRPOTrainer:
         if args.beta != 0.0 and not is_peft(self.model):
             self.ref_model = frozen_reference(self.model, "cpu" if args.ref_model_offload else None)
         if args.fsdp:  # FSDP2, after the reference copy was taken from the whole model
-            self.model = distributed.shard(self.model, self.device, args.fsdp_config)
-            if self.ref_model is not None:
-                self.ref_model = distributed.shard(self.ref_model, self.device, args.fsdp_config)
+            self.model = distributed.shard(self.model, self.device, args)
+            if self.ref_model is not None:  # ref_model_offload: FSDP2 moves its shards, reference_on does not
+                self.ref_model = distributed.shard(self.ref_model, self.device, args, offload=args.ref_model_offload)
         self.generator = self._build_generator()
         self.sampler = make_sampler(train_dataset, args.prompts_per_generation,
                                     args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset)
@@ -350,7 +353,7 @@ class GRPOTrainer:
         """(micro-batch, the factor on its loss) for one optimizer step: gradient_accumulation_steps micro-batches
         of per_device_train_batch_size sequences (TRL's), or, with max_tokens_per_micro_batch, the same sequences
         regrouped into micro-batches of at most that many tokens (LossSpec.token_budget_scale keeps the step's
-        loss independent of the grouping)."""
+        loss independent of the grouping; ranks with fewer split theirs to run as many as the rank with most)."""
         args, spec = self.args, self.loss_spec
         if args.max_tokens_per_micro_batch is None:
             for _ in range(args.gradient_accumulation_steps):
@@ -359,7 +362,8 @@ class GRPOTrainer:
         window = RolloutBatch.cat([self._next_micro_batch() for _ in range(args.gradient_accumulation_steps)])
         lengths = (window.prompt_mask.sum(1) + window.completion_attention.sum(1)).tolist()
         totals = (len(window), float(window.completion_mask.sum()))
-        for index in token_budget_bins(lengths, args.max_tokens_per_micro_batch):
+        bins = token_budget_bins(lengths, args.max_tokens_per_micro_batch)
+        for index in split_bins(bins, max(distributed.gather(len(bins)))):  # every rank as many micro-batches
             mb = window.select(torch.tensor(index))
             yield mb, spec.token_budget_scale((len(mb), float(mb.completion_mask.sum())), totals)
 
@@ -396,18 +400,19 @@ class GRPOTrainer:
             return completion_hidden(model, ids, attention, mb.prompt_ids.shape[1]), mb
 
     # ------------------------------------------------------------------ one generation batch
-    def _generate_and_score(self, rows: list[dict] | None = None,
-                            num_generations: int | None = None) -> tuple[RolloutBatch, dict]:
+    def _generate_and_score(self, rows: list[dict] | None = None, num_generations: int | None = None,
+                            draw: int | None = None) -> tuple[RolloutBatch, dict]:
         """Prompts -> completions -> rewards -> advantages -> (old, reference) logprobs, as one RolloutBatch.
-        Training draws the prompts from the sampler; evaluation passes its `rows` and num_generations_eval, and
-        gets no old logprobs (nothing is updated, so the policy is its own old policy)."""
+        Training draws the prompts from the sampler; evaluation passes its `rows`, num_generations_eval and its
+        random-stream `draw`, and gets the whole batch on every rank and no old logprobs (nothing is updated, so
+        the policy is its own old policy)."""
         args, G, training = self.args, num_generations or self.args.num_generations, rows is None
         # each backend wakes what it needs itself: the weights for the push, then the KV cache to generate; one
         # push per generation batch (dynamic sampling's further draws use the same, unchanged weights)
         with self._times.phase("weight_push"):
             self.generator.push_weights(self.model)
         if rows is not None:
-            scored, sampling_metrics = self._sample_and_score(rows, G), {}
+            scored, sampling_metrics = self._sample_and_score(rows, G, draw), {}
         elif args.dynamic_sampling:  # DAPO: only groups whose rewards differ, sampling more prompts until full
             scored, sampling_metrics = fill_generation_batch(self._sample_and_score, args.prompts_per_generation, G,
                                                              args.dynamic_sampling_max_attempts)
@@ -451,19 +456,27 @@ class GRPOTrainer:
                                                        weight=float(batch.completion_mask.sum())))
         return batch, {"loss_tokens": loss_tokens, "metrics": metrics, "completions": records}
 
-    def _sample_and_score(self, rows: list[dict] | None = None, num_generations: int | None = None) -> ScoredGroups:
-        """P prompts (from the sampler unless given) -> G completions each -> rewards (weighted nansum; None = NaN,
-        excluded)."""
-        args, G, training = self.args, num_generations or self.args.num_generations, rows is None
-        if training:
+    def _sample_and_score(self, rows: list[dict] | None = None, num_generations: int | None = None,
+                          draw: int | None = None) -> ScoredGroups:
+        """P prompts (from the sampler unless given, with their random-stream `draw`) -> G completions each ->
+        rewards (weighted nansum; None = NaN, excluded)."""
+        args, G = self.args, num_generations or self.args.num_generations
+        if rows is None:
             rows = self.sampler.next_rows(self.train_dataset)  # P prompts, the same on every rank
+            draw = self.sampler.draws
         # this rank's completions: rows `mine` of the B = P × G (grouped by prompt; a group may span ranks),
-        # each from its own random stream when training (evaluation samples from torch's generator)
-        mine = distributed.rank_slice(len(rows) * G, self.launch.rank, self.launch.world_size)
-        keys = stream_keys(args.seed, self.sampler.draws, torch.arange(len(rows) * G)[mine])  # [B / world_size]
-        sampling = replace(self._sampling(), stream_keys=keys.tolist() if training else None)
+        # each from its own random stream. Ranks that share one vLLM engine (vllm_tensor_parallel_size) all submit
+        # their group's rows `shared`, then keep theirs. A share may be empty (a small last eval batch): it samples
+        # row 0 and drops it, since the sampler's forwards are collectives (FSDP2) and its loop stops on all ranks.
+        world, rank, engine_ranks = self.launch.world_size, self.launch.rank, self._ranks_per_engine()
+        mine = distributed.rank_slice(len(rows) * G, rank, world)
+        shared = distributed.rank_slice(len(rows) * G, rank // engine_ranks, world // engine_ranks)
+        if shared.stop == shared.start:
+            shared = slice(0, 1)  # sampled, then dropped: mine is empty
+        keys = stream_keys(args.seed, draw, torch.arange(len(rows) * G)[shared])  # [B·tp / world]
+        sampling = replace(self._sampling(), stream_keys=keys.tolist())
         with self._autocast(), self._times.phase("generation"):
-            hooked = self._rollout(rows, G, mine, sampling)
+            hooked = self._rollout(rows, G, mine, shared, sampling)
         rollout = hooked.rollout
 
         # rewards, one per completion
@@ -473,18 +486,23 @@ class GRPOTrainer:
         columns = {k: [r[k] for r in rows for _ in range(G)][mine] for k in rows[0]
                    if k not in ("prompt", "completion", "completion_ids")}
         extras = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": self._log_extra}
-        with self._times.phase("rewards"):
-            rewards_per_func = score(self.reward_funcs, self.reward_func_names, hooked.prompts, completions,
-                                     rollout.completion_ids, {**columns, **hooked.columns}, {**extras, **hooked.extras})
-        self._reward_watch.check(rewards_per_func)
+        if hooked.prompts:
+            with self._times.phase("rewards"):
+                rewards_per_func = score(self.reward_funcs, self.reward_func_names, hooked.prompts, completions,
+                                         rollout.completion_ids, {**columns, **hooked.columns},
+                                         {**extras, **hooked.extras})
+            self._reward_watch.check(rewards_per_func)
+        else:  # this rank sampled nothing: reward functions are not called with empty lists
+            rewards_per_func = torch.empty(0, len(self.reward_funcs))
         rewards = combine(rewards_per_func, self.reward_weights)  # [b], NaN = unscorable (row by row)
         scored = self._gather_scored(ScoredGroups([], [], rollout, rewards_per_func, rewards,
                                                   self._pending_columns(len(hooked.prompts))))
         prompt_ids = scored.rollout.prompt_ids[::G] if scored.rollout.prompt_ids else hooked.prompt_ids
         return scored._replace(rows=rows, prompt_ids=prompt_ids)  # every rank: all B rows
 
-    def _rollout(self, rows: list[dict], G: int, mine: slice, sampling: SamplingConfig) -> HookedRollout:
-        """This rank's rows `mine` of P prompts × G completions: one generate() call, or the rollout hooks."""
+    def _rollout(self, rows: list[dict], G: int, mine: slice, shared: slice, sampling: SamplingConfig) -> HookedRollout:
+        """This rank's rows `mine` of P prompts × G completions: one generate() call of the rows `shared` with the
+        ranks of its engine (sampling's stream keys are theirs), or the rollout hooks (an engine per rank)."""
         prompts = [r["prompt"] for r in rows for _ in range(G)][mine]
         if self.hooks is not None:
             keys = sampling.stream_keys
@@ -503,7 +521,8 @@ class GRPOTrainer:
         if self.launch.world_size == 1:
             rollout = self.generator.generate(prompt_ids, G, sampling)
         else:
-            rollout = self.generator.generate([p for p in prompt_ids for _ in range(G)][mine], 1, sampling)
+            rollout = self.generator.generate([p for p in prompt_ids for _ in range(G)][shared], 1, sampling)
+            rollout = rollout.select(list(range(mine.start - shared.start, mine.stop - shared.start)))
         return HookedRollout(prompts, rollout, None, {}, {}, prompt_ids)
 
     def _gather_scored(self, mine: ScoredGroups) -> ScoredGroups:
@@ -567,6 +586,7 @@ class GRPOTrainer:
             logp = self._logprob_fn(hidden, weight, rows.loss_inputs()["targets"], bias=bias,
                                     temperature=self.args.temperature, logit_transform=self.logit_transform)
             out.append(logp if rows is mb else rows.to_padded(logp, mb.completion_ids.shape))  # [b, T]
+        distributed.reshard(model)
         return torch.cat(out).float()
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
@@ -607,6 +627,10 @@ class GRPOTrainer:
         return metrics
 
     # ------------------------------------------------------------------ helpers of the loop
+    def _ranks_per_engine(self) -> int:
+        """How many ranks share one generator: a vLLM tensor-parallel group, else each rank has its own."""
+        return self.args.vllm_tensor_parallel_size if self.args.use_vllm else 1
+
     def _sampling(self) -> SamplingConfig:
         a = self.args
         return SamplingConfig(max_completion_length=a.max_completion_length, temperature=a.temperature,

@@ -11,6 +11,7 @@ Faults for the tests, set by environment variable: FASTRL_TEST_KILL_RANK / FASTR
 rank while it scores a step (first_char_or_die); FASTRL_TEST_KILL_IN_SAVE=RANK:N kills a rank inside the N-th
 sharded save (kill_in_save). Either writes the moment of the kill to OUT_DIR/killed_at.
 """
+import json
 import os
 import signal
 import sys
@@ -31,7 +32,8 @@ from fastrl import GRPOConfig, GRPOTrainer  # noqa: E402
 def main(model_dir: str, out: str, mode: str, per_device: int, *overrides: str) -> None:
     kill_in_save(out)
     extra = {k: type_of(v) for k, v in (o.split("=", 1) for o in overrides)}
-    fields = dict(output_dir=out, per_device_train_batch_size=per_device, num_generations=4,
+    fields = dict(output_dir=out, per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
+                  num_generations=4,
                   gradient_accumulation_steps=2, max_completion_length=6, max_steps=3, logging_steps=1,
                   learning_rate=1e-3, beta=0.04, bf16=False, save_strategy="no", disable_tqdm=True,
                   report_to="none", log_completions=True, num_completions_to_print=0, use_cpu=True, temperature=1.3)
@@ -42,12 +44,31 @@ def main(model_dir: str, out: str, mode: str, per_device: int, *overrides: str) 
 
         peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model_dir, reward_funcs=[first_char_or_die, tiny.short_reward], args=args,
-                          train_dataset=Dataset.from_list(tiny.addition_rows(24)), peft_config=peft_config)
+                          train_dataset=Dataset.from_list(tiny.addition_rows(24)), peft_config=peft_config,
+                          eval_dataset=Dataset.from_list(tiny.addition_rows(40)[30:35]))  # used with eval_strategy
+    if args.use_vllm:
+        record_logprob_diffs(os.path.join(out, f"logprob_abs_diff-rank{args.process_index}.json"))
     trainer.train()
     trainable = {n: full(p) for n, p in trainer.model.named_parameters() if p.requires_grad}  # collective
     if trainer.state.is_world_process_zero:
         torch.save(trainable, os.path.join(out, "trainable.pt"))
     trainer.save_model(os.path.join(out, "model"))
+
+
+def record_logprob_diffs(path: str) -> None:
+    """Each rank writes its own rollout/logprob_abs_diff of every generation batch (the trainer logs their mean)."""
+    import fastrl.trainer
+
+    measured = []
+
+    def measure(*tensors):
+        measured.append(logprob_abs_diff(*tensors))
+        with open(path, "w") as f:
+            json.dump(measured, f)
+        return measured[-1]
+
+    logprob_abs_diff = fastrl.trainer.logprob_abs_diff
+    fastrl.trainer.logprob_abs_diff = measure
 
 
 def full(p: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ CUDA-only tests (sleep mode really freeing memory) are skipped here and unverifi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -129,6 +130,21 @@ def test_seeded_calls_are_reproducible_but_not_replayed(gen, policy):
         runs.append([gen.generate(PROMPTS, 2, sampling).completion_ids for _ in range(2)])
     assert runs[0] == runs[1]
     assert runs[0][0] != runs[0][1]
+
+
+def test_a_rows_completion_does_not_depend_on_its_batch(fresh, policy):
+    """With stream keys each completion is its own request seeded by its key: rows sampled together or apart (as
+    on different ranks) get the same tokens, and their logprobs still match transformers."""
+    G, keys = 2, torch.randint(0, 2**32, (len(PROMPTS) * 2,)).tolist()
+    sampling = SamplingConfig(max_completion_length=12, temperature=1.5, stream_keys=keys)
+    together = fresh.generate(PROMPTS, G, sampling)
+    apart = [fresh.generate(PROMPTS[:1], G, dataclasses.replace(sampling, stream_keys=keys[:G])),
+             fresh.generate(PROMPTS[1:], G, dataclasses.replace(sampling, stream_keys=keys[G:]))]
+    assert together.completion_ids == apart[0].completion_ids + apart[1].completion_ids, keys
+    assert len(set(map(tuple, together.completion_ids))) > 1  # not one constant completion
+    assert max_logprob_error(policy, together, PROMPTS, G, 1.5) <= TOL
+    with pytest.raises(ValueError, match=r"sampling.stream_keys: expected one key per completion \(6\), got 5"):
+        fresh.generate(PROMPTS, G, dataclasses.replace(sampling, stream_keys=keys[:5]))
 
 
 # ------------------------------------------------------------------------------------------------ weight push
@@ -283,7 +299,7 @@ def test_head_size_vllm_cpu_cannot_run_is_refused_before_start(tokenizer):
 
 @pytest.mark.parametrize("field, value, message", [
     ("vllm_mode", "server", "only 'colocate' is implemented"),
-    ("vllm_tensor_parallel_size", 2, "only 1 is implemented"),
+    ("vllm_tensor_parallel_size", 2, "vllm_tensor_parallel_size: expected a divisor of world_size=1"),
 ])
 def test_unimplemented_modes_are_refused(policy, tokenizer, field, value, message):
     from fastrl.generation.vllm import VLLMGenerator

@@ -106,11 +106,15 @@ def merged_adapter(model: torch.nn.Module):
 
 def iter_vllm_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(vLLM name, tensor) for each parameter to push, one at a time: the tensors are the parameters themselves
-    (detached views), never a copy of the model. Tied weights appear once, as named_parameters() yields them."""
+    (detached views), never a copy of the model. Tied weights appear once, as named_parameters() yields them.
+
+    An FSDP2 shard is gathered whole (an all-gather every rank joins) when vLLM asks for it, so one parameter at a
+    time exists unsharded; every rank's engine reads the same names in the same order, so the gathers match."""
     for name, param in model.named_parameters():
         vllm_name = vllm_weight_name(name)
         if vllm_name is not None:
-            yield vllm_name, param.detach()
+            param = param.detach()
+            yield vllm_name, param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
 def _reload_on_worker(worker, weights: Iterator[tuple[str, torch.Tensor]], tied_embeddings: bool) -> None:
@@ -148,8 +152,6 @@ class VLLMGenerator:
                  kv_cache_memory_bytes: int | None = None):
         if args.vllm_mode != "colocate":
             raise ValueError(f"vllm_mode={args.vllm_mode!r}: only 'colocate' is implemented")
-        if args.vllm_tensor_parallel_size != 1:
-            raise ValueError(f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}: only 1 is implemented")
         config = _base_config(model)
         self.device = next(model.parameters()).device
         self.on_cpu = self.device.type != "cuda"
@@ -194,6 +196,13 @@ class VLLMGenerator:
             # penalties), which is what the trainer's own logprobs (computed with the same temperature) compare to.
             logprobs_mode="processed_logprobs",
         )
+        if args.world_size > 1:
+            # One engine per rank (per group of vllm_tensor_parallel_size ranks), inside the launched processes: vLLM
+            # joins the default process group the trainer made (it must exist first, or vLLM builds a world of its
+            # own) and splits it into tensor-parallel groups of consecutive ranks. Ranks of one group must submit
+            # the same requests with the same seeds (the trainer gives them the same rows).
+            kwargs.update(distributed_executor_backend="external_launcher",
+                          tensor_parallel_size=args.vllm_tensor_parallel_size)
         if self.on_cpu:
             # vLLM's CPU backend has no CUDA graphs (and compiling would need a C compiler and minutes), and
             # would otherwise take a large share of host memory for its KV cache.
@@ -238,9 +247,19 @@ class VLLMGenerator:
         if "kv_cache" in self._asleep:
             self.wake_up(["kv_cache"])
         self.events.append("generate")
-        requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
-        params = [self._sampling_params(sampling, num_generations, i, len(prompt_ids))
-                  for i in range(len(prompt_ids))]
+        if sampling.stream_keys is not None:
+            # one request per completion, seeded by its row's stream key: a completion does not depend on which
+            # rank samples it nor on the other requests (vLLM draws a seeded request's noise from its own generator)
+            if len(sampling.stream_keys) != len(prompt_ids) * num_generations:
+                raise ValueError(f"sampling.stream_keys: expected one key per completion "
+                                 f"({len(prompt_ids) * num_generations}), got {len(sampling.stream_keys)}")
+            requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids for _ in range(num_generations)]
+            params = [self._sampling_params(sampling, 1, seed=key) for key in sampling.stream_keys]
+        else:
+            requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+            params = [self._sampling_params(sampling, num_generations, self._call_seed(sampling, num_generations, i,
+                                                                                      len(prompt_ids)))
+                      for i in range(len(prompt_ids))]
         self._calls += 1
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         completion_ids, logprobs, truncated = [], [], []
@@ -283,18 +302,25 @@ class VLLMGenerator:
         self._asleep -= set(tags)
 
     def close(self) -> None:
-        """Drop the engine and the config folder (the process keeps vLLM's distributed state)."""
-        self.llm = None
+        """Shut the engine down and drop the config folder. vLLM's shutdown destroys the torch.distributed groups
+        it used, the default one included: in a launched run, close the generator last (after the final
+        collective); left open, vLLM shuts down at interpreter exit, after the run."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
         shutil.rmtree(self._config_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _sampling_params(self, sampling: SamplingConfig, n: int, prompt_index: int, num_prompts: int):
-        seed = None
-        if sampling.seed is not None:
-            # vLLM seeds the n samples of a request with seed, seed+1, ..., seed+n-1 (parallel_sampling.py).
-            # A fixed seed per request would replay the same random numbers every step, so every request of every
-            # call gets its own block of n seeds: reproducible runs, independent samples.
-            seed = sampling.seed + (self._calls * num_prompts + prompt_index) * n
+    def _call_seed(self, sampling: SamplingConfig, n: int, prompt_index: int, num_prompts: int) -> int | None:
+        """The seed of request `prompt_index` of this call, without stream keys."""
+        if sampling.seed is None:
+            return None
+        # vLLM seeds the n samples of a request with seed, seed+1, ..., seed+n-1 (parallel_sampling.py). A fixed
+        # seed per request would replay the same random numbers every step, so every request of every call gets
+        # its own block of n seeds: reproducible runs, independent samples.
+        return sampling.seed + (self._calls * num_prompts + prompt_index) * n
+
+    def _sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None):
         named = dict(n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
                      min_p=sampling.min_p or 0.0, repetition_penalty=sampling.repetition_penalty,
                      max_tokens=sampling.max_completion_length, seed=seed, logprobs=0,
@@ -349,7 +375,9 @@ def _write_config(config, model: torch.nn.Module, folder: str) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = copy.deepcopy(config)
     if not getattr(config, "architectures", None):
-        config.architectures = [type(base).__name__]
+        # FSDP2 renames a sharded module's class FSDP<Class> (a subclass of FSDPModule and <Class>)
+        cls = next(c for c in type(base).__mro__ if not c.__name__.startswith("FSDP"))
+        config.architectures = [cls.__name__]
     config.save_pretrained(folder)
 
 
