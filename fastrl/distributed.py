@@ -55,7 +55,8 @@ def shard(model: torch.nn.Module, device: torch.device, args, offload: bool = Fa
 
     args: the GRPOConfig (fsdp_config's reshard_after_forward; bf16). With bf16 the shards stay fp32 (the
     optimizer's master weights) and FSDP2's MixedPrecisionPolicy gathers each layer in bf16 for its forward and
-    backward and reduces gradients in fp32. `offload` (a reference with ref_model_offload) keeps the shards in
+    backward and reduces gradients in fp32; with cast_lm_head_to_fp32 too, the root (embeddings, final norm,
+    lm_head) is gathered in fp32, so the fused loss reads the fp32 head as one process does. `offload` (a reference with ref_model_offload) keeps the shards in
     host memory and copies each layer to the device for its forward (CPUOffloadPolicy); on a CPU run there is
     nothing to offload to."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -67,13 +68,15 @@ def shard(model: torch.nn.Module, device: torch.device, args, offload: bool = Fa
     # into it, which is what this FSDP2 warning is about
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policies = dict(
-        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None, reduce_dtype=torch.float32),
-        offload_policy=CPUOffloadPolicy(pin_memory=True) if offload and device.type == "cuda" else OffloadPolicy())
+    offload_policy = CPUOffloadPolicy(pin_memory=True) if offload and device.type == "cuda" else OffloadPolicy()
+    layers_dtype = torch.bfloat16 if args.bf16 else None  # None: the parameters' own dtype
+    root_dtype = None if args.cast_lm_head_to_fp32 else layers_dtype
     reshard = (args.fsdp_config or {}).get("reshard_after_forward", True)
     for layer in base_model(model).get_decoder().layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, **policies)
-    fully_shard(model, mesh=mesh, **policies)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload_policy,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=layers_dtype, reduce_dtype=torch.float32))
+    fully_shard(model, mesh=mesh, offload_policy=offload_policy,
+                mp_policy=MixedPrecisionPolicy(param_dtype=root_dtype, reduce_dtype=torch.float32))
     return model
 
 

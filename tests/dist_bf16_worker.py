@@ -10,8 +10,9 @@ runs). Checked on every rank, as CCE checks its kernels: the mixed-precision gra
 truth than autocast's, times 2 plus a small slack (the two round in different places: FSDP2 casts the weights
 once per gather, autocast per matmul, and the norms run on bf16 weights; seen 0.7-1% relative error against
 autocast's 0.4-0.8%). Gradients, not the loss: the on-policy loss's value is -mean(A) whatever the logits.
-Also: the forward ran on bf16 weights, the shards and their gradients stay fp32, and the tied matrix's rows that
-no input looks up (their gradient comes from the head alone) are as close to the truth.
+Also: the forward ran on bf16 weights, the shards and their gradients stay fp32, the tied matrix's rows that no
+input looks up (their gradient comes from the head alone) are as close to the truth, and with
+cast_lm_head_to_fp32 the root (so the head the loss reads) is gathered in fp32.
 Exit code 0 when every check holds.
 """
 import contextlib
@@ -39,8 +40,9 @@ def main(seed: int) -> None:
     launch = launch_from_env()
     device = torch.device("cpu")
     distributed.init_process_group(launch, device, 300)
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), bf16=True, fsdp="full_shard", use_cpu=True,
-                      gradient_checkpointing=True, gradient_checkpointing_offload=True)
+    fields = dict(output_dir=tempfile.mkdtemp(), bf16=True, fsdp="full_shard", use_cpu=True,
+                  gradient_checkpointing=True, gradient_checkpointing_offload=True)
+    args = GRPOConfig(**fields)
     tok = tiny.build_tokenizer()
     model = prepare_for_training(tiny.build_model(tok, seed=seed, tie=True), args, device)
     twin = copy.deepcopy(model)
@@ -63,6 +65,12 @@ def main(seed: int) -> None:
         scale = truth[name].norm()
         err_mixed, err_autocast = (mixed[name] - truth[name]).norm() / scale, (autocast[name] - truth[name]).norm() / scale
         assert err_mixed <= 2 * err_autocast + 2e-3, (name, float(err_mixed), float(err_autocast))
+    # cast_lm_head_to_fp32: the root (head, embeddings, final norm) is gathered in fp32, the layers in bf16
+    fp32_head = distributed.shard(copy.deepcopy(twin), device, GRPOConfig(**fields, cast_lm_head_to_fp32=True))
+    completion_hidden(fp32_head, batch["ids"], batch["attention"], P)
+    assert lm_head(fp32_head).weight.dtype == torch.float32, lm_head(fp32_head).weight.dtype
+    assert fp32_head.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # sharded: the fp32 master
+    distributed.reshard(fp32_head)
     # tied: rows of the shared matrix that no input looks up get their gradient from the head alone
     tied = "model.embed_tokens.weight"
     assert "lm_head.weight" not in truth  # one parameter: named_parameters yields a tied matrix once
