@@ -97,7 +97,8 @@ NO_EFFECT = {
     "cache_implementation": "fastrl's sampling loop keeps a dynamic KV cache (a speed choice, not the math)",
     "use_cache": "the training forward never uses a KV cache",
     "eval_accumulation_steps": "eval metrics are scalars", "eval_do_concat_batches": "eval metrics are scalars",
-    "eval_use_gather_object": "eval metrics are scalars, the same on every rank", "batch_eval_metrics": "GRPO has no compute_metrics",
+    "eval_use_gather_object": "eval metrics are scalars, the same on every rank",
+    "batch_eval_metrics": "GRPO has no compute_metrics",
     "include_for_metrics": "GRPO has no compute_metrics", "label_names": "GRPO has no labels",
     "prediction_loss_only": "evaluation returns the loss and the generation metrics",
     "metric_for_best_model": "load_best_model_at_end is refused", "greater_is_better": "load_best_model_at_end is "

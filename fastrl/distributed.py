@@ -56,9 +56,9 @@ def shard(model: torch.nn.Module, device: torch.device, args, offload: bool = Fa
     args: the GRPOConfig (fsdp_config's reshard_after_forward; bf16). With bf16 the shards stay fp32 (the
     optimizer's master weights) and FSDP2's MixedPrecisionPolicy gathers each layer in bf16 for its forward and
     backward and reduces gradients in fp32; with cast_lm_head_to_fp32 too, the root (embeddings, final norm,
-    lm_head) is gathered in fp32, so the fused loss reads the fp32 head as one process does. `offload` (a reference with ref_model_offload) keeps the shards in
-    host memory and copies each layer to the device for its forward (CPUOffloadPolicy); on a CPU run there is
-    nothing to offload to."""
+    lm_head) is gathered in fp32, so the fused loss reads the fp32 head as one process does. `offload` (a
+    reference with ref_model_offload) keeps the shards in host memory and copies each layer to the device for its
+    forward (CPUOffloadPolicy); on a CPU run there is nothing to offload to."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -187,8 +187,9 @@ def shutdown() -> None:
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> slice:
-    """Rows [⌊rank·n/W⌋, ⌊(rank+1)·n/W⌋) of n: equal shares when W divides n, else shares one row apart (a rank
-    may get none). Rank r of a group of g consecutive ranks gets a part of the group's rank_slice(n, r // g, W / g)."""
+    """Rows [⌊rank·n/W⌋, ⌊(rank+1)·n/W⌋) of n: equal shares when W divides n, else shares one row apart
+    (a rank may get none). Rank r of a group of g consecutive ranks gets a part of the group's
+    rank_slice(n, r // g, W / g)."""
     return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 

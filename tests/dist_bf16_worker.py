@@ -63,7 +63,8 @@ def main(seed: int) -> None:
         assert p.dtype == p.grad.dtype == torch.float32, (name, p.dtype, p.grad.dtype)  # fp32 master weights
     for name in truth:
         scale = truth[name].norm()
-        err_mixed, err_autocast = (mixed[name] - truth[name]).norm() / scale, (autocast[name] - truth[name]).norm() / scale
+        err_mixed = (mixed[name] - truth[name]).norm() / scale
+        err_autocast = (autocast[name] - truth[name]).norm() / scale
         assert err_mixed <= 2 * err_autocast + 2e-3, (name, float(err_mixed), float(err_autocast))
     # cast_lm_head_to_fp32: the root (head, embeddings, final norm) is gathered in fp32, the layers in bf16
     fp32_head = distributed.shard(copy.deepcopy(twin), device, GRPOConfig(**fields, cast_lm_head_to_fp32=True))
