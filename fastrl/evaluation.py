@@ -9,8 +9,8 @@ evaluation samples the same at any world size and whenever that step is evaluate
 policy (old = current logprobs) without gradients. Every rank computes the loss of the whole eval batch: the eval
 metrics are then the global ones on every rank without a further all-reduce, at the cost of each rank running the
 batch's forward (eval batches are small next to training's). The result is one dict, as transformers'
-`evaluate` returns it: `{prefix}_loss`, `{prefix}_runtime`, `{prefix}_samples_per_second`, `{prefix}_steps_per_second`, and every
-training metric of the batches (reward, rewards/<name>/mean, kl, completions/*, ...) averaged over them under the
+`evaluate` returns it: `{prefix}_loss`, `{prefix}_runtime`, `{prefix}_samples_per_second`,
+`{prefix}_steps_per_second`, and every training metric of the batches (reward, rewards/<name>/mean, kl, completions/*, ...) averaged over them under the
 same prefix. The prefix is "eval", or "eval_<name>" for each set of a dict / DatasetDict of eval sets (TRL
 prefixes its own metrics of a named set with plain "eval_"; here a named set keeps all its keys apart).
 """
