@@ -152,8 +152,9 @@ class GRPOTrainer:
         if rollout_func is not None or tools or environment_factory is not None:
             self.hooks = RolloutHooks(processing_class, args, tools, rollout_func, environment_factory)
             if self._ranks_per_engine() > 1:
-                raise ValueError(f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}: multi-turn rollouts "
-                                 "(rollout_func, tools, environment_factory) need an engine per rank; use 1")
+                raise ValueError(f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}: a rollout_func (or "
+                                 "tools, environment_factory) samples its own rank's rows alone, which needs an "
+                                 "engine per rank; use 1")
         env = self.hooks.environments if self.hooks is not None else None
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs,
                                                                          optional=env is not None)
