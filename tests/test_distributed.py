@@ -102,11 +102,11 @@ def one_process(model_dir, tmp_path_factory):
     checkpoint every step (which changes nothing in the run), for the 1 -> 2 processes resume."""
     done = {}
 
-    def get(mode: str, *overrides: str):
+    def get(mode: str, *overrides: str, timeout: float = 600):
         key = (mode, *overrides)
         if key not in done:
             done[key] = tmp_path_factory.mktemp(f"one-{mode}")
-            run_worker(model_dir, done[key], mode, 1, *CHECKPOINTS, *overrides)
+            run_worker(model_dir, done[key], mode, 1, *CHECKPOINTS, *overrides, timeout=timeout)
         return done[key]
 
     return get
@@ -189,8 +189,10 @@ def test_colocated_vllm_per_rank_trains_like_one_process(model_dir, one_process,
     if mode == "lora":
         pytest.importorskip("peft")
     vllm = ("use_vllm=True", "vllm_enable_sleep_mode=True")
-    one, two = one_process(mode, *vllm), tmp_path / "two"
-    run_worker(model_dir, two, mode, 2, *vllm, "fsdp=full_shard", f"vllm_tensor_parallel_size={tensor_parallel}")
+    # building an engine takes 40 s or more on a busy 2-core machine: a wider bound than the other launches
+    one, two = one_process(mode, *vllm, timeout=1200), tmp_path / "two"
+    run_worker(model_dir, two, mode, 2, *vllm, "fsdp=full_shard", f"vllm_tensor_parallel_size={tensor_parallel}",
+               timeout=1200)
     assert_same_run(one, two, mode)
     for rank in range(2):
         diffs = json.loads((two / f"logprob_abs_diff-rank{rank}.json").read_text())
