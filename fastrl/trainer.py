@@ -55,6 +55,7 @@ from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.generation.streams import stream_keys, turn_keys
 from fastrl.importance_sampling import sampling_ratio
 from fastrl.kernels import fused_linear_grpo_loss, fused_linear_logprobs
+from fastrl.kernels.checks import deferred_value_checks
 from fastrl.kernels.loss_spec import COMPLETION_BUDGET, ITEMS, LOSS_RULES, MASK_TOTAL, LossSpec
 from fastrl.launch import launch_from_env
 from fastrl.logging_utils import MetricsLogger, NullLogger, append_jsonl
@@ -294,23 +295,27 @@ class GRPOTrainer:
         self.model.train()
         self._times.reset()  # what evaluation timed between steps is not this step's
         loss_total, tokens, per_batch = 0.0, 0, defaultdict(list)
-        for batch, scale in self._step_micro_batches():
-            loss, loss_metrics = self._micro_batch_loss(batch, scale=scale)
-            with self._times.phase("backward"):
-                loss.backward()
-            loss_total += loss.item()
-            if not math.isfinite(loss_total):
-                raise FloatingPointError(f"step {self.state.global_step + 1}: the loss is {loss_total} (a non-finite "
-                                         "loss would train NaN weights); stopped before the optimizer step")
-            tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
-            # token means over the ranks' slices, weighted by their tokens: the micro-batch's token means
-            local = {k: float(v) for k, v in loss_metrics.items()}
-            loss_metrics = distributed.mean_over_ranks(local, weight=float(batch.completion_mask.sum()))
-            for extreme, pick in (("clip_ratio/low_min", min), ("clip_ratio/high_max", max)):
-                if extreme in local:  # TRL's min/max over processes of their clip ratios
-                    loss_metrics[extreme] = pick(distributed.gather(local[extreme]))
-            for k, v in {**loss_metrics, **self._buffer_info["metrics"]}.items():
-                per_batch[k].append(float("nan") if v is None else float(v))
+        # the kernels' input value checks of the whole step (losses, old/reference logprobs) in one device->host
+        # read at the end of this block, before the optimizer step (kernels/checks.py)
+        with deferred_value_checks():
+            for batch, scale in self._step_micro_batches():
+                loss, loss_metrics = self._micro_batch_loss(batch, scale=scale)
+                with self._times.phase("backward"):
+                    loss.backward()
+                loss_total += loss.item()
+                if not math.isfinite(loss_total):
+                    raise FloatingPointError(f"step {self.state.global_step + 1}: the loss is {loss_total} (a "
+                                             "non-finite loss would train NaN weights); stopped before the optimizer "
+                                             "step")
+                tokens += int(batch.prompt_mask.sum() + batch.completion_attention.sum())
+                # token means over the ranks' slices, weighted by their tokens: the micro-batch's token means
+                local = {k: float(v) for k, v in loss_metrics.items()}
+                loss_metrics = distributed.mean_over_ranks(local, weight=float(batch.completion_mask.sum()))
+                for extreme, pick in (("clip_ratio/low_min", min), ("clip_ratio/high_max", max)):
+                    if extreme in local:  # TRL's min/max over processes of their clip ratios
+                        loss_metrics[extreme] = pick(distributed.gather(local[extreme]))
+                for k, v in {**loss_metrics, **self._buffer_info["metrics"]}.items():
+                    per_batch[k].append(float("nan") if v is None else float(v))
         loss_total = distributed.mean_over_ranks({"loss": loss_total})["loss"]  # ranks' gradients are averaged
         tokens = int(distributed.sum_over_ranks(tokens))
         self.state.num_input_tokens_seen += tokens

@@ -2,10 +2,12 @@
 
 Shapes, dtypes and settings are host facts and cost nothing. Value checks (finite entries, ids in [0, V)) need
 the data: each is a device reduction, and `ValueChecks` reads all of one call's back in a single device->host
-transfer (on a GPU each separate read stalls the stream: up to seven per loss call before).
+transfer (on a GPU each separate read stalls the stream: up to seven per loss call before), or, inside
+`deferred_value_checks`, those of every call in the block at its end (the trainer: once per optimizer step).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -49,7 +51,11 @@ class ValueChecks:
                                lambda n: f"min {int(t.min())}, max {int(t.max())}"))
 
     def run(self) -> None:
-        """One device->host read for every check; a failing check raises naming its argument."""
+        """One device->host read for every check; a failing check raises naming its argument. Inside
+        deferred_value_checks the checks join the block's queue instead."""
+        if _deferred is not None:
+            _deferred.items.extend(self.items)
+            return
         if not self.items:
             return
         device = self.items[0][2].device
@@ -57,6 +63,35 @@ class ValueChecks:
         for (name, expected, _, describe), n in zip(self.items, counts):
             if n:
                 _fail(name, expected, describe(n))
+
+
+_deferred: ValueChecks | None = None  # the queue of the active deferred_value_checks block (one thread)
+
+
+@contextlib.contextmanager
+def deferred_value_checks():
+    """Queue the value checks of every kernel call inside and read them all in one device->host transfer at the
+    end: a training step with many calls (micro-batches, old/reference logprobs) then stalls a GPU once. A bad
+    input is found after the work that used it rather than before, so the trainer ends the block before its
+    optimizer step. An exception inside (a NaN loss from a NaN input, an index error from an id out of range) is
+    re-raised as the failing check's ValueError, naming its argument. A nested block joins the outer one."""
+    global _deferred
+    if _deferred is not None:
+        yield
+        return
+    queue = _deferred = ValueChecks()
+    try:
+        yield
+    except Exception as e:
+        _deferred = None
+        try:
+            queue.run()
+        except ValueError as named:  # a failing check explains the exception
+            raise named from e
+        raise
+    finally:
+        _deferred = None
+    queue.run()
 
 
 def check_linear_inputs(hidden, weight, targets, bias, checks: ValueChecks | None = None) -> None:
@@ -169,19 +204,20 @@ def _check_loss_settings(p: GRPOLossParams, ref_logprobs) -> None:
         _fail("num_items_in_batch", "a positive token count", p.num_items_in_batch)
 
 
-def check_cu_seqlens(cu_seqlens, n_rows: int) -> int:
+def check_cu_seqlens(cu_seqlens, n_rows: int, checks: ValueChecks) -> int:
     """cu_seqlens [B + 1]: integer row offsets from 0 to N, non-decreasing (sequence b owns rows
-    cu_seqlens[b]:cu_seqlens[b + 1]). Returns B."""
+    cu_seqlens[b]:cu_seqlens[b + 1]); the values are read by `checks.run()`. Returns B."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         _fail("cu_seqlens", "a 1-D tensor [B + 1] of row offsets", getattr(cu_seqlens, "shape", cu_seqlens))
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
         _fail("cu_seqlens", "integer row offsets", cu_seqlens.dtype)
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n_rows or bool((cu_seqlens.diff() < 0).any()):
-        _fail("cu_seqlens", f"offsets rising from 0 to N = hidden.shape[0] = {n_rows}", cu_seqlens.tolist())
+    checks.items.append(("cu_seqlens", f"offsets rising from 0 to N = hidden.shape[0] = {n_rows}",
+                         (cu_seqlens[0] != 0).int() + (cu_seqlens[-1] != n_rows).int() + (cu_seqlens.diff() < 0).sum(),
+                         lambda n: cu_seqlens.tolist()))
     return cu_seqlens.numel() - 1
 
 
-def _token_layout(hidden, cu_seqlens) -> tuple[int, tuple, str]:
+def _token_layout(hidden, cu_seqlens, checks: ValueChecks) -> tuple[int, tuple, str]:
     """(B, the shape of a per-token tensor, its name): [B, T] for padded hidden [B, T, H], [N] for packed
     hidden [N, H] with cu_seqlens."""
     if cu_seqlens is None:
@@ -191,7 +227,7 @@ def _token_layout(hidden, cu_seqlens) -> tuple[int, tuple, str]:
         return hidden.shape[0], tuple(hidden.shape[:2]), "[B, T]"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         _fail("hidden", "packed rows [N, H] when cu_seqlens is given", getattr(hidden, "shape", type(hidden)))
-    return check_cu_seqlens(cu_seqlens, hidden.shape[0]), (hidden.shape[0],), "[N]"
+    return check_cu_seqlens(cu_seqlens, hidden.shape[0], checks), (hidden.shape[0],), "[N]"
 
 
 def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewards=None, num_generations=None,
@@ -200,8 +236,8 @@ def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewa
                          importance_sampling_level="token", use_bias_correction_kl=False,
                          max_completion_length=None, num_items_in_batch=None, is_ratio=None,
                          top_entropy_quantile=1.0, logit_transform=None, cu_seqlens=None) -> GRPOInputs:
-    batch, tokens, what = _token_layout(hidden, cu_seqlens)
     checks = ValueChecks()
+    batch, tokens, what = _token_layout(hidden, cu_seqlens, checks)
     check_linear_inputs(hidden, weight, targets, bias, checks)
     check_shape("mask", mask, tokens, what)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):

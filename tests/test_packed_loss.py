@@ -94,10 +94,10 @@ def test_packed_equals_padded_triton(loss_type, level):
 def test_bad_cu_seqlens_are_named():
     batch = ragged_batch(3, [4, 2])
     v = batch["valid"]
-    args = (batch["h"][v], batch["w"], batch["y"][v], batch["mask"][v], batch["adv"])
+    args = (batch["h"][v], batch["w"], batch["y"][v], batch["mask"][v])
     for bad in (torch.tensor([0, 4]), torch.tensor([0, 7, 6]), torch.tensor([1, 4, 6]), torch.tensor([0.0, 4, 6])):
-        with pytest.raises(ValueError, match="cu_seqlens"):
-            fused_linear_grpo_loss(*args, cu_seqlens=bad)
+        with pytest.raises(ValueError, match="cu_seqlens"):  # advantages [B] as long as bad's B: only it is wrong
+            fused_linear_grpo_loss(*args, batch["adv"][: bad.numel() - 1], cu_seqlens=bad)
     with pytest.raises(ValueError, match="hidden"):
         fused_linear_grpo_loss(batch["h"], batch["w"], batch["y"], batch["mask"], batch["adv"],
                                cu_seqlens=batch["cu"])
