@@ -156,7 +156,7 @@ def _completion_hidden(model, batch, args):
     """batch: a RolloutBatch (padded, -> [b, T, H]) or a PackedBatch (padding_free, -> [N, H])."""
     from fastrl.policy import completion_hidden, packed_completion_hidden
 
-    if args.padding_free:
+    if args.padding_free is not False:  # None: the trainer packs a Llama (fastrl.policy.use_padding_free)
         return packed_completion_hidden(model, batch)
     ids, attention = batch.input_ids()
     return completion_hidden(model, ids, attention, batch.prompt_ids.shape[1])
@@ -214,7 +214,7 @@ def _run_steps(model_config: dict, run: dict, steps: int, marks=lambda phase: No
 
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     batch = random_rollout(*case_lengths(run), model_config["vocab_size"], seed=1)
-    batch = PackedBatch.from_rollout(batch) if args.padding_free else batch
+    batch = PackedBatch.from_rollout(batch) if args.padding_free is not False else batch
     for _ in range(steps):
         _step(model, ref, opt, args, batch, marks)
 

@@ -212,7 +212,8 @@ def run_shape(run: dict, mean_lengths: tuple[float, float] | None = None) -> Run
                     vllm_sleep=bool(args.vllm_enable_sleep_mode), vllm_sleep_level=int(args.vllm_sleep_level),
                     offload_reference=bool(args.ref_model_offload),
                     offload_activations=bool(args.gradient_checkpointing_offload),
-                    padding_free=bool(args.padding_free), token_budget=args.max_tokens_per_micro_batch,
+                    # None (the default) packs wherever the model's attention can (fastrl.policy.use_padding_free)
+                    padding_free=args.padding_free is not False, token_budget=args.max_tokens_per_micro_batch,
                     window=args.per_device_train_batch_size * args.gradient_accumulation_steps,
                     mean_prompt_len=mean_prompt, mean_completion_len=mean_completion)
 
