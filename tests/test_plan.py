@@ -6,12 +6,16 @@ fresh subprocess (fastrl/plan/measure.py); the prediction must be within 15% of 
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from fastrl.plan import parse_memory, plan_main, predict
-from fastrl.plan.measure import SMALL, WIDER, measure, predicted, predicted_peak
+from fastrl.plan.measure import SMALL, TINY_BENCH, WIDER, measure, predicted, predicted_peak
+from fastrl.plan.measure_ranks import LAYERS, TRAINER_RUN
+from fastrl.plan.measure_ranks import measure as measure_ranks
+from fastrl.plan.measure_ranks import predicted as predicted_ranks
 
 GiB = 1 << 30
 
@@ -57,6 +61,26 @@ def test_prediction_within_15_percent_of_measured_peak(case, measurements):
     _within(peak, measurements[case]["peak"], f"{case} peak")
     for phase in ("policy forward+backward", "optimizer step"):  # each phase on its own, too
         _within(plan.phase(phase).total, measurements[case]["phases"][phase], f"{case} {phase}")
+
+
+# Per rank under torchrun (2 CPU processes, gloo): whole GRPOTrainer steps, every rank's peak RSS against the
+# one-rank plan (fastrl/plan/measure_ranks.py). Completions of 64 tokens keep each launch near a minute.
+RANK_RUN = {**TRAINER_RUN, "max_completion_length": 64}
+MEASURED_RANKS = {
+    "fsdp-L2-H256-V32768-beta": (TINY_BENCH, {**RANK_RUN, "fsdp": "full_shard"}, 2),
+    "replicated-L4-H512-V4096": (LAYERS, {**RANK_RUN, "beta": 0.0}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(MEASURED_RANKS))
+def test_per_rank_prediction_within_15_percent_of_two_process_runs(case):
+    spec = json.dumps(MEASURED_RANKS[case])
+    plan = predicted_ranks(spec)
+    assert plan.run.world_size == 2 and plan.run.fsdp == ("fsdp" in case)
+    ranks = measure_ranks(spec)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        _within(plan.peak, r["peak"], f"{case} rank {r['rank']}")
 
 
 # ------------------------------------------------------------------------------------------- ordering facts
@@ -176,6 +200,59 @@ def test_bad_mean_lengths_are_named(tmp_path, capsys):
     config = _write(tmp_path, QWEN_05B, RUN)
     assert plan_main([config, "--memory", "24GB", "--mean-lengths", "64"]) == 2
     assert "--mean-lengths" in capsys.readouterr().err
+
+
+def test_fsdp_divides_weights_gradients_and_adamw_states_by_the_world_size():
+    """Per rank: the sharded parts are the one-replica parts / W (rounded up), the gathered root is the whole
+    embedding + norm + untied head, each rank generates its 1/W of the global batch; replicated ranks hold
+    everything and all-reduce a flat fp32 copy of the gradients."""
+    run = {**RUN, "gradient_checkpointing": True}
+    replica = predict(LLAMA_8B, run, "cuda", 80 * GiB, world_size=8)
+    sharded = predict(LLAMA_8B, {**run, "fsdp": "full_shard"}, "cuda", 80 * GiB, world_size=8)
+    one = predict(LLAMA_8B, run, "cuda", 80 * GiB)
+    for key in ("policy weights", "reference copy", "AdamW states (2 per trainable param)"):
+        assert replica.phases[0].parts[key] == one.phases[0].parts[key]
+        assert sharded.phases[0].parts[key] == -(-one.phases[0].parts[key] // 8)
+    grads = one.phase("optimizer step").parts["gradients"]
+    assert sharded.phase("optimizer step").parts["gradients"] == grads // 8
+    root = (2 * 128256 * 4096 + 4096) * 2  # embedding + untied lm_head + final norm, bf16
+    assert sharded.phase("policy forward+backward").parts[
+        "FSDP: policy root gathered (embedding, norm, lm_head)"] == root
+    # per_device_train_batch_size is per rank: 8 ranks generate 64 completions, 8 each, as one process does alone
+    assert one.run.generation_batch == replica.run.generation_batch == sharded.run.generation_batch == 8
+    allreduce = replica.phase("gradient all-reduce (replicated)").parts
+    assert allreduce["flat fp32 copy of every gradient"] == 2 * allreduce["gradients"]  # bf16 gradients
+    assert sharded.peak < replica.peak < one.peak + allreduce["flat fp32 copy of every gradient"] + 1
+
+
+def test_world_size_applies_grpoconfigs_rules_of_that_launch():
+    """num_generations divides the global batch: 2 completions per rank make one group of 4 on 2 ranks."""
+    run = {**RUN, "per_device_train_batch_size": 2, "num_generations": 4}
+    assert predict(QWEN_05B, run, world_size=2).run.generation_batch == 2
+    with pytest.raises(ValueError, match="num_generations"):
+        predict(QWEN_05B, run)
+    with pytest.raises(ValueError, match="fsdp"):
+        predict(QWEN_05B, {**RUN, "fsdp": "full_shard"})  # one process trains unsharded
+    with pytest.raises(ValueError, match="world_size"):
+        predict(QWEN_05B, RUN, world_size=0)
+
+
+def test_nproc_nnodes_on_the_command_line(tmp_path, capsys):
+    config = _write(tmp_path, LLAMA_8B, {**RUN, "gradient_checkpointing": True})
+    assert plan_main([config, "--memory", "40GB", "--nproc", "4", "--nnodes", "2", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)  # replicated 8B: over 40 GB; sharding is the first lever
+    assert report["plan"]["world_size"] == 8 and not report["plan"]["fsdp"]
+    assert report["advice"]["combined"]["label"].startswith("fsdp: full_shard")
+    assert plan_main([config, "--memory", "40GB", "--nproc", "0"]) == 2
+    assert "--nproc" in capsys.readouterr().err
+
+
+def test_the_readme_qwen_7b_on_8_gpus_prediction(capsys, monkeypatch):
+    """The README's command: Qwen2.5-7B, FSDP2 over 8 ranks, fits 80 GB per GPU (a prediction, not measured)."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+    assert plan_main(["examples/qwen2.5-7b-8gpu.yaml", "--memory", "80GB", "--nproc", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank, 8 processes, FSDP2 full_shard" in out and "fits" in out
 
 
 # ------------------------------------------------------------------------------------------- CLI and budgets

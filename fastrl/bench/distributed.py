@@ -11,6 +11,12 @@ Rows: step time (p20/p50/p80 over the steps after the first two) and rank 0's pe
 peak_memory_mb, which includes the model, optimizer, Python and torch themselves). A record of the overhead of
 the collectives and of sharding on 2 shared CPU cores, not a speed claim: two ranks share the cores that one
 process uses alone. The config of every row records the commit and the load average around the run.
+
+Memory per rank, beside `fastrl plan --nproc`'s prediction: the demo's model is too small for its memory to show
+above the torch runtime's, so each placement is also measured at the benchmark size (2 layers, width 256,
+vocabulary 32768, 16 completions of 128 tokens per step, beta 0.04) by fastrl.plan.measure_ranks: every rank's
+peak RSS above its warmed-up baseline over two whole GRPOTrainer steps, one row per rank, and the plan's per-rank
+peak for the same run in the row beside it.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from fastrl.bench.results import command_line, row, run_facts, write_csv
 DEFAULT_OUT = os.path.join("bench", "results", "distributed.csv")
 CONFIG = os.path.join("examples", "demo.yaml")
 CASES = ((1, "one process"), (2, "replicated"), (2, "fsdp"))
+MEMORY_CASES = {"one process": "one_full_beta", "replicated": "replicated_full_beta", "fsdp": "fsdp_full_beta"}
 GLOBAL_BATCH = 64
 
 
@@ -42,6 +49,25 @@ def run_case(nproc: int, placement: str, steps: int, out: str) -> list[dict]:
                    timeout=3600)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if "step_time" in line]
+
+
+def memory_rows(case: str, placement: str, commit: str, run: dict) -> list[dict]:
+    """Each rank's measured peak above its baseline and the plan's per-rank prediction, for one placement."""
+    from fastrl.plan.measure_ranks import compare
+
+    rows = []
+    for r in compare(case):
+        config = {"commit": commit, "memory_case": case, "rank": r["rank"], "per_device_batch": r["per_device_batch"],
+                  "completion_len": r["completion_len"], "model": f"L{r['layers']}-H{r['hidden']}-V{r['vocab']}",
+                  "plan_peak_phase": r["plan_peak_phase"]}
+        common = dict(operation="grpo_train_step_memory", provider=placement, mode="train", x_name="processes",
+                      x_value=r["processes"], unit="MiB", config=config, run=run)
+        for metric, value in (("rank_peak_rss_above_baseline", r["measured_mib"]),
+                              ("plan_predicted_rank_peak", r["predicted_mib"])):
+            rows.append(row(**common, metric=metric, values=(value, value, value)))
+        print(f"  rank {r['rank']}: peak {r['measured_mib']} MiB above baseline, plan {r['predicted_mib']} MiB "
+              f"({r['error_pct']:+.1f}%)")
+    return rows
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -70,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = max(r["peak_memory_mb"] for r in records)
         rows.append(row(**common, metric="rank0_peak_rss", unit="MiB", values=(peak, peak, peak)))
         print(f"{nproc} x {placement}: step {rows[-2]['p50']:.3f} s (median), rank 0 peak RSS {peak:.0f} MiB")
+        rows += memory_rows(MEMORY_CASES[placement], placement, commit, run)
     print(write_csv(rows, a.out))
     return 0
 

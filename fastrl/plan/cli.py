@@ -1,9 +1,12 @@
-"""`fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu] [--predict-time]`: will this GRPO run fit, what
-makes it fit, and how long a step would take on one H100.
+"""`fastrl plan CONFIG.yaml --memory 24GB [--device cuda|cpu] [--nproc N --nnodes M] [--predict-time]`:
+will this GRPO run fit, what makes it fit, and how long a step would take on one H100.
 
 Reads the run's YAML (the `fastrl train` schema) and its model's config.json, prints the predicted peak of each
 phase (predict.py) and the settings that make the run fit the budget (advice.py); with --predict-time, the
-predicted time of each phase of a step on one H100 (step_time.py; without --memory, only that).
+predicted time of each phase of a step on one H100 (step_time.py; without --memory, only that). With
+--nproc/--nnodes the memory plan is one rank's of a launch of N processes on each of M nodes (torchrun's
+--nproc_per_node/--nnodes), FSDP2-sharded when the config sets `fsdp: full_shard`, replicated otherwise;
+the budget is one device's memory.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def parse_memory(text: str) -> int:
 
 def format_plan(plan: Plan, budget: int | None = None) -> str:
     lines = []
+    if plan.run.world_size > 1:
+        lines.append(f"per rank, {plan.run.world_size} processes, {'FSDP2 full_shard' if plan.run.fsdp else 'replicated'}")
     for p in plan.phases:
         mark = "  <- peak" if p is plan.peak_phase else ""
         lines.append(f"{p.name:<34}{fmt(p.total):>12}{mark}")
@@ -114,6 +119,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory budget, e.g. 24GB (GB = GiB = 2^30 bytes); required unless --predict-time")
     parser.add_argument("--device", choices=DEVICES, default="cuda",
                         help="cuda: the budget is one GPU's memory; cpu: host memory (default: cuda)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per node (torchrun's --nproc_per_node)")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun's --nnodes)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--predict-time", action="store_true",
                         help="also predict each phase's time on one H100 from flops, bytes and peak rates")
@@ -125,6 +132,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     if args.memory is None and not args.predict_time:
         raise ValueError("--memory: required (a budget such as 24GB), unless only --predict-time is asked")
+    for name in ("nproc", "nnodes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     model_config, run = load_plan_inputs(args.config)
     times = {}
     if args.predict_time:
@@ -140,7 +150,7 @@ def run_plan(args: argparse.Namespace) -> int:
         return 0
     budget = parse_memory(args.memory)
     plan = predict(model_config, run, args.device, device_memory=budget,
-                   mean_lengths=parse_mean_lengths(args.mean_lengths))
+                   mean_lengths=parse_mean_lengths(args.mean_lengths), world_size=args.nproc * args.nnodes)
     advice = recommend(plan, budget)
     if args.json:
         print(json.dumps({"plan": plan.as_dict(), "budget": budget, "fits": plan.fits(budget),

@@ -244,7 +244,7 @@ def child(name: str) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def _train(model_path: str, run: dict, steps: int) -> None:
+def _train(model_path: str, run: dict, steps: int, output_dir: str = "/tmp/fastrl_plan_measure") -> None:
     from fastrl import GRPOConfig, GRPOTrainer
     from fastrl.tasks import get_task
 
@@ -254,7 +254,7 @@ def _train(model_path: str, run: dict, steps: int) -> None:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**run["peft"])
-    args = GRPOConfig(**{k: v for k, v in run.items() if k != "peft"}, output_dir="/tmp/fastrl_plan_measure",
+    args = GRPOConfig(**{k: v for k, v in run.items() if k != "peft"}, output_dir=output_dir,
                       max_steps=steps, save_strategy="no", logging_steps=1, report_to="none",
                       reward_weights=task.reward_weights, disable_tqdm=True)
     GRPOTrainer(model_path, task.reward_funcs, args=args, train_dataset=task.train_dataset,

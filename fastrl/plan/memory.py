@@ -135,6 +135,27 @@ def trainable_params(model: ModelShape, run: RunShape) -> int:
     return model.total_params() if run.lora is None else run.lora.params(model)
 
 
+def per_rank(n: int, run: RunShape) -> int:
+    """One rank's part of something FSDP2 shards (1/world_size, rounded up); replicated, all of it."""
+    return -(-n // run.world_size) if run.fsdp else n
+
+
+def root_params(model: ModelShape) -> int:
+    """FSDP2's root unit, everything outside the decoder layers: embedding [V, H], final norm [H], an untied
+    lm_head [V, H]. Gathered whole from the root's forward to its backward (FSDP2 keeps the root unsharded after
+    forward), which is when the fused loss reads lm_head."""
+    return model.total_params() - model.layers * model.layer_params()
+
+
+def fsdp_layer_backward(model: ModelShape, run: RunShape) -> int:
+    """FSDP2 in a layer's backward: that layer and the next gathered (one layer of backward prefetch), and the
+    layer's unsharded gradient until its reduce-scatter."""
+    if not run.fsdp:
+        return 0
+    grad = model.layer_params() if run.lora is None else run.lora.params(model) // model.layers
+    return (2 * model.layer_params() + grad) * model.weight_bytes
+
+
 def grad_timeline(model: ModelShape, run: RunShape, tokens: int, loss: dict[str, dict[str, int]]) -> tuple[int, str]:
     """The largest (activations + loss working set + gradients) point of forward+backward. Returns (bytes, where).
 
@@ -142,6 +163,8 @@ def grad_timeline(model: ModelShape, run: RunShape, tokens: int, loss: dict[str,
     their scaled copies); each layer's backward, top to bottom (a layer's saved tensors are freed as its
     gradients appear, so the sum can grow or shrink layer by layer; with checkpointing the layer in flight is
     recomputed first); the end (the embedding's dense [V, H] gradient, added into the tied head's or its own).
+    Under FSDP2 a finished layer keeps its 1/world_size gradient shard; the root's gradients stay whole until
+    the end of backward.
     """
     p = model.weight_bytes
     per_layer_act = activation_bytes_per_token(model, run, run.attention_row) * tokens
@@ -156,12 +179,13 @@ def grad_timeline(model: ModelShape, run: RunShape, tokens: int, loss: dict[str,
     points = {"loss forward": all_saved + sum(loss["forward"].values()),
               "loss backward": all_saved + sum(loss["backward"].values())}
     transient = (layer_backward_transient(model, run, tokens) + (per_layer_act if run.checkpointing else 0)
-                 + back_from_host)
+                 + back_from_host + fsdp_layer_backward(model, run))
+    kept_grad = per_rank(per_layer_grad, run)
     for k in range(model.layers):  # k layers done, the next one in flight
         points[f"backward of layer {model.layers - k} of {model.layers}"] = (
-            top + (model.layers - k) * saved + head_grad + k * per_layer_grad + transient)
+            top + (model.layers - k) * saved + head_grad + k * kept_grad + transient)
     emb = model.head_params() * p if run.lora is None else 0
-    points["end of backward (embedding gradient)"] = head_grad + model.layers * per_layer_grad + emb
+    points["end of backward (embedding gradient)"] = head_grad + model.layers * kept_grad + emb
     where = max(points, key=points.get)
     return points[where], where
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from fastrl.kernels.forward_sweep import rows_per_tile
 from fastrl.plan.memory import (BF16, CUDA_CONTEXT_BYTES, FP32, Phase, checkpointed_bytes_per_token, fused_loss_bytes,
-                                grad_timeline, kv_cache_bytes, materializing_loss_bytes, trainable_params)
+                                grad_timeline, kv_cache_bytes, materializing_loss_bytes, per_rank, root_params,
+                                trainable_params)
 from fastrl.plan.shapes import ModelShape, RunShape, loaded_dtype, model_shape, run_shape
 
 DEVICES = ("cpu", "cuda")
@@ -57,22 +58,24 @@ class Plan:
         return self.peak <= budget
 
     def as_dict(self) -> dict:
-        return {"device": self.device, "peak": self.peak, "peak_phase": self.peak_phase.name,
+        return {"device": self.device, "world_size": self.run.world_size, "fsdp": self.run.fsdp, "peak": self.peak,
+                "peak_phase": self.peak_phase.name,
                 "materializing_peak": self.materializing_peak, "materializing_policy": self.materializing_policy,
                 "phases": {p.name: {"total": p.total, "parts": p.parts, "host": p.host} for p in self.phases}}
 
 
 # ---------------------------------------------------------------------------------------------- prediction
 def predict(model_config: dict, run: dict, device: str = "cpu", device_memory: int | None = None,
-            mean_lengths: tuple[float, float] | None = None) -> Plan:
-    """Per-phase peak bytes of a GRPO run. model_config: a transformers config.json as a dict; run: GRPOConfig
-    fields (TRL's names) plus an optional `peft` dict (r, lora_alpha, target_modules). device_memory: the
-    accelerator's total bytes, needed to size vLLM's share (vllm_gpu_memory_utilization × total).
-    mean_lengths: expected mean (prompt, completion) tokens of a padding-free run (None: the maxima)."""
+            mean_lengths: tuple[float, float] | None = None, world_size: int = 1) -> Plan:
+    """Per-phase peak bytes of a GRPO run, on one rank of a world_size-process launch. model_config: a
+    transformers config.json as a dict; run: GRPOConfig fields (TRL's names; `fsdp` shards) plus an optional
+    `peft` dict (r, lora_alpha, target_modules). device_memory: the accelerator's total bytes, needed to size
+    vLLM's share (vllm_gpu_memory_utilization × total). mean_lengths: expected mean (prompt, completion) tokens
+    of a padding-free run (None: the maxima)."""
     if device not in DEVICES:
         raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
-    return predict_shapes(model_shape(model_config, loaded_dtype(run)), run_shape(run, mean_lengths), device,
-                          device_memory)
+    return predict_shapes(model_shape(model_config, loaded_dtype(run)), run_shape(run, mean_lengths, world_size),
+                          device, device_memory)
 
 
 def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory: int | None = None) -> Plan:
@@ -90,6 +93,8 @@ def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory:
     if run.beta > 0 or run.use_vllm:
         phases.append(logprob_phase(model, run, device, resident))
     policy = policy_phase(model, run, resident, fused_loss_bytes)
+    if run.world_size > 1 and not run.fsdp:
+        phases.append(gradient_average_phase(model, run, resident))
     if run.checkpointing and run.offload_activations:
         policy.host["checkpointed activations (offloaded)"] = (
             model.layers * checkpointed_bytes_per_token(model, run) * run.micro_tokens)
@@ -115,18 +120,21 @@ def _vllm_weights(model: ModelShape, run: RunShape) -> int:
 
 
 def resident_parts(model: ModelShape, run: RunShape, device: str, device_memory) -> tuple[dict, dict]:
-    """What every phase holds on the device (and, on a GPU run, in host memory) across the whole step."""
+    """What every phase holds on the device (and, on a GPU run, in host memory) across the whole step. Under
+    FSDP2 weights, reference and AdamW states are this rank's 1/world_size shards."""
     p = model.weight_bytes
-    parts = {"policy weights": model.total_params() * p}
+    parts = {"policy weights": per_rank(model.total_params() * p, run)}
     if run.lora is not None:
-        parts["LoRA adapters"] = run.lora.params(model) * p
+        parts["LoRA adapters"] = per_rank(run.lora.params(model) * p, run)
     host = {}
     if run.has_reference_copy:
         if run.offload_reference and device == "cuda":
-            host["reference copy (offloaded)"] = model.total_params() * p
+            host["reference copy (offloaded)"] = per_rank(model.total_params() * p, run)
         else:
-            parts["reference copy"] = model.total_params() * p
-    parts["AdamW states (2 per trainable param)"] = 2 * trainable_params(model, run) * p
+            parts["reference copy"] = per_rank(model.total_params() * p, run)
+        if run.fsdp:  # its root is gathered by its first forward and never resharded: no backward runs through it
+            parts["FSDP: reference root gathered (embedding, norm, lm_head)"] = root_params(model) * p
+    parts["AdamW states (2 per trainable param)"] = per_rank(2 * trainable_params(model, run) * p, run)
     if run.use_vllm and device == "cpu":  # no sleep mode on CPU: the generator keeps weights and KV cache
         parts["vLLM weights"] = _vllm_weights(model, run)
         parts["vLLM KV cache (kv_cache_memory_bytes)"] = CPU_VLLM_KV_CACHE_BYTES
@@ -145,6 +153,7 @@ def generation_phase(model, run, device, device_memory, resident) -> Phase:
         return phase
     if run.use_vllm:
         return phase  # CPU vLLM is counted in the resident parts
+    phase.parts.update(fsdp_gathered(model, run, layers=1))  # model.generate through the sharded policy
     a = BF16 if (run.bf16 or model.weight_bytes == BF16) else FP32
     phase.parts["KV cache (generation batch)"] = kv_cache_bytes(model, run, a)
     prompt_tokens = run.generation_batch * run.prompt_len
@@ -165,7 +174,19 @@ def weight_push_phase(model, run, device, device_memory, resident) -> Phase:
     if device == "cuda" and run.vllm_sleep:
         phase.parts["vLLM weights (awake)"] = _vllm_weights(model, run)
     phase.parts["one parameter in flight"] = model.largest_param() * model.weight_bytes
+    phase.parts.update(fsdp_gathered(model, run, layers=1, root=False))  # the shards gathered layer by layer
     return phase
+
+
+def fsdp_gathered(model: ModelShape, run: RunShape, layers: int, root: bool = True) -> dict[str, int]:
+    """FSDP2's whole parameters on a rank at a phase's peak: the policy's root (gathered from its first forward of
+    the step until its backward) and `layers` decoder layers. Nothing without fsdp."""
+    out = {}
+    if run.fsdp and root:
+        out["FSDP: policy root gathered (embedding, norm, lm_head)"] = root_params(model) * model.weight_bytes
+    if run.fsdp and layers:
+        out["FSDP: one gathered decoder layer"] = layers * model.layer_params() * model.weight_bytes
+    return out
 
 
 def logprob_phase(model, run, device, resident) -> Phase:
@@ -179,6 +200,7 @@ def logprob_phase(model, run, device, resident) -> Phase:
                                                                + run.attention_row) * a
     phase.parts["hidden states [S,H]"] = tokens * model.hidden * FP32
     phase.parts["logprob tiles 2×[rows,V] fp32"] = 2 * rows_per_tile(n_rows, model.vocab) * model.vocab * FP32
+    phase.parts.update(fsdp_gathered(model, run, layers=1))
     return phase
 
 
@@ -188,23 +210,41 @@ def policy_phase(model, run, resident, loss_parts) -> Phase:
     loss = loss_parts(model, run, n_rows, tokens)
     live, where = grad_timeline(model, run, tokens, loss)
     phase.parts[f"activations + gradients ({where})"] = live
+    phase.parts.update(fsdp_gathered(model, run, layers=0))  # the layers' own gathering is in the timeline
     return phase
 
 
 def optimizer_phase(model, run, resident) -> Phase:
     """AdamW's step: all gradients live; torch's CPU loop makes two temporaries the size of the largest
-    trainable parameter (sqrt of the second moment, then its scaled copy)."""
+    trainable parameter (sqrt of the second moment, then its scaled copy). FSDP2: the shards of both."""
     phase = Phase("optimizer step", dict(resident))
     p = model.weight_bytes
-    phase.parts["gradients"] = trainable_params(model, run) * p
+    phase.parts["gradients"] = per_rank(trainable_params(model, run) * p, run)
     largest = model.largest_param() if run.lora is None else max(
         run.lora.r * sum(model.linear_shapes()[n]) for n in run.lora.targets)
-    phase.parts["AdamW temporaries (2 × largest param)"] = 2 * largest * p
+    phase.parts["AdamW temporaries (2 × largest param)"] = 2 * per_rank(largest * p, run)
+    return phase
+
+
+def gradient_average_phase(model, run, resident) -> Phase:
+    """Replicated ranks: every gradient and their flat fp32 concatenation, all-reduced in place
+    (fastrl.distributed.average_gradients); 16-bit gradients are then cast back, one parameter at a time."""
+    phase = Phase("gradient all-reduce (replicated)", dict(resident))
+    n = trainable_params(model, run)
+    phase.parts["gradients"] = n * model.weight_bytes
+    phase.parts["flat fp32 copy of every gradient"] = n * FP32
     return phase
 
 
 def notes(model, run, device, device_memory) -> list[str]:
     out = []
+    if run.world_size > 1:
+        out.append(f"one rank of {run.world_size}: " + (
+            "FSDP2 shards weights, reference, gradients and AdamW states 1/world_size per rank; the root (embedding, "
+            "norm, lm_head) and the layer in flight are gathered whole" if run.fsdp else
+            "each rank holds a whole replica; gradients are averaged by one flat fp32 all-reduce")
+            + f"; each rank generates {run.generation_batch} completions and trains on micro-batches of "
+              f"{run.micro_batch}")
     if run.use_vllm and device == "cuda":
         share = run.vllm_utilization * device_memory
         need = _vllm_weights(model, run)

@@ -7,11 +7,14 @@ training micro-batch holds: padded (b rows of P + T) or, with padding_free, pack
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 from fastrl.config import GRPOConfig
+from fastrl.launch import LAUNCH_VARIABLES
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 REQUIRED_MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -141,6 +144,8 @@ class RunShape:
     mean_prompt_len: float | None = None  # P̄, expected (padding_free only); None: P, every prompt full length
     mean_completion_len: float | None = None  # T̄, likewise; None: T
     varlen_attention: bool = False  # packed sequences kept apart by flash_attention_2's cu_seqlens: no mask
+    world_size: int = 1  # processes in the launch (nproc per node × nodes); the shape is one rank's
+    fsdp: bool = False  # FSDP2 full sharding across the world_size ranks (else each rank holds a replica)
 
     def replace(self, **changes) -> "RunShape":
         return dataclasses.replace(self, **changes)
@@ -192,19 +197,25 @@ def check_run_keys(run: dict) -> None:
     check_keys(run, RUN_ONLY_KEYS, "run config")
 
 
-def run_shape(run: dict, mean_lengths: tuple[float, float] | None = None) -> RunShape:
-    """A run config (GRPOConfig fields at top level, TRL's names, + `peft`) -> RunShape, with GRPOConfig's
-    defaults and value checks. mean_lengths: the expected mean (prompt, completion) length in tokens, which
-    sets a padding-free micro-batch's size; None: every sequence at its maximum (the worst case)."""
+def run_shape(run: dict, mean_lengths: tuple[float, float] | None = None, world_size: int = 1) -> RunShape:
+    """A run config (GRPOConfig fields at top level, TRL's names, + `peft`) -> one rank's RunShape in a launch of
+    world_size processes, with GRPOConfig's defaults and value checks as that launch's ranks apply them.
+    mean_lengths: the expected mean (prompt, completion) length in tokens, which sets a padding-free
+    micro-batch's size; None: every sequence at its maximum (the worst case)."""
     if not isinstance(run, dict):
         raise ValueError(f"run config: expected a mapping, got {type(run).__name__}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size: expected a positive integer (processes per node × nodes), got {world_size!r}")
     check_run_keys(run)
-    args = GRPOConfig(**{k: v for k, v in run.items() if k not in RUN_ONLY_KEYS})
+    with launched_as(world_size):
+        args = GRPOConfig(**{k: v for k, v in run.items() if k not in RUN_ONLY_KEYS})
     if args.max_prompt_length is None:
         raise ValueError("max_prompt_length: plan needs the longest prompt in tokens (set max_prompt_length)")
     _check_mean_lengths(mean_lengths, args.max_prompt_length, args.max_completion_length)
     mean_prompt, mean_completion = mean_lengths or (None, None)
-    return RunShape(micro_batch=args.per_device_train_batch_size, generation_batch=args.generation_batch_size,
+    # every rank samples its 1/world_size slice of the global generation batch (GRPOTrainer._generate)
+    return RunShape(micro_batch=args.per_device_train_batch_size,
+                    generation_batch=args.generation_batch_size // world_size,
                     prompt_len=args.max_prompt_length, completion_len=args.max_completion_length,
                     checkpointing=bool(args.gradient_checkpointing), bf16=bool(args.bf16), beta=float(args.beta),
                     lora=lora_shape(run.get("peft")), use_vllm=bool(args.use_vllm),
@@ -215,7 +226,8 @@ def run_shape(run: dict, mean_lengths: tuple[float, float] | None = None) -> Run
                     # None (the default) packs wherever the model's attention can (fastrl.policy.use_padding_free)
                     padding_free=args.padding_free is not False, token_budget=args.max_tokens_per_micro_batch,
                     window=args.per_device_train_batch_size * args.gradient_accumulation_steps,
-                    mean_prompt_len=mean_prompt, mean_completion_len=mean_completion)
+                    mean_prompt_len=mean_prompt, mean_completion_len=mean_completion,
+                    world_size=world_size, fsdp=bool(args.fsdp))
 
 
 def _check_mean_lengths(mean_lengths, max_prompt: int, max_completion: int) -> None:
@@ -228,6 +240,21 @@ def _check_mean_lengths(mean_lengths, max_prompt: int, max_completion: int) -> N
     if not 0 < completion <= max_completion:
         raise ValueError(f"mean_lengths (--mean-lengths): the completion's, expected a number in "
                          f"(0, max_completion_length = {max_completion}], got {completion!r}")
+
+
+@contextlib.contextmanager
+def launched_as(world_size: int):
+    """The launcher's variables of rank 0 in a world_size-process launch, for the duration (GRPOConfig reads the
+    world size from them, as in a real launch); one process: none set. Restored after."""
+    saved = {k: os.environ.pop(k) for k in LAUNCH_VARIABLES if k in os.environ}
+    if world_size > 1:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    try:
+        yield
+    finally:
+        for k in LAUNCH_VARIABLES:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
 
 
 def loaded_dtype(run: dict) -> str | None:
