@@ -38,7 +38,8 @@ def parse_memory(text: str) -> int:
 def format_plan(plan: Plan, budget: int | None = None) -> str:
     lines = []
     if plan.run.world_size > 1:
-        lines.append(f"per rank, {plan.run.world_size} processes, {'FSDP2 full_shard' if plan.run.fsdp else 'replicated'}")
+        placement = "FSDP2 full_shard" if plan.run.fsdp else "replicated"
+        lines.append(f"per rank, {plan.run.world_size} processes, {placement}")
     for p in plan.phases:
         mark = "  <- peak" if p is plan.peak_phase else ""
         lines.append(f"{p.name:<34}{fmt(p.total):>12}{mark}")
