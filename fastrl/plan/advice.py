@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fastrl.config import MULTI_PROCESS_UNSUPPORTED
 from fastrl.plan.predict import Plan, fmt, predict_shapes
 from fastrl.plan.memory import kv_cache_bytes
 from fastrl.plan.shapes import LINEAR_NAMES, LoraShape, RunShape
@@ -58,8 +57,7 @@ def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
         elif start > run.vllm_utilization:  # vLLM can not hold its weights and one sequence's KV cache
             out.append((f"vllm_gpu_memory_utilization: {start:.2f} (needed for vLLM to start at all)",
                         {"vllm_utilization": start}))
-    if run.has_reference_copy and plan.device == "cuda" and not run.offload_reference and \
-            not (run.world_size > 1 and "ref_model_offload" in refused_across_processes()):
+    if run.has_reference_copy and plan.device == "cuda" and not run.offload_reference:
         out.append(("ref_model_offload: true (reference in host memory between uses)",
                     {"offload_reference": True}))
     if run.micro_batch > 1 and run.token_budget is None:  # a token budget, not b, sizes packed micro-batches
@@ -67,11 +65,6 @@ def _levers(plan: Plan, budget: int) -> list[tuple[str, dict]]:
     if run.lora is None:
         out.append((f"LoRA: peft: {{r: {LORA_DEFAULT.r}, target_modules: all-linear}}", {"lora": LORA_DEFAULT}))
     return out
-
-
-def refused_across_processes() -> set[str]:
-    """GRPOConfig's fields that a launch of several processes refuses (config.MULTI_PROCESS_UNSUPPORTED)."""
-    return {name for name, _, _ in MULTI_PROCESS_UNSUPPORTED}
 
 
 def _vllm_floor(plan: Plan, budget: int, sequences: int) -> float:
