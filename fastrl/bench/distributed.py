@@ -56,7 +56,7 @@ def memory_rows(case: str, placement: str, commit: str, run: dict) -> list[dict]
     from fastrl.plan.measure_ranks import compare
 
     rows = []
-    for r in compare(case):
+    for r in compare(case, timeout=3600):  # an FSDP2 launch passed 900 s at load average ~25 here
         config = {"commit": commit, "memory_case": case, "rank": r["rank"], "per_device_batch": r["per_device_batch"],
                   "completion_len": r["completion_len"], "model": f"L{r['layers']}-H{r['hidden']}-V{r['vocab']}",
                   "plan_peak_phase": r["plan_peak_phase"]}

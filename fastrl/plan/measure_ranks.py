@@ -107,7 +107,7 @@ def predicted(name: str):
     return predict(tiny_model_config(tiny), run, device="cpu", world_size=nproc)
 
 
-def compare(name: str) -> list[dict]:
+def compare(name: str, timeout: float = 900) -> list[dict]:
     """One row per rank: the plan's per-rank peak beside the rank's measured one."""
     plan, (tiny, run, nproc) = predicted(name), case_run(name)
     return [{"case": name, "processes": nproc, "placement": "fsdp" if run.get("fsdp") else "replicated",
@@ -117,7 +117,7 @@ def compare(name: str) -> list[dict]:
              "lora": json.dumps(run["peft"]) if run.get("peft") else "",
              "predicted_mib": _mib(plan.peak), "measured_mib": _mib(m["peak"]),
              "error_pct": round(100 * (plan.peak - m["peak"]) / m["peak"], 1), "plan_peak_phase": plan.peak_phase.name,
-             "seconds": round(m["seconds"], 1)} for m in measure(name)]
+             "seconds": round(m["seconds"], 1)} for m in measure(name, timeout)]
 
 
 def main(argv=None) -> int:
