@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .loss_spec import LOSS_TYPES
-from .params import IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS, GRPOLossParams, LogitTransform
+from .params import IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS, GRPOLossParams, LogitTransform, VespoParams
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -126,8 +126,12 @@ def check_linear_inputs(hidden, weight, targets, bias, checks: ValueChecks | Non
         checks.run()
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return _finite(value) and value > 0
 
 
 def check_logit_transform(temperature, transform: LogitTransform | None) -> LogitTransform:
@@ -163,6 +167,7 @@ class GRPOInputs:
     old_logprobs: torch.Tensor | None  # [B, T] ([N] packed)
     ref_logprobs: torch.Tensor | None  # [B, T] ([N] packed)
     is_ratio: torch.Tensor | None  # [B, T] ([N] packed) or [B, 1]
+    sampling_logprobs: torch.Tensor | None = None  # [B, T] ([N] packed), the off-policy mask's, NaN = unscored
 
 
 def _check_choice(name, value, choices):
@@ -202,6 +207,12 @@ def _check_loss_settings(p: GRPOLossParams, ref_logprobs) -> None:
         _fail("top_entropy_quantile", "a value in (0, 1]", p.top_entropy_quantile)
     if p.num_items_in_batch is not None and not float(p.num_items_in_batch) > 0:
         _fail("num_items_in_batch", "a positive token count", p.num_items_in_batch)
+    for name in ("k_pos", "lambda_pos", "k_neg", "lambda_neg"):
+        if not _finite(getattr(p.vespo, name)):
+            _fail(f"vespo_{name}", "a finite number", getattr(p.vespo, name))
+    for name in ("off_policy_mask_threshold", "entropy_coef"):
+        if getattr(p, name) is not None and not _finite(getattr(p, name)):
+            _fail(name, "a finite number or None", getattr(p, name))
 
 
 def check_cu_seqlens(cu_seqlens, n_rows: int, checks: ValueChecks) -> int:
@@ -235,7 +246,9 @@ def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewa
                          epsilon=0.2, epsilon_high=None, delta=None, temperature=1.0, loss_type="dapo",
                          importance_sampling_level="token", use_bias_correction_kl=False,
                          max_completion_length=None, num_items_in_batch=None, is_ratio=None,
-                         top_entropy_quantile=1.0, logit_transform=None, cu_seqlens=None) -> GRPOInputs:
+                         top_entropy_quantile=1.0, logit_transform=None, cu_seqlens=None, sampling_logprobs=None,
+                         off_policy_mask_threshold=None, entropy_coef=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                         vespo_k_neg=3.0, vespo_lambda_neg=2.0) -> GRPOInputs:
     checks = ValueChecks()
     batch, tokens, what = _token_layout(hidden, cu_seqlens, checks)
     check_linear_inputs(hidden, weight, targets, bias, checks)
@@ -244,9 +257,14 @@ def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewa
         if t is not None:
             check_shape(name, t, tokens, what)
             checks.finite(name, t)
+    if sampling_logprobs is not None:
+        check_shape("sampling_logprobs", sampling_logprobs, tokens, what)
+        checks.no_inf("sampling_logprobs", sampling_logprobs)
     if is_ratio is not None:
         if tuple(is_ratio.shape) not in (tokens, (batch, 1)):
             _fail("is_ratio", f"shape {what} = {tokens} or [B, 1]", tuple(is_ratio.shape))
+        if loss_type == "vespo" and tuple(is_ratio.shape) != tokens:  # TRL: token_* vLLM modes only
+            _fail("is_ratio", f"per-token ratios {what} = {tokens} for loss_type='vespo'", tuple(is_ratio.shape))
         checks.finite("is_ratio", is_ratio)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = float(num_items_in_batch)
@@ -256,9 +274,12 @@ def validate_grpo_inputs(hidden, weight, targets, mask, advantages=None, *, rewa
         logits=check_logit_transform(temperature, logit_transform),
         importance_sampling_level=importance_sampling_level,
         use_bias_correction_kl=bool(use_bias_correction_kl), max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch, top_entropy_quantile=float(top_entropy_quantile))
+        num_items_in_batch=num_items_in_batch, top_entropy_quantile=float(top_entropy_quantile),
+        vespo=VespoParams(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+        off_policy_mask_threshold=off_policy_mask_threshold, entropy_coef=entropy_coef)
     _check_loss_settings(params, ref_logprobs)
     _check_advantage_source(advantages, rewards, num_generations, scale_rewards, batch, checks)
     checks.run()
     return GRPOInputs(params, advantages, rewards, num_generations, scale_rewards, bias,
-                      old_logprobs, ref_logprobs if params.beta != 0.0 else None, is_ratio)
+                      old_logprobs, ref_logprobs if params.beta != 0.0 else None, is_ratio,
+                      sampling_logprobs if off_policy_mask_threshold is not None else None)

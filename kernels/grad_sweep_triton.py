@@ -51,11 +51,14 @@ def grad_config(dtype: torch.dtype, precision: str) -> SweepConfig:
     return GRAD_CONFIG_FP32_IEEE if dtype == torch.float32 and precision == "ieee" else GRAD_CONFIG
 
 
-def atomic_num_stages(cfg: SweepConfig, need_weight_grad: bool) -> int:
+def atomic_num_stages(cfg: SweepConfig, need_weight_grad: bool, entropy_grad: bool = False) -> int:
     """Pipeline stages of the atomic kernel. Its dh-only variant with IEEE fp32 dots spilled 16 bytes on sm_80 with
-    2 stages once the lse became two loads (max and log-sum); with 1 none. The dh + dW variant spills ~490 bytes
-    with 1 stage and none with 2 (ptxas allocates the two differently), so it keeps the config's."""
-    return 1 if cfg is GRAD_CONFIG_FP32_IEEE and not need_weight_grad else cfg.num_stages
+    2 stages once the lse became two loads (max and log-sum); with 1 none. With the entropy gradient on it spilled
+    12 bytes with 1 stage and 16 with 2, none with 3 (sm_80, 184 registers; sm_90 0 in each). The dh + dW variant
+    spills ~490 bytes with 1 stage and none with 2 (ptxas allocates the two differently), so it keeps the config's."""
+    if cfg is GRAD_CONFIG_FP32_IEEE and not need_weight_grad:
+        return 3 if entropy_grad else 1
+    return cfg.num_stages
 
 
 def ordered_num_stages(dtype: torch.dtype) -> int:
@@ -267,7 +270,7 @@ def grad_sweep(hidden, weight, targets, bias, logits, lse, g_logp, g_entropy, lo
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
         _grad_sweep_kernel[grid](*inputs, out(grad_h), out(grad_w), out(grad_b), *sizes, NEED_DH=need_hidden_grad,
                                  NEED_DW=need_weight_grad, NEED_DB=need_bias_grad,
-                                 num_stages=atomic_num_stages(cfg, need_weight_grad),
+                                 num_stages=atomic_num_stages(cfg, need_weight_grad, has_ent),
                                  **flags)
         return grad_h, grad_w, logits.bias_grad_(grad_b)
     stages = ordered_num_stages(hidden.dtype)

@@ -19,11 +19,13 @@ def _three_phase(impl, hidden, weight, targets, bias, inputs, advantages, mask, 
     """Phase 1, the epilogue and phase 3 over the N packed rows. hidden [N, H]; mask [N]."""
     p = inputs.params
     lse, logp, entropy = impl.forward_sweep(hidden, weight, targets, bias, p.logits, True)
-    loss, g, metrics = impl.grpo_epilogue(logp, mask, advantages, inputs.old_logprobs, inputs.ref_logprobs,
-                                          inputs.is_ratio, entropy, cu_seqlens, p)
+    loss, g, g_entropy, metrics = impl.grpo_epilogue(logp, mask, advantages, inputs.old_logprobs,
+                                                     inputs.ref_logprobs, inputs.is_ratio, entropy, cu_seqlens, p,
+                                                     inputs.sampling_logprobs)
     grads = (None, None, None)
-    if any(needs):
-        grads = impl.grad_sweep(hidden, weight, targets, bias, p.logits, lse, g, None, logp, entropy, *needs)
+    if any(needs):  # with an entropy bonus its dL/dH joins dL/dlogp in the same sweep (none at coefficient 0)
+        grads = impl.grad_sweep(hidden, weight, targets, bias, p.logits, lse, g, g_entropy if p.entropy_coef else None,
+                                logp, entropy, *needs)
     return loss, metrics, grads
 
 
@@ -35,7 +37,7 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
         rows, ids = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         p = inputs.params
-        if backend == "torch" and p.importance_sampling_level == "token" and p.top_entropy_quantile >= 1.0:
+        if backend == "torch" and p.token_local:
             loss, metrics, *grads = grpo_single_pass(rows, weight, ids, bias, mask, advantages, inputs.old_logprobs,
                                                      inputs.ref_logprobs, inputs.is_ratio, p, *needs,
                                                      cu_seqlens=cu_seqlens)
@@ -81,7 +83,7 @@ def _as_rows(mask, inputs):
     is_ratio = isr if isr is None or isr.shape[-1] == 1 else flat(isr)
     cu_seqlens = torch.arange(batch + 1, device=mask.device) * length
     return flat(mask), replace(inputs, old_logprobs=flat(inputs.old_logprobs), ref_logprobs=flat(inputs.ref_logprobs),
-                               is_ratio=is_ratio), cu_seqlens
+                               is_ratio=is_ratio, sampling_logprobs=flat(inputs.sampling_logprobs)), cu_seqlens
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, rewards=None, num_generations=None,
@@ -89,7 +91,9 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, re
                            epsilon=0.2, epsilon_high=None, delta=None, temperature=1.0, loss_type="dapo",
                            importance_sampling_level="token", use_bias_correction_kl=False,
                            max_completion_length=None, num_items_in_batch=None, is_ratio=None,
-                           top_entropy_quantile=1.0, logit_transform=None, cu_seqlens=None, backend="auto"):
+                           top_entropy_quantile=1.0, logit_transform=None, cu_seqlens=None, sampling_logprobs=None,
+                           off_policy_mask_threshold=None, entropy_coef=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                           vespo_k_neg=3.0, vespo_lambda_neg=2.0, backend="auto"):
     """GRPO loss of completions from the policy's final hidden states, never materializing [B·T, V] logits.
 
     Padded: hidden [B, T, H] (aligned with targets [B, T]: no shift inside), mask [B, T]. Packed (padding-free):
@@ -98,8 +102,12 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, re
     advantages [B], or rewards [B] with num_generations (group-normalized here, TRL's rule). Semantics, argument
     names and metric names follow TRL's GRPOTrainer._compute_loss (see kernels/grpo_epilogue.py). Returns
     (loss, metrics) with metrics a dict of detached scalars: entropy, kl (beta != 0), clip_ratio/low_mean,
-    /high_mean, /region_mean. logit_transform: the model's logit post-processing (a LogitTransform: scales,
-    softcap), None = plain h·Wᵀ + b.
+    /high_mean, /region_mean (cispo_clip_ratio; vespo/phi_seq_mean). logit_transform: the model's logit
+    post-processing (a LogitTransform: scales, softcap), None = plain h·Wᵀ + b.
+    TRL's loss-side options: vespo_* (loss_type="vespo"'s gamma weight; is_ratio enters it); off_policy_mask_threshold
+    (drops A < 0 sequences whose mean sampling_logprobs − logp, or old_logprobs − logp without them, exceeds it);
+    entropy_coef c (None = off): loss −= c·(token-mean entropy over the policy term's tokens), its gradient through
+    the entropy in the same sweep, metrics policy_loss (before the bonus), entropy_bonus/entropy and /tokens.
     """
     inputs = validate_grpo_inputs(
         hidden, weight, targets, mask, advantages, rewards=rewards, num_generations=num_generations,
@@ -107,7 +115,10 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=None, *, re
         epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, temperature=temperature, loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, use_bias_correction_kl=use_bias_correction_kl,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, is_ratio=is_ratio,
-        top_entropy_quantile=top_entropy_quantile, logit_transform=logit_transform, cu_seqlens=cu_seqlens)
+        top_entropy_quantile=top_entropy_quantile, logit_transform=logit_transform, cu_seqlens=cu_seqlens,
+        sampling_logprobs=sampling_logprobs, off_policy_mask_threshold=off_policy_mask_threshold,
+        entropy_coef=entropy_coef, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg)
     if advantages is None:
         advantages = normalized_advantages(rewards, num_generations, scale_rewards)  # checked above
     if cu_seqlens is None:

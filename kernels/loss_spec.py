@@ -21,8 +21,9 @@ from dataclasses import dataclass, fields
 SEQUENCE_MEAN, MASK_TOTAL, COMPLETION_BUDGET, ITEMS = "sequence_mean", "mask_total", "completion_budget", "items"
 SEQUENCE_SUM = "sequence_sum"
 # The per-token loss L: "clip" is PPO's −min(r·A, clip(r)·A); "cispo" −sg(min(r, ε_high))·A·logp;
-# "sapo" −σ(t(r−1))·4/t·A (grpo_epilogue.policy_loss and the Triton epilogue's _policy_terms).
-OBJECTIVES = ("clip", "cispo", "sapo")
+# "sapo" −σ(t(r−1))·4/t·A; "vespo" −sg(φ(w))·A·logp with φ VESPO's per-sequence gamma weight
+# (grpo_epilogue.policy_loss and the Triton epilogue's _policy_terms).
+OBJECTIVES = ("clip", "cispo", "sapo", "vespo")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ LOSS_RULES = {
     "cispo": LossRule("cispo", ITEMS),
     "sapo": LossRule("sapo", SEQUENCE_MEAN),
     "luspo": LossRule("clip", SEQUENCE_SUM),  # TRL 1.16: (per_token_loss * mask).sum(-1).mean()
+    "vespo": LossRule("vespo", ITEMS),
 }
 LOSS_TYPES = tuple(LOSS_RULES)
 
@@ -71,6 +73,11 @@ class LossSpec:
     use_bias_correction_kl: bool = False
     top_entropy_quantile: float = 1.0
     max_completion_length: int | None = None
+    off_policy_mask_threshold: float | None = None
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     gradient_accumulation_steps: int = 1
     steps_per_generation: int = 1
     world_size: int = 1
@@ -116,8 +123,26 @@ class LossSpec:
             return max(1.0, micro[1]) / max(1.0, window[1])
         return 1.0
 
-    def loss_kwargs(self, generation_tokens: float) -> dict:
-        """Keyword arguments of `fused_linear_grpo_loss` for a micro-batch of this generation batch."""
+    @property
+    def micro_batch_entropy_scale(self) -> float:
+        """The factor on each micro-batch's entropy bonus: 1 / gradient_accumulation_steps for every loss type
+        (TRL: the bonus is a token mean, never normalised like the policy term)."""
+        return 1.0 / self.gradient_accumulation_steps
+
+    @staticmethod
+    def token_budget_entropy_scale(micro: tuple[int, float], window: tuple[int, float]) -> float:
+        """The factor on one token-budget micro-batch's entropy bonus, (sequences, loss tokens) of it and of the
+        window: max(1, micro tokens) / max(1, window tokens). The step's bonus is then the micro-batches' bonus
+        means weighted by their loss tokens (the window's token mean; TRL's mean of micro-batch means when the
+        micro-batches hold equal token counts)."""
+        return max(1.0, micro[1]) / max(1.0, window[1])
+
+    def loss_kwargs(self, generation_tokens: float, entropy_coef: float | None = None, loss_scale: float = 1.0,
+                    entropy_scale: float = 1.0) -> dict:
+        """Keyword arguments of `fused_linear_grpo_loss` for a micro-batch of this generation batch. With an
+        entropy bonus (entropy_coef, None = off), the kernel's coefficient makes loss × loss_scale carry
+        entropy_coef × entropy_scale × the micro-batch's token-mean entropy (TRL: loss − coef·H / accumulation)."""
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)
                   if f.name not in ("gradient_accumulation_steps", "steps_per_generation", "world_size")}
-        return {**kwargs, "num_items_in_batch": self.num_items_in_batch(generation_tokens)}
+        coef = None if entropy_coef is None else entropy_coef * entropy_scale / loss_scale
+        return {**kwargs, "num_items_in_batch": self.num_items_in_batch(generation_tokens), "entropy_coef": coef}

@@ -1,6 +1,7 @@
 """The scalar settings of the GRPO loss, carried into the kernels as one small dataclass."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .loss_spec import LOSS_RULES, LossRule, fixed_divisor
@@ -58,6 +59,24 @@ class LogitTransform:
         return grad_bias
 
 
+# VESPO's clamps, TRL's (GRPOTrainer.get_gamma_weights): per-token log ratios to ±20, the sequence's log weight
+# and log importance-sampling ratios to [log 1e-8, 20], λ to ≥ 1e-4.
+VESPO_LOG_RATIO_MAX = 20.0
+VESPO_LOG_W_MIN = math.log(1e-8)
+VESPO_LAMBDA_MIN = 1e-4
+
+
+@dataclass(frozen=True)
+class VespoParams:
+    """VESPO's gamma weight φ(w) = e^λ · w^k · e^(−λw) (φ(1) = 1), k and λ by the sign of the advantage
+    (A ≥ 0: pos); TRL's GRPOConfig.vespo_* defaults."""
+
+    k_pos: float = 2.0
+    lambda_pos: float = 3.0
+    k_neg: float = 3.0
+    lambda_neg: float = 2.0
+
+
 @dataclass(frozen=True)
 class GRPOLossParams:
     loss_type: str = "dapo"
@@ -73,6 +92,18 @@ class GRPOLossParams:
     top_entropy_quantile: float = 1.0  # < 1 trains only on tokens at or above this entropy quantile (TRL)
     sapo_temperature_pos: float = SAPO_TEMPERATURE_POS
     sapo_temperature_neg: float = SAPO_TEMPERATURE_NEG
+    vespo: VespoParams = VespoParams()
+    off_policy_mask_threshold: float | None = None  # drop A < 0 sequences whose mean KL exceeds it (TRL's OPSM)
+    entropy_coef: float | None = None  # loss −= coef · token-mean entropy (None: no bonus term, no bonus metrics)
+
+    @property
+    def token_local(self) -> bool:
+        """Whether each token's dL/dlogp depends on that token alone (and no entropy gradient): the torch single
+        pass's case. Sequence-level ratios, VESPO's weight and the off-policy mask need whole sequences, the
+        entropy quantile the whole batch, the entropy bonus a gradient through the entropy."""
+        return (self.importance_sampling_level == "token" and self.top_entropy_quantile >= 1.0
+                and self.rule.objective != "vespo" and self.off_policy_mask_threshold is None
+                and self.entropy_coef is None)
 
     @property
     def rule(self) -> LossRule:

@@ -36,6 +36,7 @@ N_ROWS = 8192  # B·T of a typical GRPO micro-batch (e.g. 16 completions × 512 
 VOCAB = 151936  # Qwen2/2.5 vocabulary
 GRAD_VARIANTS = ("grad_sweep", "grad_sweep_frozen_head", "grad_hidden_ordered", "grad_weight_ordered")
 SOFTCAP_SUFFIX = "_softcap"  # the kernels compiled with SOFTCAP=True (LogitTransform.softcap set)
+ENTROPY_SUFFIX = "_entropy"  # the gradient sweeps compiled with HAS_ENTROPY_GRAD=True
 
 
 @dataclass
@@ -103,9 +104,10 @@ def _forward_spec(h: int, dot: str = "bf16", softcap: bool = False) -> KernelSpe
                       c.num_stages, {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
-def _grad_spec(h: int, variant: str, dot: str = "bf16", softcap: bool = False) -> KernelSpec:
+def _grad_spec(h: int, variant: str, dot: str = "bf16", softcap: bool = False, entropy: bool = False) -> KernelSpec:
     """variant: "grad_sweep" (atomics, dh + dW), "grad_sweep_frozen_head" (atomics, dh only), or the
-    deterministic pair "grad_hidden_ordered" / "grad_weight_ordered"."""
+    deterministic pair "grad_hidden_ordered" / "grad_weight_ordered"; entropy: with dL/dentropy (the entropy
+    bonus, or a logprobs caller that uses the entropy)."""
     from . import grad_sweep_triton as g
     from .forward_sweep_triton import forward_config
 
@@ -122,13 +124,13 @@ def _grad_spec(h: int, variant: str, dot: str = "bf16", softcap: bool = False) -
         needs["NEED_DB"] = False  # Qwen-style heads have no bias
     ptrs = ["p_lse", "p_g", "p_ge", "p_ent", *outputs]
     args = {**_operand_args(dtype), **{p: ("*fp32", None) for p in ptrs}, **_sweep_args(h)}
-    const = {"HAS_BIAS": False, "SOFTCAP": softcap, "HAS_ENTROPY_GRAD": False, **needs, "DOT_FP32": False,
+    const = {"HAS_BIAS": False, "SOFTCAP": softcap, "HAS_ENTROPY_GRAD": entropy, **needs, "DOT_FP32": False,
              "DOT_PRECISION": precision, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
              "BLOCK_HZ": forward_config(_torch_dtype(dtype), precision).block_h}
     stages = (g.ordered_num_stages(_torch_dtype(dtype)) if "ordered" in variant
-              else g.atomic_num_stages(c, needs["NEED_DW"]))
-    return KernelSpec(variant + SOFTCAP_SUFFIX * softcap, fn, args, const, c.num_warps, stages,
-                      {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
+              else g.atomic_num_stages(c, needs["NEED_DW"], entropy))
+    return KernelSpec(variant + SOFTCAP_SUFFIX * softcap + ENTROPY_SUFFIX * entropy, fn, args, const, c.num_warps,
+                      stages, {"H": h, "dot": dot, "blocks": [c.block_n, c.block_v, c.block_h]})
 
 
 def kernel_specs() -> list[KernelSpec]:
@@ -141,29 +143,37 @@ def kernel_specs() -> list[KernelSpec]:
     for dot in DOTS:  # tanh soft-capping (Gemma2/3) adds an exp and a division per logit, in every dot mode
         specs += [_forward_spec(max(HIDDEN_SIZES), dot, True)] + [_grad_spec(max(HIDDEN_SIZES), v, dot, True)
                                                                   for v in GRAD_VARIANTS]
+    for dot in DOTS:  # with dL/dentropy (the entropy bonus): a second [BN, BV] term in dz, in every dot mode
+        specs += [_grad_spec(max(HIDDEN_SIZES), v, dot, entropy=True) for v in GRAD_VARIANTS]
     specs += _epilogue_specs()
     return specs
 
 
-def _epilogue_spec(sequence_level: bool) -> KernelSpec:
+def _epilogue_spec(sequence_level: bool, loss: str = "clip", options: bool = False) -> KernelSpec:
+    """The epilogue at a mean completion length of 1024; `options`: TRL's loss-side options all on (the entropy
+    quantile and bonus, the off-policy mask on sampling logprobs), the most registers any variant holds."""
     from .grpo_epilogue_triton import NORM_MASK_TOTAL, NUM_WARPS, OBJECTIVE_KIND, _grpo_epilogue_kernel, block_t
 
     length = 1024  # mean completion length N / B (packed rows; the loops run to each sequence's own length)
-    ptrs = ["p_logp", "p_mask", "p_adv", "p_old", "p_ref", "p_isr", "p_ent", "p_mask_total", "p_g", "p_part"]
+    ptrs = ["p_logp", "p_mask", "p_adv", "p_old", "p_ref", "p_isr", "p_ent", "p_samp", "p_mask_total", "p_g",
+            "p_gent", "p_part", "p_ent_thr", "p_bonus_tokens"]
+    scalars = ("n_seq", "norm_const", "beta", "eps_low", "eps_high", "delta", "t_pos", "t_neg", "k_pos", "lam_pos",
+               "k_neg", "lam_neg", "opsm_thr", "ent_coef")
     args = {**{p: ("*fp32", None) for p in ptrs}, "p_cu": ("*i64", None), "stride_isr_b": ("i32", None),
-            "stride_isr_t": ("i32", None), **{k: ("fp32", None) for k in ("n_seq", "norm_const", "beta", "eps_low",
-                                                                        "eps_high", "delta", "t_pos", "t_neg")},
-            "p_ent_thr": ("*fp32", None)}
-    const = {"LOSS": OBJECTIVE_KIND["clip"], "NORM": NORM_MASK_TOTAL, "SEQ_LEVEL": sequence_level,
+            "stride_isr_t": ("i32", None), **{k: ("fp32", None) for k in scalars}}
+    const = {"LOSS": OBJECTIVE_KIND[loss], "NORM": NORM_MASK_TOTAL, "SEQ_LEVEL": sequence_level,
              "HAS_OLD": True, "HAS_KL": True, "BIAS_KL": False, "HAS_DELTA": False, "HAS_IS": True,
-             "HAS_ENT": True, "ENT_MASK": False, "BLOCK_T": block_t(length)}
-    name = "grpo_epilogue_sequence" if sequence_level else "grpo_epilogue"
+             "HAS_ENT": True, "ENT_MASK": options, "OPSM": options, "HAS_SAMP": options, "BONUS": options,
+             "BLOCK_T": block_t(length)}
+    name = "grpo_epilogue" + ("_sequence" if sequence_level else "") + ("" if loss == "clip" else f"_{loss}") + \
+        ("_options" if options else "")
     return KernelSpec(name, _grpo_epilogue_kernel, args, const, NUM_WARPS, 1,
                       {"mean_T": length, "blocks": [block_t(length)]})
 
 
 def _epilogue_specs() -> list[KernelSpec]:
-    return [_epilogue_spec(False), _epilogue_spec(True)]
+    return [_epilogue_spec(False), _epilogue_spec(True), _epilogue_spec(False, "vespo", True),
+            _epilogue_spec(True, "clip", True)]
 
 
 def _bin(tool: str) -> str:

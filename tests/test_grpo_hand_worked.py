@@ -12,12 +12,46 @@ from fastrl.kernels.params import GRPOLossParams
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
-def one_token(log_ratio, adv, **params):
+def one_token(log_ratio, adv, entropy=None, **params):
     logp = torch.tensor([-1.0])  # one completion of one token: cu_seqlens [0, 1]
-    loss, g, metrics = grpo_epilogue(logp, torch.ones(1), torch.tensor([adv]), logp - log_ratio,
-                                     params.pop("ref", None), None, None, torch.tensor([0, 1]),
-                                     GRPOLossParams(**params))
-    return float(loss), float(g), {k: float(v) for k, v in metrics.items()}
+    loss, g, g_entropy, metrics = grpo_epilogue(logp, torch.ones(1), torch.tensor([adv]), logp - log_ratio,
+                                                params.pop("ref", None), None, entropy, torch.tensor([0, 1]),
+                                                GRPOLossParams(**params))
+    assert (g_entropy is None) == (params.get("entropy_coef") is None)
+    out = {k: float(v) for k, v in metrics.items()}
+    if g_entropy is not None:
+        out["g_entropy"] = float(g_entropy)
+    return float(loss), float(g), out
+
+
+def test_vespo_gamma_weight():
+    # w = e^0.5 (one token, no clamp), A = 1 ≥ 0: k = 2, λ = 3, φ = exp(3 + 2·0.5 − 3·e^0.5) ≈ 0.3883;
+    # L = −φ·A·logp = 0.3883 (logp = −1) and dL/dlogp = −φ·A (φ held constant, as TRL's no_grad weight)
+    loss, g, m = one_token(0.5, 1.0, loss_type="vespo")
+    phi = math.exp(3 + 1.0 - 3 * math.exp(0.5))
+    assert loss == pytest.approx(phi, rel=1e-6) and g == pytest.approx(-phi, rel=1e-6)
+    assert m["vespo/phi_seq_mean"] == pytest.approx(phi, rel=1e-6)
+    # A = −1 < 0: k = 3, λ = 2, φ = exp(2 + 3·0.5 − 2·e^0.5); L = −φ·(−1)·(−1) = −φ
+    loss, g, _ = one_token(0.5, -1.0, loss_type="vespo")
+    phi = math.exp(2 + 1.5 - 2 * math.exp(0.5))
+    assert loss == pytest.approx(-phi, rel=1e-6) and g == pytest.approx(phi, rel=1e-6)
+
+
+def test_off_policy_mask_drops_negative_advantage_far_sequences():
+    # old − logp = 0.5 (log ratio −0.5, r = e^−0.5 ≈ 0.607, clipped at 0.8): with A = −1 the sequence is dropped
+    # above threshold 0.4 (loss and gradient 0) and kept below 0.6 (L = −min(−0.607, −0.8) = 0.8, clipped)
+    assert one_token(-0.5, -1.0, off_policy_mask_threshold=0.4)[:2] == (0.0, 0.0)
+    assert one_token(-0.5, -1.0, off_policy_mask_threshold=0.6)[0] == pytest.approx(0.8, rel=1e-6)
+    # A ≥ 0 is always kept: r = e^−0.5 inside no clip for A > 0, L = −r
+    assert one_token(-0.5, 1.0, off_policy_mask_threshold=0.4)[0] == pytest.approx(-math.exp(-0.5), rel=1e-6)
+
+
+def test_entropy_bonus():
+    # r = 1, A = 1: policy L = −1; entropy 2 with coef 0.1: loss = −1 − 0.1·2, dL/dH = −0.1 (one token)
+    loss, g, m = one_token(0.0, 1.0, entropy=torch.tensor([2.0]), entropy_coef=0.1)
+    assert loss == pytest.approx(-1.2, rel=1e-6) and g == pytest.approx(-1.0, rel=1e-6)
+    assert m["policy_loss"] == pytest.approx(-1.0) and m["g_entropy"] == pytest.approx(-0.1)
+    assert (m["entropy_bonus/entropy"], m["entropy_bonus/tokens"]) == (2.0, 1.0)
 
 
 def test_unclipped_ratio_1_1_advantage_2():

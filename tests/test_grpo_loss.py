@@ -10,7 +10,7 @@ from kernel_cases import assert_no_worse_than, make_linear_inputs, ratios_off_cl
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -74,6 +74,11 @@ OPTION_SETS = {
     "num_items": {"num_items_in_batch": 123},
     "entropy-quantile": {"top_entropy_quantile": 0.4},
     "on-policy": {"old": None},
+    "entropy-bonus": {"entropy_coef": 0.05},
+    "entropy-bonus-quantile": {"entropy_coef": 0.3, "top_entropy_quantile": 0.4, "beta": 0.04},
+    "off-policy-mask": {"off_policy_mask_threshold": 0.0},
+    "off-policy-mask-sampling": {"off_policy_mask_threshold": 0.05, "sampling_logprobs": "given"},
+    "vespo-shape": {"vespo_k_pos": 1.5, "vespo_lambda_pos": 0.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 6.0},
 }
 
 
@@ -86,9 +91,12 @@ def _kwargs(batch, loss_type, level, options, B, T):
     if "beta" in opts:
         kw["ref_logprobs"] = batch["ref"]
     isr = opts.pop("is_ratio", None)
+    g = torch.Generator().manual_seed(7)
     if isr:
-        g = torch.Generator().manual_seed(7)
         kw["is_ratio"] = torch.rand(B, T if isr == "token" else 1, generator=g) + 0.5
+    if opts.pop("sampling_logprobs", None):  # vLLM's: near the old ones, one token unscored (NaN, counts as 0)
+        kw["sampling_logprobs"] = batch["old"] + 0.2 * torch.randn(B, T, generator=g)
+        kw["sampling_logprobs"][0, 2] = float("nan")
     kw.update(opts)
     return kw
 
@@ -101,17 +109,24 @@ def test_fp32_every_loss_type_and_option(loss_type, level, options):
     seed = torch.seed() % 2**31
     batch = make_batch(B, T, H, V, torch.float32, seed, bias=True)
     kw = _kwargs(batch, loss_type, level, options, B, T)
+    if loss_type == "vespo" and options.get("is_ratio") == "seq":  # TRL's VESPO takes per-token ratios only
+        with pytest.raises(ValueError, match="is_ratio: expected per-token ratios"):
+            fused_linear_grpo_loss(batch["h"], batch["w"], batch["y"], batch["mask"], backend="torch", **kw)
+        return
     check_against_reference(batch, torch.float32, f"{loss_type}/{level}/{options} seed={seed}", **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence"), ("cispo", "token")])
-def test_low_precision(loss_type, level, dtype):
+@pytest.mark.parametrize("loss_type,level,extra", [
+    ("dapo", "token", {}), ("grpo", "sequence", {}), ("cispo", "token", {}), ("vespo", "token", {}),
+    ("bnpo", "token", {"entropy_coef": 0.1, "off_policy_mask_threshold": 0.0})],
+    ids=["dapo", "grpo-seq", "cispo", "vespo", "bnpo-bonus-mask"])
+def test_low_precision(loss_type, level, extra, dtype):
     B, T, H, V = 8, 24, 64, 3001
     seed = torch.seed() % 2**31
     batch = make_batch(B, T, H, V, dtype, seed)
     keep_ratios_off_clip_edges(batch, level, margin=0.05)
-    kw = _kwargs(batch, loss_type, level, {"beta": 0.04}, B, T)
+    kw = _kwargs(batch, loss_type, level, {"beta": 0.04, **extra}, B, T)
     check_against_reference(batch, dtype, f"{loss_type}/{level} seed={seed}", **kw)
 
 

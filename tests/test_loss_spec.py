@@ -23,7 +23,7 @@ def trl_loss(h, w, y, mask, adv, loss_type, gen_tokens, accum, spg, world, max_l
     generation-batch token count / processes × accumulation steps / steps_per_generation."""
     if loss_type in ("grpo", "sapo"):
         return reference_grpo_loss(h, w, y, mask, adv, loss_type=loss_type)[0] / accum
-    objective = "cispo" if loss_type == "cispo" else "dapo"  # Σ m·L: a token-sum loss type with divisor 1
+    objective = loss_type if loss_type in ("cispo", "vespo") else "dapo"  # Σ m·L: token-sum types, divisor 1
     total = reference_grpo_loss(h, w, y, mask, adv, loss_type=objective, num_items_in_batch=1.0)[0]
     if loss_type == "bnpo":
         return total / mask.sum().clamp(min=1) / accum
@@ -58,7 +58,9 @@ def test_spec_takes_the_config_and_world_size():
     kwargs = spec.loss_kwargs(100.0)
     assert kwargs == dict(loss_type="bnpo", beta=0.04, epsilon=0.3, epsilon_high=0.5, delta=2.0, temperature=0.7,
                           importance_sampling_level="sequence", use_bias_correction_kl=args.use_bias_correction_kl,
-                          top_entropy_quantile=0.5, max_completion_length=64, num_items_in_batch=None)
+                          top_entropy_quantile=0.5, max_completion_length=64, num_items_in_batch=None,
+                          off_policy_mask_threshold=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                          vespo_lambda_neg=2.0, entropy_coef=None)
     assert spec.world_size == args.world_size == 1
     assert LossSpec.from_config(args, world_size=4).world_size == 4
     dapo = LossSpec.from_config(GRPOConfig(loss_type="dapo"), world_size=4)
@@ -73,3 +75,17 @@ def test_loss_types_have_one_home():
     assert fastrl.config.LOSS_TYPES is LOSS_TYPES is fastrl.kernels.checks.LOSS_TYPES
     with pytest.raises(ValueError, match="loss_type"):
         GRPOConfig(loss_type="ppo")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_entropy_bonus_is_scaled_for_accumulation_only(loss_type):
+    """TRL: the bonus is coef × the micro-batch's token-mean entropy / gradient_accumulation_steps for every loss
+    type; the kernel's coefficient is chosen so that its loss times the micro-batch scale carries exactly that."""
+    h, w, y, mask, adv = micro_batch(31)
+    spec = LossSpec.from_config(GRPOConfig(loss_type=loss_type, gradient_accumulation_steps=4), world_size=1)
+    kwargs = spec.loss_kwargs(100.0)
+    with_bonus = spec.loss_kwargs(100.0, 0.2, spec.micro_batch_scale, spec.micro_batch_entropy_scale)
+    plain, metrics = reference_grpo_loss(h, w, y, mask, adv, **kwargs)
+    bonus, _ = reference_grpo_loss(h, w, y, mask, adv, **with_bonus)
+    delta = (plain - bonus) * spec.micro_batch_scale
+    torch.testing.assert_close(delta, 0.2 * metrics["entropy"] / 4, rtol=1e-12, atol=0)

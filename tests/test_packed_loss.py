@@ -32,17 +32,19 @@ def ragged_batch(seed, lengths, H=24, V=70):
     isr = torch.rand(B, T, generator=g) + 0.5
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     return dict(h=h, w=w, y=y, mask=mask, valid=valid, old=old, ref=ref, isr=isr, cu=cu,
-                adv=torch.randn(B, generator=g))
+                adv=torch.randn(B, generator=g), sampling=old + 0.2 * torch.randn(B, T, generator=g))
 
 
-def losses(batch, loss_type, level, beta, is_ratio, backend):
+def losses(batch, loss_type, level, beta, is_ratio, backend, sampling=False, **options):
     """(padded, packed) results: (loss, metrics, dh [B, T, H], dW)."""
     v = batch["valid"]
     kw = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, max_completion_length=9,
-              backend=backend)
+              backend=backend, **options)
     padded_kw = dict(old_logprobs=batch["old"], ref_logprobs=batch["ref"] if beta else None)
     packed_kw = dict(old_logprobs=batch["old"][v], ref_logprobs=batch["ref"][v] if beta else None,
                      cu_seqlens=batch["cu"])
+    if sampling:
+        padded_kw["sampling_logprobs"], packed_kw["sampling_logprobs"] = batch["sampling"], batch["sampling"][v]
     if is_ratio == "token":
         padded_kw["is_ratio"], packed_kw["is_ratio"] = batch["isr"], batch["isr"][v]
     elif is_ratio == "sequence":
@@ -64,6 +66,8 @@ def test_packed_equals_padded_torch(loss_type, level, beta):
     seed = 100 + CASES.index((loss_type, level, beta))
     batch = ragged_batch(seed, [7, 3, 0, 11, 5, 1])
     is_ratio = ("token", "sequence", None)[seed % 3]
+    if loss_type == "vespo" and is_ratio == "sequence":  # VESPO takes per-token ratios only (TRL)
+        is_ratio = "token"
     (a_loss, a_m, a_dh, a_dw), (b_loss, b_m, b_dh, b_dw) = losses(batch, loss_type, level, beta, is_ratio, "torch")
     torch.testing.assert_close(b_loss, a_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b_dh, a_dh, rtol=1e-5, atol=1e-6)  # padding rows: no gradient in either
@@ -89,6 +93,29 @@ def test_packed_equals_padded_triton(loss_type, level):
     torch.testing.assert_close(b_loss, a_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b_dh, a_dh, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b_dw, a_dw, rtol=1e-5, atol=1e-6)
+
+
+OPTION_CASES = {  # TRL's loss-side options, whose per-sequence and batch sums must see only each sequence's rows
+    "vespo-is": ("vespo", "token", {}),
+    "bonus-quantile": ("grpo", "sequence", dict(entropy_coef=0.1, top_entropy_quantile=0.5)),
+    "mask-sampling": ("dapo", "token", dict(off_policy_mask_threshold=0.0, sampling=True)),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", OPTION_CASES)
+def test_packed_equals_padded_with_loss_options(case, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    loss_type, level, options = OPTION_CASES[case]
+    batch = ragged_batch(40 + list(OPTION_CASES).index(case), [9, 2, 0, 16, 5, 7])
+    (a_loss, a_m, a_dh, a_dw), (b_loss, b_m, b_dh, b_dw) = losses(batch, loss_type, level, 0.05, "token", backend,
+                                                                  **options)
+    torch.testing.assert_close(b_loss, a_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b_dh, a_dh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b_dw, a_dw, rtol=1e-5, atol=1e-6)
+    for k in a_m:
+        torch.testing.assert_close(b_m[k], a_m[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_bad_cu_seqlens_are_named():

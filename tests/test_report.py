@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from fastrl.kernels.report import ARCHS, DOTS, HIDDEN_SIZES, SOFTCAP_SUFFIX, TENSOR_CORE_DOTS, format_table
+from fastrl.kernels.report import (ARCHS, DOTS, ENTROPY_SUFFIX, HIDDEN_SIZES, SOFTCAP_SUFFIX, TENSOR_CORE_DOTS,
+                                   format_table)
 
 SWEEPS = ("forward_sweep", "grad_sweep", "grad_sweep_frozen_head", "grad_hidden_ordered", "grad_weight_ordered")
 # Largest dynamic shared memory a block may request (CUDA programming guide, compute capabilities table).
@@ -45,6 +46,19 @@ def test_softcap_sweeps_are_reported_and_use_tensor_cores(records):
             for dot in DOTS:
                 r = by_key[(kernel + SOFTCAP_SUFFIX, f"sm_{arch}", dot)]
                 assert dot not in TENSOR_CORE_DOTS or r["tensor_core_instructions"] > 0, r
+
+
+def test_entropy_gradient_sweeps_and_loss_option_epilogues_are_reported(records):
+    """The gradient sweeps with dL/dentropy (the entropy bonus) in every dot mode, and the epilogue with VESPO and
+    with every loss-side option on, on both archs (their spills are checked below with the rest)."""
+    by_key = {(r["kernel"], r["arch"], r.get("dot")): r for r in records}
+    for kernel in SWEEPS[1:]:
+        for arch in ARCHS:
+            for dot in DOTS:
+                r = by_key[(kernel + ENTROPY_SUFFIX, f"sm_{arch}", dot)]
+                assert dot not in TENSOR_CORE_DOTS or r["tensor_core_instructions"] > 0, r
+    for kernel in ("grpo_epilogue_vespo_options", "grpo_epilogue_sequence_options"):
+        assert {r["arch"] for r in records if r["kernel"] == kernel} == {f"sm_{a}" for a in ARCHS}
 
 
 def test_no_kernel_spills(records):
