@@ -33,9 +33,6 @@ LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical")  # tra
 
 # field -> (the default it must keep, why another value is refused). Checked in __post_init__.
 UNSUPPORTED = {
-    "entropy_coef": (0.0, "the entropy bonus is not in the fused loss"),
-    "use_adaptive_entropy": (False, "the entropy bonus is not in the fused loss"),
-    "off_policy_mask_threshold": (None, "off-policy sequence masking is not implemented"),
     "router_aux_loss_coef": (None, "MoE router auxiliary losses are not implemented"),
     "use_transformers_continuous_batching": (False, "continuous batching is not implemented"),
     "use_transformers_paged": (False, "continuous batching is not implemented"),
@@ -103,10 +100,6 @@ NO_EFFECT = {
     "prediction_loss_only": "evaluation returns the loss and the generation metrics",
     "metric_for_best_model": "load_best_model_at_end is refused", "greater_is_better": "load_best_model_at_end is "
     "refused", "log_multimodal": "text models only", "pad_to_multiple_of": "completions are not padded to a multiple",
-    "entropy_target": "use_adaptive_entropy is refused", "entropy_coef_min": "use_adaptive_entropy is refused",
-    "entropy_coef_max": "use_adaptive_entropy is refused", "entropy_coef_delta": "use_adaptive_entropy is refused",
-    "vespo_k_pos": "loss_type 'vespo' is refused", "vespo_k_neg": "loss_type 'vespo' is refused",
-    "vespo_lambda_pos": "loss_type 'vespo' is refused", "vespo_lambda_neg": "loss_type 'vespo' is refused",
     "vllm_server_base_url": "vllm_mode 'server' is refused", "vllm_server_host": "vllm_mode 'server' is refused",
     "vllm_server_port": "vllm_mode 'server' is refused", "vllm_server_timeout": "vllm_mode 'server' is refused",
     "vllm_group_port": "vllm_mode 'server' is refused",
@@ -317,14 +310,14 @@ class GRPOConfig:
     dynamic_sampling: bool = False  # fastrl, DAPO: drop groups whose rewards are all equal (fastrl.dynamic_sampling)
     dynamic_sampling_max_attempts: int = 10  # generation rounds per batch before it is topped up with such groups
     top_entropy_quantile: float = 1.0
-    entropy_coef: float = 0.0
-    use_adaptive_entropy: bool = False
-    off_policy_mask_threshold: float | None = None
-    entropy_target: float = 0.2  # the adaptive entropy controller's fields (use_adaptive_entropy is refused)
+    entropy_coef: float = 0.0  # loss −= entropy_coef · mean entropy, scaled for accumulation only (TRL)
+    use_adaptive_entropy: bool = False  # Skywork-OR1's controller (fastrl.entropy_control), TRL's semantics
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's off-policy sequence mask (TRL's OPSM)
+    entropy_target: float = 0.2  # the adaptive entropy controller's fields
     entropy_coef_min: float = 0.0
     entropy_coef_max: float = 1.0
     entropy_coef_delta: float = 0.005
-    vespo_k_pos: float = 2.0  # loss_type="vespo"'s fields (not implemented: refused by loss_type)
+    vespo_k_pos: float = 2.0  # loss_type="vespo"'s gamma weight (kernels/params.VespoParams)
     vespo_k_neg: float = 3.0
     vespo_lambda_pos: float = 3.0
     vespo_lambda_neg: float = 2.0
@@ -537,6 +530,10 @@ class GRPOConfig:
         need(self.ddp_timeout > 0, "ddp_timeout", "a number of seconds > 0")
         if self.loss_type == "dr_grpo":
             need(self.max_completion_length is not None, "max_completion_length", "set for loss_type='dr_grpo'")
+        if self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction:
+            need(self.vllm_importance_sampling_mode in ("token_truncate", "token_mask"), "vllm_importance_sampling_mode",
+                 "'token_truncate' or 'token_mask' with loss_type='vespo' (VESPO folds per-token ratios into its "
+                 "sequence weight; TRL refuses the sequence modes too)")
         lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
         if lo is not None and hi is not None and lo >= hi:
             raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "

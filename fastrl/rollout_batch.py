@@ -19,6 +19,7 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None  # [B, T] policy at generation time, when the batch is reused
     ref_logprobs: torch.Tensor | None = None  # [B, T] reference model, when beta > 0
     is_ratio: torch.Tensor | None = None  # [B, T] or [B, 1], vLLM importance-sampling correction
+    sampling_logprobs: torch.Tensor | None = None  # [B, T] vLLM's, for the off-policy mask (NaN = unscored)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -32,7 +33,8 @@ class RolloutBatch:
     def loss_inputs(self) -> dict:
         """The loss's per-row arguments (fused_linear_grpo_loss), padded layout [B, T]."""
         return dict(targets=self.completion_ids, mask=self.completion_mask, advantages=self.advantages,
-                    old_logprobs=self.old_logprobs, ref_logprobs=self.ref_logprobs, is_ratio=self.is_ratio)
+                    old_logprobs=self.old_logprobs, ref_logprobs=self.ref_logprobs, is_ratio=self.is_ratio,
+                    sampling_logprobs=self.sampling_logprobs)
 
     def select(self, index) -> "RolloutBatch":
         """Rows `index` (a slice or an index tensor) of every field."""
@@ -89,6 +91,7 @@ class PackedBatch:
     old_logprobs: torch.Tensor | None  # [N]
     ref_logprobs: torch.Tensor | None  # [N]
     is_ratio: torch.Tensor | None  # [N] or [B, 1]
+    sampling_logprobs: torch.Tensor | None  # [N]
     padded_index: torch.Tensor  # [N] where each row sits in the flattened [B, T] completion layout
 
     @classmethod
@@ -110,12 +113,14 @@ class PackedBatch:
             old_logprobs=None if rb.old_logprobs is None else rb.old_logprobs[rows],
             ref_logprobs=None if rb.ref_logprobs is None else rb.ref_logprobs[rows],
             is_ratio=None if isr is None else (isr if isr.shape[1] == 1 else isr[rows]),  # [B, 1] stays
+            sampling_logprobs=None if rb.sampling_logprobs is None else rb.sampling_logprobs[rows],
             padded_index=rows.reshape(-1).nonzero().squeeze(1))
 
     def loss_inputs(self) -> dict:
         """The loss's per-row arguments (fused_linear_grpo_loss), packed layout [N] with cu_seqlens."""
         return dict(targets=self.targets, mask=self.mask, advantages=self.advantages, old_logprobs=self.old_logprobs,
-                    ref_logprobs=self.ref_logprobs, is_ratio=self.is_ratio, cu_seqlens=self.cu_rows)
+                    ref_logprobs=self.ref_logprobs, is_ratio=self.is_ratio, sampling_logprobs=self.sampling_logprobs,
+                    cu_seqlens=self.cu_rows)
 
     def to_padded(self, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """[N] per-row values (e.g. logprobs) -> [B, T] in the RolloutBatch's completion layout, zeros elsewhere."""

@@ -47,6 +47,7 @@ from fastrl.checkpoint import copy_into, load_checkpoint, resolve_resume, save_c
 from fastrl.config import GRPOConfig
 from fastrl.data import check_dataset, completions_for_rewards, is_stream, make_sampler, tokenize_prompts
 from fastrl.dynamic_sampling import ScoredGroups, concat_groups, fill_generation_batch
+from fastrl.entropy_control import EntropyControl
 from fastrl.environments import placeholder_dataset
 from fastrl.evaluation import check_eval_dataset, eval_due, evaluate_set, named_sets
 from fastrl.generation.base import SamplingConfig
@@ -210,6 +211,7 @@ class GRPOTrainer:
         self._given_optimizers = optimizers  # TRL's (optimizer, scheduler); a None is built by train()
         self._logger: MetricsLogger | None = None  # while train() runs
         self.loss_spec = LossSpec.from_config(args)  # every normaliser and accumulation factor of the loss
+        self.entropy_control = EntropyControl(args)  # the entropy bonus's coefficient (static or adaptive)
         self._loss_fn = fused_linear_grpo_loss  # injectable: tests swap in the float64 reference
         self._logprob_fn = fused_linear_logprobs
         self._buffer: list[RolloutBatch] | None = None  # the current generation batch, split into micro-batches
@@ -298,8 +300,8 @@ class GRPOTrainer:
         # the kernels' input value checks of the whole step (losses, old/reference logprobs) in one device->host
         # read at the end of this block, before the optimizer step (kernels/checks.py)
         with deferred_value_checks():
-            for batch, scale in self._step_micro_batches():
-                loss, loss_metrics = self._micro_batch_loss(batch, scale=scale)
+            for batch, scale, entropy_scale in self._step_micro_batches():
+                loss, loss_metrics = self._micro_batch_loss(batch, scale=scale, entropy_scale=entropy_scale)
                 with self._times.phase("backward"):
                     loss.backward()
                 loss_total += loss.item()
@@ -317,6 +319,9 @@ class GRPOTrainer:
                 for k, v in {**loss_metrics, **self._buffer_info["metrics"]}.items():
                     per_batch[k].append(float("nan") if v is None else float(v))
         loss_total = distributed.mean_over_ranks({"loss": loss_total})["loss"]  # ranks' gradients are averaged
+        if self.entropy_control.enabled:  # TRL: the coefficient for the next step, logged at the step's end
+            self.entropy_control.end_step(*map(distributed.sum_over_ranks, self.entropy_control.window))
+            per_batch["entropy_coef"].append(self.entropy_control.coef)
         tokens = int(distributed.sum_over_ranks(tokens))
         self.state.num_input_tokens_seen += tokens
         learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
@@ -363,7 +368,7 @@ class GRPOTrainer:
         args, spec = self.args, self.loss_spec
         if args.max_tokens_per_micro_batch is None:
             for _ in range(args.gradient_accumulation_steps):
-                yield self._next_micro_batch(), spec.micro_batch_scale
+                yield self._next_micro_batch(), spec.micro_batch_scale, spec.micro_batch_entropy_scale
             return
         window = RolloutBatch.cat([self._next_micro_batch() for _ in range(args.gradient_accumulation_steps)])
         lengths = (window.prompt_mask.sum(1) + window.completion_attention.sum(1)).tolist()
@@ -371,29 +376,37 @@ class GRPOTrainer:
         bins = token_budget_bins(lengths, args.max_tokens_per_micro_batch)
         for index in split_bins(bins, max(distributed.gather(len(bins)))):  # every rank as many micro-batches
             mb = window.select(torch.tensor(index))
-            yield mb, spec.token_budget_scale((len(mb), float(mb.completion_mask.sum())), totals)
+            micro = (len(mb), float(mb.completion_mask.sum()))
+            yield mb, spec.token_budget_scale(micro, totals), spec.token_budget_entropy_scale(micro, totals)
 
     def _micro_batch_loss(self, mb: RolloutBatch, spec: LossSpec | None = None, loss_tokens: float | None = None,
-                          scale: float | None = None) -> tuple[torch.Tensor, dict]:
-        """The GRPO loss of one micro-batch times `scale` (by default the run's spec, the current generation
-        batch's token count and TRL's gradient-accumulation factor; evaluation passes its own spec and count,
-        token-budget micro-batches their own factor)."""
+                          scale: float | None = None, entropy_scale: float | None = None) -> tuple[torch.Tensor, dict]:
+        """The GRPO loss of one micro-batch times `scale`, its entropy bonus times `entropy_scale` (by default the
+        run's spec, the current generation batch's token count and TRL's gradient-accumulation factors; evaluation
+        passes its own spec and count, token-budget micro-batches their own factors). In training the bonus's
+        entropy feeds the adaptive controller."""
         spec = spec or self.loss_spec
         loss_tokens = self._buffer_info["loss_tokens"] if loss_tokens is None else loss_tokens
+        scale = spec.micro_batch_scale if scale is None else scale
+        entropy_scale = spec.micro_batch_entropy_scale if entropy_scale is None else entropy_scale
         with activations_offloaded(self.args.gradient_checkpointing_offload, self.device), self._times.phase("forward"):
             hidden, rows = self._decode(self.model, mb)  # padded [b, T, H] or packed [N, H]
         # fetched after the forward: a sharded root holds its whole lm_head from its forward to its backward;
         # the loss keeps its tensors on the device
         hidden, weight, bias = self._head_inputs(hidden, lm_head(self.model))
         inputs = rows.loss_inputs()
+        loss_kwargs = spec.loss_kwargs(loss_tokens, self.entropy_control.applied_coef(), scale, entropy_scale)
         with self._times.phase("loss"):  # the fused loss; with the loss last, its gradient sweep runs here too
             loss, metrics = self._loss_fn(hidden, weight, inputs.pop("targets"), inputs.pop("mask"),
                                           inputs.pop("advantages"), bias=bias, logit_transform=self.logit_transform,
-                                          **inputs, **spec.loss_kwargs(loss_tokens))
+                                          **inputs, **loss_kwargs)
+        bonus = [metrics.pop(f"entropy_bonus/{k}", None) for k in ("entropy", "tokens")]  # not logged (TRL)
+        if bonus[1] is not None and self.model.training:
+            self.entropy_control.observe(float(bonus[0]) * float(bonus[1]), float(bonus[1]))
         for extreme, mean in (("low_min", "low_mean"), ("high_max", "high_mean")):  # TRL's min/max over processes
             if f"clip_ratio/{mean}" in metrics:  # of the clip ratios: this process's here, over ranks in the step
                 metrics[f"clip_ratio/{extreme}"] = metrics[f"clip_ratio/{mean}"]
-        return loss * (spec.micro_batch_scale if scale is None else scale), metrics
+        return loss * scale, metrics
 
     def _decode(self, model, mb: RolloutBatch):
         """(final hidden states, the batch in their layout): packed rows [N, H] and mb's PackedBatch with
@@ -454,6 +467,8 @@ class GRPOTrainer:
             if args.beta != 0.0:
                 with self._times.phase("ref_logprobs"):
                     batch.ref_logprobs = self._reference_logprobs(batch)  # [B, T]
+        if args.off_policy_mask_threshold is not None and args.use_vllm:  # TRL measures vLLM's, else the old ones
+            batch.sampling_logprobs = sampler_logprobs
         metrics = {**self._generation_metrics(rewards_per_func, rewards, reward_std, rollout), **sampling_metrics}
         if batch.old_logprobs is not None and sampler_logprobs is not None:
             # a push that did not land (stale generator weights) shows up here at once
@@ -748,7 +763,8 @@ class GRPOTrainer:
         bad = _first_non_finite(self.model, "data")  # every rank (sharded: each checks its own shards)
         if bad is not None:
             raise FloatingPointError(f"step {self.state.global_step}: weight {bad} is not finite; not saved")
-        state = {**asdict(self.state), "sampler": self.sampler.state_dict(), "window": self._window}
+        state = {**asdict(self.state), "sampler": self.sampler.state_dict(), "window": self._window,
+                 "entropy_control": self.entropy_control.state_dict()}
         if distributed.is_sharded(self.model):
             return save_sharded_checkpoint(self.args.output_dir, self.state.global_step, model=self.model,
                                            tokenizer=self.processing_class, optimizer=self.optimizer,
@@ -781,6 +797,7 @@ class GRPOTrainer:
         if self.args.sync_ref_model:
             restore_reference(path, self.ref_model)
         self._window = state.pop("window")
+        self.entropy_control.load_state_dict(state.pop("entropy_control", None))
         state["max_steps"] = self.state.max_steps  # this run's setting: a resumed run may train longer
         state.update(is_local_process_zero=self.state.is_local_process_zero,
                      is_world_process_zero=self.state.is_world_process_zero)  # this run's launch
@@ -912,7 +929,8 @@ def _refuse_unsupported_arguments(**arguments) -> None:
 
 def _warn_like_trl(args: GRPOConfig) -> None:
     """TRL's set-up warnings for settings that run but are probably not what was meant."""
-    token_summed = LOSS_RULES[args.loss_type].reduction in (MASK_TOTAL, COMPLETION_BUDGET, ITEMS)
+    rule = LOSS_RULES[args.loss_type]  # VESPO sums tokens but has its own warning (it ignores the level)
+    token_summed = rule.reduction in (MASK_TOTAL, COMPLETION_BUDGET, ITEMS) and rule.objective != "vespo"
     if args.importance_sampling_level == "sequence" and token_summed:  # the normalizer spans sequences
         log.warning(f"When using `importance_sampling_level='sequence'`, the `'{args.loss_type}'` loss sums per-token "
                     "contributions, which effectively weights each sequence by its completion length instead of "
@@ -921,6 +939,9 @@ def _warn_like_trl(args: GRPOConfig) -> None:
     if args.loss_type == "luspo" and args.importance_sampling_level != "sequence":
         log.warning("When using `'luspo'` loss, `importance_sampling_level` should be set to `'sequence'` to mirror "
                     "the paper's setup.")
+    if args.loss_type == "vespo" and args.importance_sampling_level != "token":
+        log.warning("VESPO computes sequence-level importance weights internally. `importance_sampling_level` should "
+                    "be set to `'token'` (the default).")
 
 
 def _apply_process_settings(args: GRPOConfig) -> None:

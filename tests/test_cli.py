@@ -166,7 +166,7 @@ def test_peft_without_the_package_names_the_extra(run_files, monkeypatch, capsys
     ({"num_generations": 1}, "num_generations"),
     ({"num_generations": 3}, "divisible by num_generations"),
     ({"max_completion_length": 0}, "max_completion_length"),
-    ({"entropy_coef": 0.1}, "entropy_coef=0.1 is not supported"),
+    ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha=5.0 is not supported"),
     ({"peft": "lora"}, "peft: expected a mapping"),
     ({"model": "tiny", "dataset": None, "rewards": None, "task": "copy", "task_args": {"digits": 3}},
      "unknown argument(s) ['digits']"),

@@ -146,7 +146,7 @@ def test_an_integral_float_is_taken_as_the_integer():
     assert type(cfg.per_device_train_batch_size) is int and type(cfg.max_steps) is int
 
 
-@pytest.mark.parametrize("name, value", [("loss_type", "vespo"), ("scale_rewards", "rank"), ("temperature", 0.0),
+@pytest.mark.parametrize("name, value", [("loss_type", "ppo"), ("scale_rewards", "rank"), ("temperature", 0.0),
                                          ("top_p", 0.0), ("importance_sampling_level", "word"),
                                          ("optim", "sgd"), ("learning_rate", "fast")])
 def test_bad_values_name_the_field(name, value):
@@ -185,3 +185,10 @@ def test_token_budget_fields():
                           "steps_per_generation")]:
         with pytest.raises(ValueError, match=name):
             GRPOConfig(**kwargs)
+
+
+def test_vespo_needs_per_token_vllm_ratios_as_in_trl():
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode.*vespo"):
+        GRPOConfig(loss_type="vespo", use_vllm=True)  # TRL's default mode, sequence_mask
+    assert GRPOConfig(loss_type="vespo", use_vllm=True, vllm_importance_sampling_mode="token_mask").use_vllm
+    assert GRPOConfig(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=False).use_vllm

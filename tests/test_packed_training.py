@@ -12,6 +12,7 @@ from datasets import Dataset
 
 import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
+from fastrl.entropy_control import EntropyControl
 from fastrl.kernels.loss_spec import LOSS_TYPES
 from fastrl.rollout_batch import PackedBatch, RolloutBatch, token_budget_bins
 
@@ -45,10 +46,10 @@ def trainer(model_dir, tmp_path_factory):
     return GRPOTrainer(model_dir, tiny.first_char_reward, args, train_dataset=Dataset.from_list(tiny.addition_rows(8)))
 
 
-def loss_and_grads(trainer, batch, padding_free, scale=1.0):
+def loss_and_grads(trainer, batch, padding_free, scale=1.0, entropy_scale=None):
     trainer.args.padding_free = padding_free
     trainer.model.zero_grad(set_to_none=True)
-    loss, metrics = trainer._micro_batch_loss(batch, scale=scale)
+    loss, metrics = trainer._micro_batch_loss(batch, scale=scale, entropy_scale=entropy_scale)
     loss.backward()
     return loss.detach(), metrics, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
@@ -66,7 +67,7 @@ CASES = [(t, level, beta) for t in LOSS_TYPES for level in ("token", "sequence")
 def test_packed_decoder_and_loss_equal_padded(trainer, loss_type, level, beta):
     seed = CASES.index((loss_type, level, beta))
     batch = ragged_rollout(seed, [7, 2, 4, 1, 5, 3], [10, 4, 0, 7, 1, 9], len(trainer.tokenizer))
-    if level == "sequence":
+    if level == "sequence" and loss_type != "vespo":  # VESPO takes per-token ratios only (TRL)
         batch.is_ratio = batch.is_ratio[:, :1]
     set_loss(trainer, loss_type=loss_type, importance_sampling_level=level, beta=beta)
     trainer._buffer_info = {"loss_tokens": float(batch.completion_mask.sum()) * 2}
@@ -102,13 +103,20 @@ def test_token_budget_bins():
     assert len(token_budget_bins(lengths, 40)) == 1
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_step_does_not_depend_on_token_budget_grouping(trainer, loss_type):
-    """The sum over a window's token-budget micro-batches of loss × LossSpec.token_budget_scale, and its
-    gradients, are the same for every budget (every sequence alone, a few groups, all in one)."""
-    batch = ragged_rollout(50 + LOSS_TYPES.index(loss_type), [7, 2, 4, 1, 5, 3, 6, 2], [10, 4, 0, 7, 1, 9, 3, 5],
-                           len(trainer.tokenizer))
-    set_loss(trainer, loss_type=loss_type, importance_sampling_level="sequence", beta=0.04)
+BUDGET_CASES = [(t, {}) for t in LOSS_TYPES] + [  # with the entropy bonus (its own scale) and the off-policy mask
+    ("dapo", dict(entropy_coef=0.1, off_policy_mask_threshold=0.0)), ("grpo", dict(entropy_coef=0.1))]
+
+
+@pytest.mark.parametrize("loss_type, options", BUDGET_CASES, ids=[f"{t}-{'-'.join(o)}" for t, o in BUDGET_CASES])
+def test_step_does_not_depend_on_token_budget_grouping(trainer, loss_type, options):
+    """The sum over a window's token-budget micro-batches of loss × LossSpec.token_budget_scale (the entropy
+    bonus × token_budget_entropy_scale), and its gradients, are the same for every budget (every sequence alone,
+    a few groups, all in one)."""
+    batch = ragged_rollout(50 + BUDGET_CASES.index((loss_type, options)), [7, 2, 4, 1, 5, 3, 6, 2],
+                           [10, 4, 0, 7, 1, 9, 3, 5], len(trainer.tokenizer))
+    set_loss(trainer, loss_type=loss_type, importance_sampling_level="sequence", beta=0.04,
+             **{"entropy_coef": 0.0, "off_policy_mask_threshold": None, **options})
+    trainer.entropy_control = EntropyControl(trainer.args)
     trainer._buffer_info = {"loss_tokens": float(batch.completion_mask.sum())}
     lengths = (batch.prompt_mask.sum(1) + batch.completion_attention.sum(1)).tolist()
     totals = (len(batch), float(batch.completion_mask.sum()))
@@ -117,11 +125,14 @@ def test_step_does_not_depend_on_token_budget_grouping(trainer, loss_type):
         loss, grads = 0.0, None
         for index in token_budget_bins(lengths, budget):
             mb = batch.select(torch.tensor(index))
-            scale = trainer.loss_spec.token_budget_scale((len(mb), float(mb.completion_mask.sum())), totals)
-            part, _, part_grads = loss_and_grads(trainer, mb, True, scale)
+            micro = (len(mb), float(mb.completion_mask.sum()))
+            part, _, part_grads = loss_and_grads(trainer, mb, True, trainer.loss_spec.token_budget_scale(micro, totals),
+                                                 trainer.loss_spec.token_budget_entropy_scale(micro, totals))
             loss = loss + part
             grads = part_grads if grads is None else {n: grads[n] + g for n, g in part_grads.items()}
         results.append((loss, grads))
+    set_loss(trainer, entropy_coef=0.0, off_policy_mask_threshold=None)  # the module's trainer, as it was
+    trainer.entropy_control = EntropyControl(trainer.args)
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], **TOL)
         for name, g in results[0][1].items():

@@ -83,6 +83,12 @@ def test_trls_warnings(model_dir, tmp_path, caplog):
                     small_args(GRPOConfig, tmp_path, importance_sampling_level="sequence"), train_dataset=ds)
     assert "`importance_sampling_level='sequence'`, the `'dapo'` loss sums per-token" in caplog.text
     caplog.clear()
+    with caplog.at_level(logging.WARNING):  # VESPO sums tokens too, but TRL gives it its own warning only
+        GRPOTrainer(model_dir, tiny.short_reward, small_args(GRPOConfig, tmp_path, loss_type="vespo",
+                                                             importance_sampling_level="sequence"), train_dataset=ds)
+    assert "VESPO computes sequence-level importance weights internally" in caplog.text
+    assert "loss sums per-token" not in caplog.text
+    caplog.clear()
 
     def never(completions, **kwargs):
         return [None] * len(completions)
