@@ -106,7 +106,8 @@ def test_fastrl_with_vllm_sits_beside_fastrl_and_trl(monkeypatch, tmp_path):
         seen.append((job["trainer"], job["case"]["generation"], bool(job.get("memory"))))
         if job.get("memory"):
             return {"peak_mib": 100.0, "rss_built_mib": 900.0}
-        return {"step_s": [5.0, 1.0, 1.0], "tokens": [8, 8, 8, 8], "train_runtime_s": 9.0}
+        return {"step_s": [5.0, 1.0, 1.0], "phases": phases([5.0, 1.0, 1.0]), "tokens": [8, 8, 8, 8],
+                "train_runtime_s": 9.0}
 
     monkeypatch.setattr("fastrl.bench.jobs.run_job", fake_job)
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
