@@ -161,7 +161,8 @@ class GRPOTrainer:
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.model_init_kwargs,
                                                                          optional=env is not None)
         self.reward_weights = self._reward_weights()
-        if rollout_func is None:  # a rollout function's extra fields are columns too, known only once it ran
+        # a rollout function's extra fields are columns too, known only once it ran; so are a stream's without features
+        if rollout_func is None and train_dataset.column_names is not None:
             known = list(train_dataset.column_names) + (["environments"] if env is not None else [])
             check_reward_columns(self.reward_funcs, self.reward_func_names, known)
         self.launch = launch_from_env()
