@@ -341,9 +341,11 @@ def _mib(n: int) -> float:
     return round(n / 2**20, 1)
 
 
-def write_csv(path: str, rows: list[dict], command: str) -> None:
+def write_csv(path: str, rows: list[dict], module: str, cases: list[str] | None) -> None:
+    """The rows with the commit they measured, under a header naming the command that made them."""
     from fastrl.bench.results import git_commit
 
+    command = f"python -m {module} --csv {path}" + "".join(f" --case {c}" for c in cases or [])
     commit = git_commit()
     rows = [{**r, "commit": commit} for r in rows]  # the code every row measured
     with open(path, "w", newline="") as f:
@@ -371,8 +373,7 @@ def main(argv=None) -> int:
         rows.append(compare(name, args.timeout))
         print(json.dumps(rows[-1]), flush=True)
     if args.csv:
-        write_csv(args.csv, rows, "python -m fastrl.plan.measure --csv " + args.csv
-                  + "".join(f" --case {c}" for c in args.case or []))
+        write_csv(args.csv, rows, "fastrl.plan.measure", args.case)
     return 0
 
 

@@ -138,8 +138,7 @@ def main(argv=None) -> int:
     if args.csv:
         from fastrl.plan.measure import write_csv
 
-        write_csv(args.csv, rows, "python -m fastrl.plan.measure_ranks --csv " + args.csv
-                  + "".join(f" --case {c}" for c in args.case or []))
+        write_csv(args.csv, rows, "fastrl.plan.measure_ranks", args.case)
     return 0
 
 
