@@ -3,7 +3,8 @@ the few collectives the trainer needs. One process without a launcher needs none
 
 The launch (rank, world size) is read by fastrl.launch. The process group uses nccl on CUDA and gloo on CPU,
 with `ddp_timeout` seconds (TrainingArguments' field) as its timeout, so a collective that a dead rank never
-joins fails with an error instead of waiting forever.
+joins fails with an error instead of waiting forever. Within GRPOTrainer.train such a failure is re-raised by
+`peer_failures` as an error naming the dead rank (when this host can see it) and the checkpoint to resume from.
 
 Two ways to hold the model, both training on each rank's slice of the global batch:
 - replication (the default, DDP's): every rank holds the whole model and optimizer; the gradients are averaged
@@ -17,8 +18,13 @@ Two ways to hold the model, both training on each rank's slice of the global bat
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
+import socket
+import time
 import warnings
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -40,13 +46,68 @@ def device_for(launch: Launch, use_cpu: bool) -> torch.device:
     return torch.device("cuda", launch.local_rank)
 
 
+# every rank's (host name, process id), rank order: which peer died when a collective fails (peer_failures)
+_PEERS: list[tuple[str, int]] = []
+
+
 def init_process_group(launch: Launch, device: torch.device, timeout_s: float) -> None:
-    """The default process group (nccl on CUDA, gloo on CPU) for a multi-process launch; nothing for one process
-    or when the caller already made one."""
-    if launch.world_size == 1 or dist.is_initialized():
+    """The default process group (nccl on CUDA, gloo on CPU) for a multi-process launch, unless the caller already
+    made one; then every rank's host and process id are exchanged. Nothing for one process."""
+    if launch.world_size == 1:
         return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank,
-                            world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank,
+                                world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    if not _PEERS:
+        _PEERS.extend(gather((socket.gethostname(), os.getpid())))
+
+
+@contextlib.contextmanager
+def peer_failures(last_checkpoint: Callable[[], str | None]):
+    """Re-raise a failure caused by a dead peer (a collective it never joined, or one that timed out after
+    ddp_timeout) as a RuntimeError that names the dead rank when it ran on this host, else says a peer died or
+    hung, and names the checkpoint to resume from. Other errors pass unchanged; one process needs none of it."""
+    try:
+        yield
+    except Exception as error:
+        if not active():
+            raise
+        dead = dead_peers()
+        if not dead and not (isinstance(error, dist.DistError) or "gloo" in str(error)):
+            raise
+        here = f"rank {dist.get_rank()} of {dist.get_world_size()}"
+        if dead:
+            who = ", ".join(f"rank {r} (pid {_PEERS[r][1]} on {_PEERS[r][0]})" for r in dead)
+            cause = f"{here}: a collective failed because {who} died"
+        else:
+            cause = (f"{here}: a collective failed: a peer process died or did not answer within ddp_timeout "
+                     f"({type(error).__name__})")
+        checkpoint = last_checkpoint()
+        resume = (f"resume with resume_from_checkpoint={checkpoint!r}" if checkpoint else
+                  "no checkpoint was written yet: start the run again")
+        raise RuntimeError(f"{cause}; see the launcher's report for its error; {resume}") from error
+
+
+def dead_peers(wait_s: float = 1.0) -> list[int]:
+    """The ranks on this host whose process has exited (gone, or a zombie its launcher has not reaped yet); none
+    where /proc does not exist. Another host's processes cannot be seen from here. A peer whose death broke the
+    collective has closed its sockets but may still be exiting: polled for up to wait_s."""
+    if not os.path.isdir("/proc/self"):
+        return []
+    host, deadline = socket.gethostname(), time.monotonic() + wait_s
+    while True:
+        dead = [rank for rank, (h, pid) in enumerate(_PEERS) if h == host and _exited(pid)]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # the state follows the command's ")"
+    except FileNotFoundError:
+        return True
 
 
 def shard(model: torch.nn.Module, device: torch.device, args, offload: bool = False) -> torch.nn.Module:

@@ -43,7 +43,8 @@ from transformers.optimization import get_scheduler
 from transformers.utils import logging as transformers_logging
 
 from fastrl import distributed
-from fastrl.checkpoint import copy_into, load_checkpoint, resolve_resume, save_checkpoint, set_seed
+from fastrl.checkpoint import copy_into, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, \
+    set_seed
 from fastrl.config import GRPOConfig
 from fastrl.data import check_dataset, completions_for_rewards, is_stream, make_sampler, tokenize_prompts
 from fastrl.dynamic_sampling import ScoredGroups, concat_groups, fill_generation_batch
@@ -228,11 +229,13 @@ class GRPOTrainer:
         args = self.args
         resume = resolve_resume(resume_from_checkpoint if resume_from_checkpoint is not None
                                 else args.resume_from_checkpoint, args.output_dir)
-        if self.launch.rank != 0:  # rank 0 owns the folder: it locks it and writes every file
-            return self._train(resume)
-        with OutputDirLock(args.output_dir):  # one run at a time in a folder
-            check_earlier_run(args.output_dir, resume is not None, args.overwrite_output_dir)
-            return self._train(resume)
+        # a peer that dies fails this rank's next collective: its error names the peer and the checkpoint to use
+        with distributed.peer_failures(lambda: latest_checkpoint(args.output_dir)):
+            if self.launch.rank != 0:  # rank 0 owns the folder: it locks it and writes every file
+                return self._train(resume)
+            with OutputDirLock(args.output_dir):  # one run at a time in a folder
+                check_earlier_run(args.output_dir, resume is not None, args.overwrite_output_dir)
+                return self._train(resume)
 
     def _train(self, resume: str | None) -> TrainOutput:
         args = self.args
