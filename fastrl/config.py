@@ -72,7 +72,6 @@ NO_EFFECT = {
     "log_on_each_node": "rank 0 alone logs", "save_on_each_node": "rank 0 alone writes (shards: every rank its own)",
     "local_rank": "read from the launcher's LOCAL_RANK", "ddp_backend": "nccl on CUDA, gloo on CPU",
     "ddp_broadcast_buffers": "rank 0's parameters and buffers are broadcast once, at the start",
-    "ddp_bucket_cap_mb": "replicas average gradients in one flat all-reduce per step",
     "ddp_find_unused_parameters": "no DDP wrapper: a parameter without a gradient counts as zero",
     "ddp_static_graph": "no DDP wrapper",
     "accelerator_config": "accelerate launch only starts the processes; batches are never dispatched",
@@ -175,7 +174,7 @@ class GRPOConfig:
     dataloader_prefetch_factor: int | None = None
     ddp_backend: str | None = None
     ddp_broadcast_buffers: bool | None = None
-    ddp_bucket_cap_mb: int | None = None
+    ddp_bucket_cap_mb: float | None = None  # replicas all-reduce gradients in buckets of this many MiB (None: 25)
     ddp_find_unused_parameters: bool | None = None
     ddp_static_graph: bool | None = None
     ddp_timeout: int = 1800  # seconds a collective waits before failing a multi-process run (fastrl.distributed)
@@ -528,6 +527,8 @@ class GRPOConfig:
         need(self.max_tokens_per_micro_batch is None or self.padding_free is not False, "max_tokens_per_micro_batch",
              "None when padding_free=False (token-budget micro-batches are packed)")
         need(self.ddp_timeout > 0, "ddp_timeout", "a number of seconds > 0")
+        need(self.ddp_bucket_cap_mb is None or self.ddp_bucket_cap_mb > 0, "ddp_bucket_cap_mb",
+             "None (DDP's 25 MiB) or a size in MiB > 0")
         if self.loss_type == "dr_grpo":
             need(self.max_completion_length is not None, "max_completion_length", "set for loss_type='dr_grpo'")
         if self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction:
@@ -573,6 +574,12 @@ class GRPOConfig:
     @property
     def prompts_per_generation(self) -> int:
         return self.generation_batch_size // self.num_generations
+
+    @property
+    def gradient_bucket_bytes(self) -> int:
+        """Replicas all-reduce their gradients in fp32 buckets of ddp_bucket_cap_mb MiB, or of DDP's default 25 MiB
+        (torch.nn.parallel.DistributedDataParallel's bucket_cap_mb) when it is None."""
+        return int((25 if self.ddp_bucket_cap_mb is None else self.ddp_bucket_cap_mb) * 2**20)
 
     def warmup_steps_for(self, num_training_steps: int) -> int:
         if self.warmup_ratio is not None:

@@ -8,7 +8,8 @@ joins fails with an error instead of waiting forever. Within GRPOTrainer.train s
 
 Two ways to hold the model, both training on each rank's slice of the global batch:
 - replication (the default, DDP's): every rank holds the whole model and optimizer; the gradients are averaged
-  across ranks (one all-reduce per optimizer step) before clipping. Replicas stay equal because they start
+  across ranks (all-reduced in DDP's 25 MiB buckets, or ddp_bucket_cap_mb, once per optimizer step) before
+  clipping. Replicas stay equal because they start
   equal (rank 0's weights are broadcast) and take the same averaged steps.
 - `fsdp="full_shard"`: FSDP2 (`fully_shard`) on each decoder layer and on the root (embeddings, final norm,
   lm_head), so parameters, gradients and AdamW states are split across ranks; FSDP2 gathers a layer for its
@@ -189,19 +190,37 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def average_gradients(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
-    """Replication: each gradient becomes its mean over ranks (one flat all-reduce); a parameter without a
-    gradient counts as zero, as DDP counts it. A sharded model's gradients are averaged by FSDP2 already."""
+def average_gradients(model: torch.nn.Module, params: list[torch.nn.Parameter], bucket_size: int) -> None:
+    """Replication: each gradient becomes its mean over ranks, all-reduced in fp32 buckets of about bucket_size
+    bytes (as DDP buckets them), so the extra memory is one bucket, not a copy of every gradient. A parameter
+    without a gradient counts as zero, as DDP counts it. A sharded model's gradients are averaged by FSDP2."""
     if not active() or is_sharded(model):
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])  # [total trainable numel]
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype)
-        offset += g.numel()
+    for bucket in gradient_buckets(params, bucket_size):
+        sizes = [p.numel() for p in bucket]
+        flat = torch.empty(sum(sizes), dtype=torch.float32, device=bucket[0].device)  # [bucket's numel]
+        for p, part in zip(bucket, flat.split(sizes)):  # cast while copying: no temporary per gradient
+            if p.grad is None:
+                part.zero_()
+            else:
+                part.copy_(p.grad.reshape(-1))
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for p, mean in zip(bucket, flat.split(sizes)):
+            p.grad = mean.view_as(p).to(p.dtype)  # fp32: a view of the bucket; 16-bit: cast back
+
+
+def gradient_buckets(params: list[torch.nn.Parameter], bucket_size: int) -> list[list[torch.nn.Parameter]]:
+    """Consecutive parameters grouped while their fp32 size stays within bucket_size bytes (a larger parameter is
+    a bucket of its own); every rank groups its identical list the same way."""
+    buckets, size = [[]], 0
+    for p in params:
+        if buckets[-1] and size + 4 * p.numel() > bucket_size:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += 4 * p.numel()
+    return [b for b in buckets if b]
 
 
 def mean_over_ranks(values: dict[str, float | None], weight: float = 1.0) -> dict[str, float | None]:

@@ -342,7 +342,7 @@ class GRPOTrainer:
         the gradient norm before clipping."""
         args = self.args
         params = [p for p in self.model.parameters() if p.requires_grad]
-        distributed.average_gradients(self.model, params)
+        distributed.average_gradients(self.model, params, args.gradient_bucket_bytes)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
         if not math.isfinite(float(grad_norm)):  # the one host read of the gradients, needed for the log anyway

@@ -207,7 +207,8 @@ def test_bad_mean_lengths_are_named(tmp_path, capsys):
 def test_fsdp_divides_weights_gradients_and_adamw_states_by_the_world_size():
     """Per rank: the sharded parts are the one-replica parts / W (rounded up), the gathered root is the whole
     embedding + norm + untied head, each rank generates its 1/W of the global batch; replicated ranks hold
-    everything and all-reduce a flat fp32 copy of the gradients."""
+    everything and all-reduce their gradients in fp32 buckets: DDP's 25 MiB, ddp_bucket_cap_mb's when set, a
+    parameter larger than a bucket alone (Llama-8B's largest is the [V, H] head: 2 GiB in fp32)."""
     run = {**RUN, "gradient_checkpointing": True}
     replica = predict(LLAMA_8B, run, "cuda", 80 * GiB, world_size=8)
     sharded = predict(LLAMA_8B, {**run, "fsdp": "full_shard"}, "cuda", 80 * GiB, world_size=8)
@@ -223,8 +224,12 @@ def test_fsdp_divides_weights_gradients_and_adamw_states_by_the_world_size():
     # per_device_train_batch_size is per rank: 8 ranks generate 64 completions, 8 each, as one process does alone
     assert one.run.generation_batch == replica.run.generation_batch == sharded.run.generation_batch == 8
     allreduce = replica.phase("gradient all-reduce (replicated)").parts
-    assert allreduce["flat fp32 copy of every gradient"] == 2 * allreduce["gradients"]  # bf16 gradients
-    assert sharded.peak < replica.peak < one.peak + allreduce["flat fp32 copy of every gradient"] + 1
+    assert allreduce["fp32 all-reduce bucket"] == 128256 * 4096 * 4  # the head, a bucket of its own
+    assert replica.run.bucket_bytes == 25 * 2**20
+    lora = predict(LLAMA_8B, {**run, "peft": {"r": 8}, "ddp_bucket_cap_mb": 5}, "cuda", 80 * GiB, world_size=8)
+    lora_grads = lora.phase("gradient all-reduce (replicated)").parts  # 13 MiB of fp32 adapter gradients
+    assert lora_grads["fp32 all-reduce bucket"] == 5 * 2**20 < 2 * lora_grads["gradients"]
+    assert sharded.peak < replica.peak < one.peak + allreduce["fp32 all-reduce bucket"] + 1
 
 
 def test_world_size_applies_grpoconfigs_rules_of_that_launch():

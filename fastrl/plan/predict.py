@@ -227,12 +227,14 @@ def optimizer_phase(model, run, resident) -> Phase:
 
 
 def gradient_average_phase(model, run, resident) -> Phase:
-    """Replicated ranks: every gradient and their flat fp32 concatenation, all-reduced in place
-    (fastrl.distributed.average_gradients); 16-bit gradients are then cast back, one parameter at a time."""
+    """Replicated ranks: every gradient and one fp32 bucket of them at a time, all-reduced in place
+    (fastrl.distributed.average_gradients: ddp_bucket_cap_mb, or DDP's 25 MiB; a larger parameter is a bucket
+    of its own); 16-bit gradients are then cast back."""
     phase = Phase("gradient all-reduce (replicated)", dict(resident))
     n = trainable_params(model, run)
+    largest = model.largest_param() if run.lora is None else 0  # LoRA's factors are far below a bucket
     phase.parts["gradients"] = n * model.weight_bytes
-    phase.parts["flat fp32 copy of every gradient"] = n * FP32
+    phase.parts["fp32 all-reduce bucket"] = min(n * FP32, max(run.bucket_bytes, largest * FP32))
     return phase
 
 
@@ -242,7 +244,7 @@ def notes(model, run, device, device_memory) -> list[str]:
         out.append(f"one rank of {run.world_size}: " + (
             "FSDP2 shards weights, reference, gradients and AdamW states 1/world_size per rank; the root (embedding, "
             "norm, lm_head) and the layer in flight are gathered whole" if run.fsdp else
-            "each rank holds a whole replica; gradients are averaged by one flat fp32 all-reduce")
+            "each rank holds a whole replica; gradients are averaged by fp32 all-reduces, one bucket at a time")
             + f"; each rank generates {run.generation_batch} completions and trains on micro-batches of "
               f"{run.micro_batch}")
     if run.use_vllm and device == "cuda":

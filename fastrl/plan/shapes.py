@@ -146,6 +146,7 @@ class RunShape:
     varlen_attention: bool = False  # packed sequences kept apart by flash_attention_2's cu_seqlens: no mask
     world_size: int = 1  # processes in the launch (nproc per node × nodes); the shape is one rank's
     fsdp: bool = False  # FSDP2 full sharding across the world_size ranks (else each rank holds a replica)
+    bucket_bytes: int = 25 << 20  # replicas' gradient all-reduce bucket (GRPOConfig.gradient_bucket_bytes)
 
     def replace(self, **changes) -> "RunShape":
         return dataclasses.replace(self, **changes)
@@ -227,7 +228,7 @@ def run_shape(run: dict, mean_lengths: tuple[float, float] | None = None, world_
                     padding_free=args.padding_free is not False, token_budget=args.max_tokens_per_micro_batch,
                     window=args.per_device_train_batch_size * args.gradient_accumulation_steps,
                     mean_prompt_len=mean_prompt, mean_completion_len=mean_completion,
-                    world_size=world_size, fsdp=bool(args.fsdp))
+                    world_size=world_size, fsdp=bool(args.fsdp), bucket_bytes=args.gradient_bucket_bytes)
 
 
 def _check_mean_lengths(mean_lengths, max_prompt: int, max_completion: int) -> None:
