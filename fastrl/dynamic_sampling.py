@@ -33,6 +33,8 @@ class ScoredGroups(NamedTuple):
     rewards_per_func: torch.Tensor  # [P*G, F], NaN = None
     rewards: torch.Tensor  # [P*G] weighted sum, NaN = unscorable
     extra: dict[str, list] = {}  # columns reward functions added through log_extra, P*G values each
+    prompts: list = []  # P*G prompts as the reward functions got them (an environment's observation appended)
+    completions: list = []  # P*G completions as the reward functions got them (text, or message lists)
 
 
 def varied_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -51,9 +53,10 @@ def select_groups(scored: ScoredGroups, groups: list[int], num_generations: int)
     rows_idx = [g * G + j for g in groups for j in range(G)]
     rollout = scored.rollout.select(rows_idx)
     index = torch.tensor(rows_idx, dtype=torch.long)
+    pick = lambda values: [values[i] for i in rows_idx] if values else values  # noqa: E731
     return ScoredGroups([scored.rows[g] for g in groups], [scored.prompt_ids[g] for g in groups], rollout,
                         scored.rewards_per_func[index], scored.rewards[index],
-                        {k: [v[i] for i in rows_idx] for k, v in scored.extra.items()})
+                        {k: pick(v) for k, v in scored.extra.items()}, pick(scored.prompts), pick(scored.completions))
 
 
 def concat_groups(parts: list[ScoredGroups]) -> ScoredGroups:
@@ -61,7 +64,8 @@ def concat_groups(parts: list[ScoredGroups]) -> ScoredGroups:
     columns = dict.fromkeys(k for p in parts for k in p.extra)  # a column some parts lack is None there
     extra = {k: [v for p in parts for v in p.extra.get(k, [None] * len(p.rewards))] for k in columns}
     return ScoredGroups([r for p in parts for r in p.rows], [x for p in parts for x in p.prompt_ids], rollout,
-                        torch.cat([p.rewards_per_func for p in parts]), torch.cat([p.rewards for p in parts]), extra)
+                        torch.cat([p.rewards_per_func for p in parts]), torch.cat([p.rewards for p in parts]), extra,
+                        [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions])
 
 
 def fill_generation_batch(sample: Callable[[], ScoredGroups], num_prompts: int, num_generations: int,

@@ -131,8 +131,9 @@ class NullLogger:
 
 def print_completions(records: list[dict], step: int, num_to_print: int | None = None,
                       unique_prompts: bool = False) -> None:
-    """A rich table of prompt, completion, rewards and advantage (TRL's print_prompt_completions_sample); nothing
-    without rich. The sample is drawn with its own generator: training's random state stays untouched."""
+    """A rich table of prompt, completion, rewards, advantage and log_extra columns, laid out as TRL's
+    print_prompt_completions_sample lays it out; nothing without rich. The sample is drawn with its own generator:
+    training's random state stays untouched."""
     if not records or (num_to_print is not None and num_to_print <= 0):
         return
     if importlib.util.find_spec("rich") is None:
@@ -148,31 +149,50 @@ def print_completions(records: list[dict], step: int, num_to_print: int | None =
         records = list(first.values())
     if num_to_print is not None and num_to_print < len(records):
         records = [records[i] for i in sorted(random.Random(step).sample(range(len(records)), num_to_print))]
-    value_columns = [k for k in records[0] if k not in ("prompt", "completion")]  # rewards, advantage, extra
+    keys = [k for k in records[0] if k not in ("prompt", "completion")]  # rewards, advantage, then log_extra's
+    scores = keys[:keys.index("advantage") + 1] if "advantage" in keys else keys
     table = Table(show_header=True, header_style="bold white", expand=True)
     table.add_column("Prompt", style="bright_yellow")
     table.add_column("Completion", style="bright_green")
-    for k in value_columns:
-        table.add_column(k.capitalize() if k == "advantage" else k, style="bold cyan", justify="right")
+    for k in keys:
+        if k in scores:
+            table.add_column(k.capitalize() if k == "advantage" else k, style="bold cyan", justify="right")
+        else:
+            table.add_column(k, style="bright_white")
     for r in records:
         table.add_row(_as_text(r["prompt"]), _as_text(r["completion"]),
-                      *(_cell(r[k]) for k in value_columns))
+                      *(_score(r[k]) if k in scores else _as_text(r[k]) for k in keys))
         table.add_section()
     Console().print(Panel(table, expand=False, title=f"Step {step}", border_style="bold white"))
 
 
-def _cell(value) -> str:
-    """A value column's cell: numbers to two decimals, None as '-', anything else (log_extra columns) as text."""
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
+def _score(value) -> str:
+    """A reward or advantage cell: two decimals, None (an unscored completion) as '-'."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _as_text(entry) -> str:
-    """A prompt or completion for the table: text as is, chat messages as ROLE lines then content."""
-    if isinstance(entry, list) and all(isinstance(m, dict) for m in entry):
-        return "\n\n".join(f"{m.get('role', '').upper()}\n{m.get('content', '')}" for m in entry)
-    return str(entry)
+    """A prompt, completion or log_extra cell as TRL writes it: text as is; chat messages as ROLE lines, then each
+    message's reasoning, content and tool calls (name(arg=value, ...)), messages a blank line apart."""
+    if not (isinstance(entry, list) and all(isinstance(m, dict) for m in entry)):
+        return str(entry)
+    return "\n\n".join(_message_text(m) for m in entry)
+
+
+def _message_text(message: dict) -> str:
+    reasoning = message.get("reasoning_content") or message.get("thinking")
+    content = message.get("content")
+    if isinstance(content, list):  # typed blocks: text, images as [IMAGE]
+        content = "".join(b.get("text", "") if b.get("type") == "text" else "[IMAGE]" if b.get("type") == "image"
+                          else "" for b in content)
+    calls = []
+    for call in message.get("tool_calls", []):
+        function = call.get("function", {})
+        arguments = function.get("arguments", {})
+        arguments = arguments if isinstance(arguments, dict) else json.loads(arguments)
+        calls.append(f"{function.get('name', '?')}({', '.join(f'{k}={v!r}' for k, v in arguments.items())})")
+    return (f"{message.get('role', '').upper()}\n" + (f"{reasoning}\n" if reasoning else "")
+            + (content if isinstance(content, str) else "") + "\n".join(calls))
 
 
 def append_jsonl(path: str, record: dict) -> None:

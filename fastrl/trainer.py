@@ -99,7 +99,7 @@ class TrainerState:
     save_steps: int = 500
     train_batch_size: int | None = None
     num_train_epochs: float = 0
-    num_input_tokens_seen: int = 0  # prompt + completion tokens of every micro-batch trained on
+    num_input_tokens_seen: int = 0  # prompt + model-written completion tokens of every generation batch (TRL)
     total_flos: float = 0
     best_metric: float | None = None  # no evaluation: these stay None
     best_global_step: int | None = None
@@ -327,7 +327,6 @@ class GRPOTrainer:
             self.entropy_control.end_step(*map(distributed.sum_over_ranks, self.entropy_control.window))
             per_batch["entropy_coef"].append(self.entropy_control.coef)
         tokens = int(distributed.sum_over_ranks(tokens))
-        self.state.num_input_tokens_seen += tokens
         learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
         with self._times.phase("optimizer"):  # gradient averaging and clipping included
             grad_norm = self._clip_and_step()
@@ -450,6 +449,8 @@ class GRPOTrainer:
 
         row_prompts = rollout.prompt_ids or [ids for ids in prompt_ids for _ in range(G)]  # [B] token id lists
         batch = self._to_tensors(row_prompts, rollout, advantages)
+        if training:  # TRL's count, once per generation batch: prompt tokens and the model's completion tokens
+            self.state.num_input_tokens_seen += sum(map(len, row_prompts)) + sum(rollout.model_lengths())
         loss_tokens = float(batch.completion_mask.sum())  # the whole batch's: the spec's num_items_in_batch
         sampler_logprobs = None if rollout.logprobs is None else self._padded(rollout.logprobs, batch)  # [B, T]
         if training:
@@ -520,8 +521,9 @@ class GRPOTrainer:
         else:  # this rank sampled nothing: reward functions are not called with empty lists
             rewards_per_func = torch.empty(0, len(self.reward_funcs))
         rewards = combine(rewards_per_func, self.reward_weights)  # [b], NaN = unscorable (row by row)
+        shown = (hooked.prompts, completions) if args.log_completions else ([], [])  # for completions.jsonl
         scored = self._gather_scored(ScoredGroups([], [], rollout, rewards_per_func, rewards,
-                                                  self._pending_columns(len(hooked.prompts))))
+                                                  self._pending_columns(len(hooked.prompts)), *shown))
         prompt_ids = scored.rollout.prompt_ids[::G] if scored.rollout.prompt_ids else hooked.prompt_ids
         return scored._replace(rows=rows, prompt_ids=prompt_ids)  # every rank: all B rows
 
@@ -572,14 +574,12 @@ class GRPOTrainer:
 
     def _records(self, scored: ScoredGroups, advantages: torch.Tensor) -> list[dict]:
         """One row per completion of TRL's completions table: prompt, completion (as the reward functions saw
-        them), one column per reward function, advantage, then the columns reward functions added (log_extra)."""
-        G = len(scored.rollout.completion_ids) // len(scored.rows)
-        prompts = [r["prompt"] for r in scored.rows for _ in range(G)]
-        texts = self.tokenizer.batch_decode(scored.rollout.completion_ids, skip_special_tokens=True)
+        them: an environment's observation appended, a tool rollout's messages), one column per reward function,
+        advantage, then the columns reward functions added (log_extra)."""
         rewards, advantages = scored.rewards_per_func.tolist(), advantages.tolist()  # [B, F], [B]
         return [{"prompt": p, "completion": c, **dict(zip(self.reward_func_names, rewards[i])),
                  "advantage": advantages[i], **{k: v[i] for k, v in scored.extra.items()}}
-                for i, (p, c) in enumerate(zip(prompts, completions_for_rewards(prompts, texts)))]
+                for i, (p, c) in enumerate(zip(scored.prompts, scored.completions))]
 
     def _to_tensors(self, prompt_ids: list[list[int]], rollout, advantages: torch.Tensor) -> RolloutBatch:
         pad = self.tokenizer.pad_token_id
@@ -684,8 +684,7 @@ class GRPOTrainer:
         return out.to(self.device)
 
     def _generation_metrics(self, rewards_per_func, rewards, reward_std, rollout) -> dict:
-        lengths = torch.tensor([sum(m) for m in rollout.tool_mask] if rollout.tool_mask  # TRL: the model's tokens
-                               else [len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        lengths = torch.tensor(rollout.model_lengths(), dtype=torch.float32)
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
         terminated = lengths[~truncated]
         m = {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),

@@ -86,3 +86,29 @@ def test_a_resumed_run_writes_the_same_completions(model_dir, tmp_path):
     resumed = run(tmp_path / "a", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
     assert [r["step"] for r in straight] == [1] * 8 + [2] * 8
     assert resumed == straight
+
+
+def test_printed_table_is_laid_out_as_trls(capsys):
+    """Conversational and tool rollouts (reasoning, tool calls with dict or JSON-string arguments, typed content
+    blocks), rewards, advantages and log_extra columns: the same rendered table as TRL's
+    print_prompt_completions_sample on the same rows."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    pytest.importorskip("rich")
+    call = lambda name, args: {"type": "function", "function": {"name": name, "arguments": args}}  # noqa: E731
+    prompts = [[{"role": "user", "content": "1+2= Use add."}], "plain text prompt",
+               [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]]
+    completions = [
+        [{"role": "assistant", "content": "", "tool_calls": [call("add", {"a": 1, "b": 2}), call("mul", '{"x": 3}')]},
+         {"role": "tool", "name": "add", "content": "3"}, {"role": "tool", "name": "mul", "content": "{'error': 'no'}"},
+         {"role": "assistant", "content": "it is 3", "thinking": "easy"}],
+        " a text completion",
+        [{"role": "assistant", "content": "hello", "reasoning_content": "greet back"}]]
+    rewards = {"first": [0.5, -1.25, float("nan")], "Adder": [1.0, 0.0, 2.0]}
+    advantages, extra = [0.7071, -0.123, 1.5], {"source": ["env", 3, [{"role": "user", "content": "x"}]]}
+    trl_utils.print_prompt_completions_sample(prompts, completions, rewards, advantages, step=3, extra=extra)
+    expected = capsys.readouterr().out
+    records = [{"prompt": p, "completion": c, "first": rewards["first"][i], "Adder": rewards["Adder"][i],
+                "advantage": advantages[i], "source": extra["source"][i]}
+               for i, (p, c) in enumerate(zip(prompts, completions))]
+    print_completions(records, step=3)
+    assert capsys.readouterr().out == expected and "add(a=1, b=2)" in expected

@@ -5,6 +5,7 @@ model turns with real tools and environments), learning rate 0: what the hooks r
 arguments, the token layout and mask of every completion (only model-written tokens trained), the loss, the
 gradient norm and the generation metrics must agree. Then short runs with real sampling move the weights.
 """
+import json
 import random
 import re
 from importlib.util import find_spec
@@ -19,7 +20,7 @@ from fastrl import GRPOConfig, GRPOTrainer
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 B, G = 8, 4
 COMPARED = ("loss", "grad_norm", "entropy", "reward", "reward_std", "completions/mean_length",
-            "completions/min_length", "completions/max_length", "completions/clipped_ratio")
+            "completions/min_length", "completions/max_length", "completions/clipped_ratio", "num_tokens")
 
 
 def config(cls, out, **fields):
@@ -244,7 +245,8 @@ def run_both(trl, tool_model_dir, tmp_path, reward_funcs, tool_name, padding_fre
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tool_model_dir)
-    fields = dict(max_completion_length=400, max_tool_calling_iterations=2)
+    fields = dict(max_completion_length=400, max_tool_calling_iterations=2, log_completions=True,
+                  num_completions_to_print=0)
     ds = Dataset.from_list(chat_rows(B // G))
     logs = {"trl": [], "fastrl": []}
     funcs = lambda who: [recording_reward(logs[who])] if reward_funcs else None  # noqa: E731
@@ -263,7 +265,13 @@ def run_both(trl, tool_model_dir, tmp_path, reward_funcs, tool_name, padding_fre
 
 
 def assert_same_run(theirs, ours, logs, trl_rows, our_rows):
+    """Same reward-function arguments, trained tokens, metrics (num_tokens: the model's tokens only) and
+    completions table (prompts with the environment's observation, completions as message lists) as TRL."""
     assert logs["fastrl"] == logs["trl"]  # prompts, completions as messages, completion ids
+    table = [json.loads(line) for line in open(f"{ours.args.output_dir}/completions.jsonl")]
+    for column in ("prompt", "completion"):
+        assert [r[column] for r in table] == json.loads(json.dumps(list(theirs._logs[column]))), column
+    assert any(m["role"] == "tool" for r in table for m in r["completion"])
     assert sorted(our_rows) == sorted(trl_rows) and any(0 in m for _, m in our_rows)  # tool tokens untrained
     trl_log, our_log = theirs.state.log_history[0], ours.state.log_history[0]
     for key in COMPARED + ("tools/call_frequency", "tools/failure_frequency"):

@@ -39,6 +39,11 @@ class Rollout:
     prompt_ids: list[list[int]] | None = None  # P*G: each row's own prompt, when rows of a group differ
     tool_mask: list[list[int]] | None = None  # P*G, as completion_ids: 1 = written by the model, 0 = tool/env text
 
+    def model_lengths(self) -> list[int]:
+        """Each completion's model-written tokens (tool and environment tokens left out): TRL's completion lengths,
+        for the length metrics and num_tokens."""
+        return [sum(m) for m in self.tool_mask] if self.tool_mask else [len(c) for c in self.completion_ids]
+
     def select(self, rows: list[int]) -> "Rollout":
         """The rows `rows`, in that order, of every per-row field."""
         pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
