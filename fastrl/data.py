@@ -36,17 +36,27 @@ def load_prompt_file(path: str):
     return ds
 
 
-def check_dataset(ds) -> None:
+def check_dataset(ds, prompt_optional: bool = False) -> None:
+    """prompt_optional: an environment gives the prompt (TRL's rule: a row without one starts from an empty user
+    message, which the environment's reset() fills)."""
     if ds is None:
         raise ValueError("train_dataset: a dataset with a 'prompt' column is required")
     columns = getattr(ds, "column_names", None)
     if columns is None and is_stream(ds):  # a generator's stream declares no columns: rows are checked as read
         return
-    if columns is None or "prompt" not in columns:
+    if columns is None or ("prompt" not in columns and not prompt_optional):
         raise ValueError(f"train_dataset: expected a 'prompt' column, found columns {columns}")
     if not is_stream(ds) and len(ds) == 0:
         raise ValueError("train_dataset: the dataset is empty")
-    check_prompts(ds["prompt"])
+    if "prompt" in columns:
+        check_prompts(ds["prompt"])
+
+
+def check_rows(batch: list[dict], name: str, prompt_optional: bool = False) -> None:
+    """Rows read from a stream that declares no columns: each has a 'prompt', unless an environment gives it."""
+    missing = [r for r in batch if "prompt" not in r]
+    if missing and not prompt_optional:
+        raise ValueError(f"{name}: expected a 'prompt' column, got a row {missing[0]}")
 
 
 def check_prompts(prompts) -> None:
@@ -76,9 +86,10 @@ def is_stream(ds) -> bool:
     return not hasattr(ds, "__len__") and hasattr(ds, "__iter__")
 
 
-def make_sampler(ds, batch_size: int, seed: int, shuffle: bool = True):
-    return StreamSampler(ds, batch_size, seed, shuffle) if is_stream(ds) else PromptSampler(len(ds), batch_size,
-                                                                                             seed, shuffle)
+def make_sampler(ds, batch_size: int, seed: int, shuffle: bool = True, prompt_optional: bool = False):
+    if is_stream(ds):
+        return StreamSampler(ds, batch_size, seed, shuffle, prompt_optional)
+    return PromptSampler(len(ds), batch_size, seed, shuffle)
 
 
 def is_conversational(prompt) -> bool:
@@ -134,8 +145,9 @@ class StreamSampler:
 
     SHUFFLE_BUFFER = 1000  # datasets' default buffer for IterableDataset.shuffle
 
-    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True, prompt_optional: bool = False):
         self.dataset = dataset.shuffle(seed=seed, buffer_size=self.SHUFFLE_BUFFER) if shuffle else dataset
+        self.prompt_optional = prompt_optional  # an environment gives the prompt
         self.batch_size, self.epoch, self.position = batch_size, 0, 0
         self._rows = None  # the live iterator, positioned at self.position
 
@@ -150,9 +162,7 @@ class StreamSampler:
             self.epoch, self.position = self.epoch + 1, 0
             self._rows = self._open(self.epoch, 0)
             return self.next_rows()
-        missing = [r for r in batch if "prompt" not in r]
-        if missing:
-            raise ValueError(f"train_dataset: expected a 'prompt' column, got a row {missing[0]}")
+        check_rows(batch, "train_dataset", self.prompt_optional)
         self.position += self.batch_size
         return batch
 

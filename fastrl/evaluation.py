@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 
 from fastrl import distributed
-from fastrl.data import is_stream
+from fastrl.data import check_rows, is_stream
 
 
 def named_sets(eval_dataset, prefix: str) -> dict[str, object]:
@@ -38,17 +38,18 @@ def named_sets(eval_dataset, prefix: str) -> dict[str, object]:
     return {prefix: eval_dataset}
 
 
-def check_eval_dataset(eval_dataset) -> None:
+def check_eval_dataset(eval_dataset, prompt_optional: bool = False) -> None:
+    """prompt_optional: an environment gives the prompt (fastrl.data.check_dataset)."""
     for name, ds in named_sets(eval_dataset, "eval_dataset").items():
         columns = getattr(ds, "column_names", None)
         if columns is None and is_stream(ds):  # a generator's stream declares no columns: rows are checked as read
             continue
-        if columns is None or "prompt" not in columns:
+        if columns is None or ("prompt" not in columns and not prompt_optional):
             raise ValueError(f"{name}: expected a Dataset or IterableDataset with a 'prompt' column, "
                              f"got {type(ds).__name__} with columns {columns}")
 
 
-def prompt_batches(dataset, num_prompts: int, seed: int) -> Iterator[list[dict]]:
+def prompt_batches(dataset, num_prompts: int, seed: int, prompt_optional: bool = False) -> Iterator[list[dict]]:
     """Rows of `dataset`, num_prompts at a time (the last batch may be smaller): a seeded permutation of a
     `Dataset` (as TRL's eval RepeatSampler), an `IterableDataset` in its stream order."""
     if not is_stream(dataset):
@@ -57,9 +58,7 @@ def prompt_batches(dataset, num_prompts: int, seed: int) -> Iterator[list[dict]]
     else:
         rows = iter(dataset)
     while batch := list(itertools.islice(rows, num_prompts)):
-        missing = [r for r in batch if "prompt" not in r]
-        if missing:
-            raise ValueError(f"eval_dataset: expected a 'prompt' column, got a row {missing[0]}")
+        check_rows(batch, "eval_dataset", prompt_optional)
         yield batch
 
 
@@ -79,7 +78,7 @@ def evaluate_set(trainer, dataset, prefix: str) -> dict[str, float]:
     losses, sizes, per_batch = [], [], defaultdict(list)
     trainer.model.eval()
     try:
-        for i, rows in enumerate(prompt_batches(dataset, completions // G, args.seed)):
+        for i, rows in enumerate(prompt_batches(dataset, completions // G, args.seed, trainer.prompt_optional)):
             batch, info = trainer._generate_and_score(rows, G, eval_draw(trainer.state.global_step, i))
             with torch.no_grad():
                 loss, loss_metrics = trainer._micro_batch_loss(batch, spec, info["loss_tokens"])

@@ -17,6 +17,7 @@ import asyncio
 import inspect
 from typing import Callable
 
+from fastrl import distributed
 from fastrl.data import tokenize_prompts
 from fastrl.generation.base import Rollout
 
@@ -117,17 +118,23 @@ async def _awaited(awaitable):
 
 def tool_loop(calling: ToolCalling, generate: Callable[[list[list[int]], list[int], int], Rollout],
               prompt_ids: list[list[int]], first: Rollout, tools: list[list], tool_dicts: list[dict],
-              max_iterations: int, max_completion_length: int, max_model_len: int) -> tuple[Rollout, list, dict]:
-    """B first turns -> (the multi-turn Rollout with tool_mask, B completions as message lists, tool metrics).
+              max_iterations: int, max_completion_length: int, max_model_len: int
+              ) -> tuple[Rollout, list, tuple[int, int]]:
+    """B first turns -> (the multi-turn Rollout with tool_mask, B completions as message lists, (tool calls,
+    failed calls)).
 
-    generate(ids, rows, turn) samples one continuation for each of `ids` (the rows `rows` of the batch)."""
+    generate(ids, rows, turn) samples one continuation for each of `ids` (the rows `rows` of the batch). With
+    several processes sampling is collective (the sampler's loop stops on every rank together; a sharded model's
+    forwards gather its shards), so a rank goes on calling generate() while any rank has a row left: with none
+    of its own it passes no rows (the caller samples a stand-in). TRL's loop runs per process instead; the rows'
+    own random streams make the rollouts those of one process either way."""
     ids = [list(c) for c in first.completion_ids]
     logprobs = None if first.logprobs is None else [list(lp) for lp in first.logprobs]
     mask = [[1] * len(c) for c in ids]
     completions = [[calling.parse(c, p, t)] for c, p, t in zip(ids, prompt_ids, tools)]
     active = [i for i, c in enumerate(completions) if c[-1].get("tool_calls")]
     calls = failures = turn = 0
-    while active and turn < max_iterations:
+    while _any_rank(bool(active)) and turn < max_iterations:
         extended = {}
         for i in active:
             messages, failed = call_tools(completions[i][-1]["tool_calls"], tool_dicts[i])
@@ -137,7 +144,7 @@ def tool_loop(calling: ToolCalling, generate: Callable[[list[list[int]], list[in
                 completions[i].extend(messages)
                 extended[i] = whole  # else: the result would not fit; the row ends with its turn as it is
         active = list(extended)
-        if not active:
+        if not _any_rank(bool(active)):
             break
         more = generate([extended[i] for i in active], active, turn + 1)
         for k, i in enumerate(active):
@@ -153,6 +160,8 @@ def tool_loop(calling: ToolCalling, generate: Callable[[list[list[int]], list[in
         last = {i: completions[i][-1] for i in active}  # a row whose new turn calls tools goes on
         active = [i for i in active if last[i]["role"] == "assistant" and last[i].get("tool_calls")]
         turn += 1
-    metrics = {"tools/call_frequency": calls / max(1, len(ids)),
-               "tools/failure_frequency": failures / calls if calls else 0.0}
-    return Rollout(ids, logprobs, [], prompt_ids=prompt_ids, tool_mask=mask), completions, metrics  # truncated: caller
+    return Rollout(ids, logprobs, [], prompt_ids=prompt_ids, tool_mask=mask), completions, (calls, failures)
+
+
+def _any_rank(flag: bool) -> bool:
+    return not distributed.all_ranks(not flag)

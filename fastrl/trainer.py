@@ -49,9 +49,9 @@ from fastrl.config import GRPOConfig
 from fastrl.data import check_dataset, completions_for_rewards, is_stream, make_sampler, tokenize_prompts
 from fastrl.dynamic_sampling import ScoredGroups, concat_groups, fill_generation_batch
 from fastrl.entropy_control import EntropyControl
-from fastrl.environments import placeholder_dataset
+from fastrl.environments import EMPTY_PROMPT, placeholder_dataset
 from fastrl.evaluation import check_eval_dataset, eval_due, evaluate_set, named_sets
-from fastrl.generation.base import SamplingConfig
+from fastrl.generation.base import Rollout, SamplingConfig
 from fastrl.generation.extra_kwargs import transformers_generation_config
 from fastrl.generation.is_correction import logprob_abs_diff
 from fastrl.generation.streams import stream_keys, turn_keys
@@ -137,11 +137,12 @@ class GRPOTrainer:
         check_writable(args.output_dir)  # a read-only or full disk, found before the model loads
         if train_dataset is None:  # TRL's rule: allowed when the environment gives the prompts
             train_dataset = placeholder_dataset(args, environment_factory)
-        check_dataset(train_dataset)
+        self.prompt_optional = environment_factory is not None  # TRL's: then a row's prompt defaults to EMPTY_PROMPT
+        check_dataset(train_dataset, self.prompt_optional)
         if is_stream(train_dataset) or any(is_stream(ds) for ds in named_sets(eval_dataset, "").values()):
             _check_stream_settings(args, is_stream(train_dataset))
         if eval_dataset is not None:
-            check_eval_dataset(eval_dataset)
+            check_eval_dataset(eval_dataset, self.prompt_optional)
         elif args.eval_strategy != "no":  # transformers' rule
             raise ValueError(f"eval_dataset: eval_strategy={args.eval_strategy!r} needs an eval_dataset (or set "
                              "eval_strategy='no')")
@@ -167,9 +168,6 @@ class GRPOTrainer:
             known = list(train_dataset.column_names) + (["environments"] if env is not None else [])
             check_reward_columns(self.reward_funcs, self.reward_func_names, known)
         self.launch = launch_from_env()
-        if self.hooks is not None and self.hooks.multi_turn and self.launch.world_size > 1:
-            raise ValueError("tools / environment_factory: multi-turn rollouts with several processes are not "
-                             "implemented (ranks would run different numbers of generation turns)")
         self.device = distributed.device_for(self.launch, args.use_cpu)
         distributed.init_process_group(self.launch, self.device, args.ddp_timeout)
         if args.tf32 is not None and self.device.type == "cuda":  # TrainingArguments' switch
@@ -204,7 +202,8 @@ class GRPOTrainer:
                 self.ref_model = distributed.shard(self.ref_model, self.device, args, offload=args.ref_model_offload)
         self.generator = self._build_generator()
         self.sampler = make_sampler(train_dataset, args.prompts_per_generation,
-                                    args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset)
+                                    args.data_seed if args.data_seed is not None else args.seed, args.shuffle_dataset,
+                                    self.prompt_optional)
         self.state = TrainerState(is_local_process_zero=self.launch.local_rank == 0,
                                   is_world_process_zero=self.launch.rank == 0)
         self.control = TrainerControl()
@@ -530,11 +529,14 @@ class GRPOTrainer:
     def _rollout(self, rows: list[dict], G: int, mine: slice, shared: slice, sampling: SamplingConfig) -> HookedRollout:
         """This rank's rows `mine` of P prompts × G completions: one generate() call of the rows `shared` with the
         ranks of its engine (sampling's stream keys are theirs), or the rollout hooks (an engine per rank)."""
-        prompts = [r["prompt"] for r in rows for _ in range(G)][mine]
+        prompts = [r.get("prompt", EMPTY_PROMPT) for r in rows for _ in range(G)][mine]  # (prompt_optional)
         if self.hooks is not None:
             keys = sampling.stream_keys
 
             def generate(ids: list[list[int]], batch_rows: list[int], turn: int):  # turn t of rows `batch_rows`
+                if not ids:  # no row of this rank's, some of another's: the sampling is collective, take part
+                    self.generator.generate([[self.tokenizer.pad_token_id]], 1, replace(sampling, stream_keys=[0]))
+                    return Rollout([], [], [])
                 k = None if keys is None else turn_keys(torch.tensor(keys)[batch_rows], turn).tolist()
                 return self.generator.generate(ids, 1, replace(sampling, stream_keys=k))
 
@@ -634,7 +636,7 @@ class GRPOTrainer:
         eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if eval_dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        check_eval_dataset(eval_dataset)
+        check_eval_dataset(eval_dataset, self.prompt_optional)
         metrics = {}
         for prefix, dataset in named_sets(eval_dataset, metric_key_prefix).items():
             found = {**evaluate_set(self, dataset, prefix), f"{prefix}_num_tokens": self.state.num_input_tokens_seen,

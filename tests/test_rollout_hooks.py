@@ -241,15 +241,16 @@ def trained_rows(trainer, fastrl: bool) -> list:
     return rows
 
 
-def run_both(trl, tool_model_dir, tmp_path, reward_funcs, tool_name, padding_free=False, **hooks):
+def run_both(trl, tool_model_dir, tmp_path, reward_funcs, tool_name, padding_free=False, rows=None, **hooks):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tool_model_dir)
     fields = dict(max_completion_length=400, max_tool_calling_iterations=2, log_completions=True,
                   num_completions_to_print=0)
-    ds = Dataset.from_list(chat_rows(B // G))
+    ds = Dataset.from_list(rows or chat_rows(B // G))
     logs = {"trl": [], "fastrl": []}
-    funcs = lambda who: [recording_reward(logs[who])] if reward_funcs else None  # noqa: E731
+    funcs = lambda who: reward_funcs(logs[who]) if callable(reward_funcs) else \
+        [recording_reward(logs[who])] if reward_funcs else None  # noqa: E731
     theirs = trl.GRPOTrainer(tool_model_dir, funcs("trl"), config(trl.GRPOConfig, tmp_path / "t", **fields),
                              train_dataset=ds, **hooks)
     script = ScriptedModel(tok, tool_name)
@@ -292,6 +293,71 @@ def test_environment_matches_trl(tool_model_dir, tmp_path):
     theirs, ours = run[0], run[1]
     assert ours.reward_func_names == theirs.reward_func_names == ["Adder"]  # reward_funcs=None: the env's reward
     assert_same_run(*run[:1], *run[1:2], {"trl": [], "fastrl": []}, *run[3:])
+
+
+def scripted_first_turn(tokenizer, tools: list):
+    """A rollout function writing the first turn with ScriptedModel (the chat template applied inside it, as TRL
+    asks), an env_mask whose first token is 0 and a per-row field: with tools TRL passes both to the reward
+    functions as columns and masks with the tool loop's tool_mask alone."""
+    script = ScriptedModel(tokenizer, tools[0].__name__)
+
+    def rollout_func(prompts, trainer):
+        prompt_ids = [tokenizer.apply_chat_template(p, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False) for p in prompts]
+        completion_ids = script(prompt_ids)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None,
+                "env_mask": [[0] + [1] * (len(c) - 1) for c in completion_ids],
+                "first_length": [len(c) for c in completion_ids]}
+
+    return rollout_func
+
+
+def columns_reward(log: list):
+    def reward(completions, env_mask, first_length, **kwargs):
+        log.append((env_mask, first_length))
+        return [float(n % 3) for n in first_length]
+
+    return reward
+
+
+@pytest.mark.parametrize("hook", ["tools", "environment_factory"])
+def test_rollout_func_with_tools_matches_trl(tool_model_dir, tmp_path, hook):
+    """TRL's rollout_func beside tools (or an environment's): its output is the first turn, the tool loop continues
+    it with the trainer's generator; env_mask and the other fields reach the reward functions as columns."""
+    trl = pytest.importorskip("trl")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tool_model_dir)
+    tools = [multiply] if hook == "tools" else [Adder.add]
+    hooks = {"tools": [multiply]} if hook == "tools" else {"environment_factory": Adder}
+    rewards = lambda log: [recording_reward(log), columns_reward(log)]  # noqa: E731
+    run = run_both(trl, tool_model_dir, tmp_path, rewards, tools[0].__name__,
+                   rollout_func=scripted_first_turn(tok, tools), **hooks)
+    assert_same_run(*run)  # the reward functions' arguments included
+    env_mask, first_length = run[2]["fastrl"][1]
+    assert len(env_mask) == B and env_mask[0][0] == 0 and first_length[0] == len(env_mask[0])
+
+
+class Quiz(Adder):
+    """Adder whose reset() gives the whole prompt (the dataset has no `prompt` column)."""
+
+    def reset(self, question, answer, **kwargs):
+        super().reset(None, answer)
+        return question + " Use add."
+
+
+def test_environment_dataset_without_prompt_matches_trl(tool_model_dir, tmp_path):
+    """TRL's rule: with an environment a row may lack `prompt`; it starts from an empty user message that reset()
+    fills, and reset() gets the row as it is."""
+    trl = pytest.importorskip("trl")
+    rows = [{"question": r["prompt"], "answer": r["answer"]} for r in tiny.addition_rows(B // G)]
+    run = run_both(trl, tool_model_dir, tmp_path, False, "add", rows=rows, environment_factory=Quiz)
+    assert_same_run(*run[:2], {"trl": [], "fastrl": []}, *run[3:])
+    table = [json.loads(line) for line in open(tmp_path / "o" / "completions.jsonl")]
+    assert table[0]["prompt"] == [{"role": "user", "content": rows[0]["question"] + " Use add."}]
+    with pytest.raises(ValueError, match=r"train_dataset: expected a 'prompt' column"):  # without an environment
+        GRPOTrainer(tool_model_dir, tiny.short_reward, config(GRPOConfig, tmp_path / "n"),
+                    train_dataset=Dataset.from_list(rows), tools=[multiply])
 
 
 class NoReset:
@@ -445,6 +511,35 @@ def test_sampled_turns_after_tool_results_match_the_trainers_logprobs(tool_model
     assert log["rollout/logprob_abs_diff"] <= (1e-3 if use_vllm else 1e-4)
     if use_vllm:
         real.close()
+
+
+def test_tools_with_two_processes_match_one(tool_model_dir, tmp_path):
+    """tools under torchrun, 2 CPU ranks (gloo, FSDP2: the sampler's forwards are collectives) against one process
+    with the same global batch (tests/rollout_hooks_worker.py, sampled turns and scripted tool calls): the same
+    completions token for token and the same metrics (tolerances of tests/test_distributed.py). In step 1 rank 0's
+    rows stop after their first turn while rank 1's call the tool: rank 0 takes part in rank 1's turns with
+    stand-in rows (counted), where a per-process loop as TRL's would leave rank 1 waiting."""
+    import os
+    import sys
+
+    from test_distributed import VOLATILE, launch, read_jsonl
+
+    worker = os.path.join(os.path.dirname(__file__), "rollout_hooks_worker.py")
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launch([sys.executable, worker, str(tool_model_dir), str(one), "8"],
+           torchrun + [worker, str(tool_model_dir), str(two), "4", "fsdp=full_shard"], timeout=900)
+    metrics_one, metrics_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert [m["step"] for m in metrics_one] == [m["step"] for m in metrics_two] == [1, 2]
+    for a, b in zip(metrics_one, metrics_two):
+        assert set(a) == set(b)
+        for key in set(a) - set(VOLATILE) - {k for k in a if k.startswith("time/")}:
+            assert a[key] == b[key] or abs(a[key] - b[key]) <= 1e-6 + 1e-5 * abs(a[key]), (a["step"], key)
+    rows_one, rows_two = read_jsonl(one / "completions.jsonl"), read_jsonl(two / "completions.jsonl")
+    assert len(rows_one) == 16 and [(r["step"], r["prompt"], r["completion"]) for r in rows_one] == \
+        [(r["step"], r["prompt"], r["completion"]) for r in rows_two]
+    assert metrics_one[0]["tools/call_frequency"] == 0.5 and metrics_one[0]["reward_std"] > 0
+    assert json.loads((two / "standins-rank0.json").read_text()) > 0 and not (one / "standins-rank0.json").exists()
 
 
 def test_example_runs(tmp_path):
