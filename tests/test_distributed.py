@@ -1,8 +1,9 @@
 """Several processes (fastrl.distributed): torchrun with 2 CPU ranks (gloo) trains like one process.
 
 The headline test starts `torchrun --standalone --nproc_per_node 2 tests/dist_worker.py` itself (bounded time,
-its whole process group killed on timeout), replicated and FSDP2-sharded, full fine-tuning and LoRA (beta 0.04:
-the reference model runs too), and the same worker as one plain process, with the same global batch
+its whole process group killed on timeout; full fine-tuning under `accelerate launch` and two torchrun "nodes"
+instead), replicated and FSDP2-sharded, full fine-tuning and LoRA (beta 0.04: the reference model runs too),
+and the same worker as one plain process, with the same global batch
 (per_device_train_batch_size 3 on each of 2 ranks, 6 in one process; 4 generations per prompt, so the group of
 prompt 1 spans both ranks) and seed. Compared every step from the trainers' own logs:
 - completions: identical token for token (each row samples from its own counter-based stream);
@@ -124,16 +125,36 @@ def one_process(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_processes(model_dir, tmp_path_factory):
     """The uninterrupted 2-process runs, per (mode, placement), shared by the comparisons and the resumes; with
-    a checkpoint every step, as the runs they are compared with."""
+    a checkpoint every step, as the runs they are compared with. Each launcher users start runs is one of them,
+    so no launch is made for the launcher alone: full fine-tuning replicated under `accelerate launch`, FSDP2
+    under two torchrun "nodes"; LoRA (and every other test's launch) under `torchrun --standalone`."""
     done = {}
 
     def get(mode: str, placement: str):
         if (mode, placement) not in done:
             done[mode, placement] = tmp_path_factory.mktemp(f"two-{mode}-{placement}")
-            run_worker(model_dir, done[mode, placement], mode, 2, *CHECKPOINTS, *PLACEMENTS[placement])
+            launcher = {("full", "replicated"): accelerate_launcher, ("full", "fsdp"): two_node_launchers}.get(
+                (mode, placement), lambda: None)()
+            run_worker(model_dir, done[mode, placement], mode, 2, *CHECKPOINTS, *PLACEMENTS[placement],
+                       launcher=launcher)
         return done[mode, placement]
 
     return get
+
+
+def accelerate_launcher() -> list[list[str]]:
+    """`accelerate launch --multi_gpu --num_processes 2` sets torchrun's variables (it runs torchrun); on a CPU
+    machine the ranks use gloo. The script is unchanged."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    return [[accelerate, "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
+             "--dynamo_backend=no", f"--main_process_port={free_port()}"]]
+
+
+def two_node_launchers() -> list[list[str]]:
+    """Two torchrun launches, one per "node" (--nnodes 2, a c10d rendezvous on 127.0.0.1), one rank each."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
+             "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=fastrl-test"] for i in range(2)]
 
 
 def assert_same_run(one, two, mode: str, steps=(1, 2, 3), exact: bool = False, skip=()) -> None:
@@ -174,6 +195,8 @@ def read_jsonl(path):
 @pytest.mark.parametrize("placement", ["replicated", "fsdp"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_two_processes_train_like_one(one_process, two_processes, mode, placement):
+    """Full fine-tuning and LoRA, replicated and FSDP2, launched by accelerate, two torchrun "nodes" on 127.0.0.1
+    and torchrun --standalone (the two_processes fixture says which): the same run as one process."""
     if mode == "lora":
         pytest.importorskip("peft")
     one, two = one_process(mode), two_processes(mode, placement)
@@ -339,28 +362,6 @@ def test_a_corrupted_shard_is_named_at_resume(model_dir, two_processes, tmp_path
     with pytest.raises(ValueError, match=re.escape(str(shard)) + ".*does not match its checksum"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 0
-
-
-def test_two_nodes_on_localhost_train_like_one_process(model_dir, one_process, tmp_path):
-    """Two torchrun launches, one per "node" (--nnodes 2, a c10d rendezvous on 127.0.0.1), one rank each."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
-              "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=fastrl-test"]
-             for i in range(2)]
-    run_worker(model_dir, tmp_path / "two", "full", 2, launcher=nodes)
-    assert_same_run(one_process("full"), tmp_path / "two", "full")
-
-
-def test_accelerate_launch_trains_like_one_process(model_dir, one_process, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` sets torchrun's variables (it runs torchrun); on a CPU
-    machine the ranks use gloo. The script is unchanged."""
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    if not os.path.exists(accelerate):
-        pytest.skip("accelerate is not installed")
-    launcher = [[accelerate, "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-                 "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]]
-    run_worker(model_dir, tmp_path / "two", "full", 2, launcher=launcher)
-    assert_same_run(one_process("full"), tmp_path / "two", "full")
 
 
 # ---------------------------------------------------------------- the pieces, without launching
