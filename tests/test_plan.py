@@ -63,10 +63,9 @@ def test_prediction_within_15_percent_of_measured_peak(case, measurements):
 
 
 # Per rank under torchrun (2 CPU processes, gloo): whole GRPOTrainer steps, every rank's peak RSS against the
-# one-rank plan (fastrl/plan/measure_ranks.py), FSDP2 and replicated, both launches at once. Completions of 128
-# tokens: at 64 the FSDP2 case was over-predicted by 15.9% (commit 82a569d), the plan's per-token terms there
-# are not yet calibrated for FSDP2.
-MEASURED_RANKS = ("fsdp_full_beta", "replicated_full_beta")
+# one-rank plan (fastrl/plan/measure_ranks.py), two launches at once: FSDP2 at 128- and 64-token completions
+# (the plan's per-token terms at two lengths; bench/results/plan_ranks.csv) and replicated.
+MEASURED_RANKS = ("fsdp_full_beta", "fsdp_full_beta_t64", "replicated_full_beta")
 
 
 @pytest.fixture(scope="module")

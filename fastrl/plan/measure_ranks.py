@@ -32,6 +32,7 @@ CASES = {
     "one_full_beta": (TINY_BENCH, {**TRAINER_RUN, "per_device_train_batch_size": 16}, 1),  # the 2-rank batch
     "replicated_full_beta": (TINY_BENCH, TRAINER_RUN, 2),
     "fsdp_full_beta": (TINY_BENCH, {**TRAINER_RUN, "fsdp": "full_shard"}, 2),
+    "fsdp_full_beta_t64": (TINY_BENCH, {**TRAINER_RUN, "fsdp": "full_shard", "max_completion_length": 64}, 2),
     "fsdp_lora_beta": (TINY_BENCH, {**TRAINER_RUN, "fsdp": "full_shard", "peft": LORA_ALL}, 2),
     "fsdp_layers_full": (LAYERS, {**TRAINER_RUN, "beta": 0.0, "fsdp": "full_shard"}, 2),
     "replicated_layers_full": (LAYERS, {**TRAINER_RUN, "beta": 0.0}, 2),
