@@ -70,12 +70,10 @@ def peer_failures(last_checkpoint: Callable[[], str | None]):
     hung, and names the checkpoint to resume from. Other errors pass unchanged; one process needs none of it."""
     try:
         yield
-    except Exception as error:
-        if not active():
-            raise
+    except Exception as error:  # a collective's failure: nccl raises DistError, gloo a RuntimeError naming itself
+        if not active() or not (isinstance(error, dist.DistError) or "gloo" in str(error)):
+            raise  # this rank's own error (every rank may raise it and exit: no peer is blamed for it)
         dead = dead_peers()
-        if not dead and not (isinstance(error, dist.DistError) or "gloo" in str(error)):
-            raise
         here = f"rank {dist.get_rank()} of {dist.get_world_size()}"
         if dead:
             who = ", ".join(f"rank {r} (pid {_PEERS[r][1]} on {_PEERS[r][0]})" for r in dead)
