@@ -132,8 +132,8 @@ def resident_parts(model: ModelShape, run: RunShape, device: str, device_memory)
             host["reference copy (offloaded)"] = per_rank(model.total_params() * p, run)
         else:
             parts["reference copy"] = per_rank(model.total_params() * p, run)
-        if run.fsdp:  # its root is gathered by its first forward and never resharded: no backward runs through it
-            parts["FSDP: reference root gathered (embedding, norm, lm_head)"] = root_params(model) * p
+    # FSDP2: the reference's root is gathered only during its own pass, which reshards it after (the trainer's
+    # distributed.reshard): counted there by fsdp_gathered, as the root in flight, not in every phase
     parts["AdamW states (2 per trainable param)"] = per_rank(2 * trainable_params(model, run) * p, run)
     if run.use_vllm and device == "cpu":  # no sleep mode on CPU: the generator keeps weights and KV cache
         parts["vLLM weights"] = _vllm_weights(model, run)
