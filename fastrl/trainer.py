@@ -80,6 +80,9 @@ from fastrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkp
 log = logging.getLogger(__name__)
 
 
+UNSUPPORTED_ARGUMENTS = {"quantization_config": "quantized policies are not supported"}  # GRPOTrainer's, and why
+
+
 class TrainOutput(NamedTuple):  # transformers' TrainOutput (importing its module pulls in peft: ~10 s)
     global_step: int
     training_loss: float
@@ -926,10 +929,9 @@ def _check_stream_settings(args: GRPOConfig, training_stream: bool) -> None:
 
 def _refuse_unsupported_arguments(**arguments) -> None:
     """TRL's GRPOTrainer arguments fastrl does not implement yet: a ValueError naming the one given."""
-    why = {"quantization_config": "quantized policies are not supported"}
     for name, value in arguments.items():
         if value is not None:
-            raise ValueError(f"{name} is not supported by fastrl ({why[name]}); leave it out")
+            raise ValueError(f"{name} is not supported by fastrl ({UNSUPPORTED_ARGUMENTS[name]}); leave it out")
 
 
 def _warn_like_trl(args: GRPOConfig) -> None:

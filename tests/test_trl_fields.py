@@ -1,5 +1,6 @@
 """README.md's "Switching from TRL" field list is `python -m fastrl.trl_fields`'s output, and every field of the
-installed TRL's GRPOConfig is accepted (honoured, no effect, or refused by name), none with a TypeError."""
+installed TRL's GRPOConfig and every GRPOTrainer argument is accepted (honoured, no effect, or refused by name), none
+with a TypeError."""
 import os
 
 import pytest
@@ -7,12 +8,12 @@ import pytest
 pytest.importorskip("trl")
 
 from fastrl.config import GRPOConfig, NO_EFFECT, UNSUPPORTED  # noqa: E402
-from fastrl.trl_fields import END, START, classify, markdown  # noqa: E402
+from fastrl.trl_fields import END, START, classify, classify_arguments, markdown  # noqa: E402
 
 
 def test_every_trl_field_is_accepted():
     groups = classify()
-    assert groups["missing"] == []
+    assert groups["missing"] == [] and classify_arguments()["missing"] == []
     assert not set(NO_EFFECT) & set(UNSUPPORTED)
     assert set(NO_EFFECT) <= GRPOConfig.field_names()
 
