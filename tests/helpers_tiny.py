@@ -78,6 +78,16 @@ def stall_at_step(completions, trainer_state=None, **kwargs):
     return [0.0] * len(completions)
 
 
+def multiply(a: int, b: int) -> int:
+    """Multiplies two integers (a tool: its docstring is its schema).
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a * b
+
+
 def addition_rows(n: int = 40):
     """Plain-text prompts 'a+b=' with the answer column."""
     return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)][:n]

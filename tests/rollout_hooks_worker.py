@@ -23,16 +23,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from fastrl import GRPOConfig, GRPOTrainer  # noqa: E402
 from fastrl.generation.base import Rollout  # noqa: E402
-
-
-def multiply(a: int, b: int) -> int:
-    """Multiplies two integers.
-
-    Args:
-        a: The first integer.
-        b: The second integer.
-    """
-    return a * b
+from helpers_tiny import multiply  # noqa: E402
 
 
 class PlannedCalls:

@@ -16,6 +16,7 @@ from datasets import Dataset
 
 import helpers_tiny as tiny
 from fastrl import GRPOConfig, GRPOTrainer
+from helpers_tiny import multiply  # a tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 B, G = 8, 4
@@ -99,16 +100,6 @@ def test_rollout_func_errors(model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ tools and environments, scripted model turns
-def multiply(a: int, b: int) -> int:
-    """Multiplies two integers.
-
-    Args:
-        a: The first integer.
-        b: The second integer.
-    """
-    return a * b
-
-
 class Adder:
     """An environment: reset() states the task, add() is its tool, get_reward() scores the rollout's running sum."""
 
