@@ -14,6 +14,8 @@ One training step = decoder forward + backward + GRPO loss (dapo, beta 0, on-pol
 not part of it. Providers, each in a fresh process (MALLOC_MMAP_THRESHOLD_=65536 so freed memory is returned,
 one intra-op thread), timing `steps` steps after one warm-up step:
 - fastrl-packed   GRPOTrainer's micro-batch loss with padding_free=True
+- fastrl-dense-mask  the same with sdpa left to transformers' dense block-diagonal [S, S] mask instead of
+                  attention per sequence (fastrl.packed_attention): the packed path before it, for the ratio
 - fastrl-padded   the same with padding_free=False (the [B, P+T] padded twin)
 - fastrl-equal    padding-free on B sequences all of the batch's mean length: the same total tokens without the
                   tail, i.e. what the valid-token count alone predicts for fastrl-packed
@@ -35,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-PROVIDERS = ("fastrl-packed", "fastrl-padded", "fastrl-equal", "trl")
+PROVIDERS = ("fastrl-packed", "fastrl-dense-mask", "fastrl-padded", "fastrl-equal", "trl")
 B, PROMPT_RANGE = 8, (8, 24)
 
 
@@ -130,6 +132,10 @@ def worker(case: str, provider: str, model_dir: str, vocab: int, steps: int) -> 
         mean = round(sum(completions) / B)
         completions = [mean] * B
     batch = random_rollout(prompts, completions, vocab)
+    if provider == "fastrl-dense-mask":  # this process only: the pack check keeps sdpa (and its [S, S] mask)
+        from fastrl import packed_attention
+
+        packed_attention.install = lambda model: False
     step = _trl_step(model_dir, batch) if provider == "trl" else _fastrl_step(model_dir, batch,
                                                                                 provider != "fastrl-padded")
     built = _rss_mib()

@@ -17,6 +17,8 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from fastrl import packed_attention
+
 log = logging.getLogger(__name__)
 
 
@@ -176,12 +178,13 @@ def completion_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention
 def packed_completion_hidden(model: torch.nn.Module, packed) -> torch.Tensor:
     """Final hidden states [N, H] predicting each completion row of a PackedBatch, padding-free.
 
-    The decoder reads all sequences as one row [1, S] with no attention mask: transformers then finds the
-    sequences from the position ids restarting at 0 (masking_utils.find_packed_sequence_indices) and keeps them
-    apart: a block-diagonal causal mask for sdpa/eager, a document BlockMask for flex_attention, varlen
-    cu_seqlens for flash_attention_2.
+    The decoder reads all sequences as one row [1, S] with no attention mask; each attention keeps them apart:
+    flash_attention_2 by varlen cu_seqlens and flex_attention by a document BlockMask (transformers finds the
+    sequences from the position ids restarting at 0), sdpa per sequence once packed_attention_problem has
+    switched it to fastrl.packed_attention (no [S, S] mask), eager by transformers' dense block-diagonal mask.
     """
-    hidden = final_hidden(model, input_ids=packed.input_ids[None], position_ids=packed.position_ids[None])
+    with packed_attention.packed_spans(packed.cu_seqlens):
+        hidden = final_hidden(model, input_ids=packed.input_ids[None], position_ids=packed.position_ids[None])
     return hidden[0, packed.predict_index]  # [S, H] -> [N, H]
 
 
@@ -196,10 +199,26 @@ def final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
 
 
 def packed_attention_problem(model: torch.nn.Module) -> str | None:
-    """Why the decoder can not take packed sequences (packed_completion_hidden), or None: a model whose attention
-    ignores the position ids' sequence boundaries would silently attend across sequences. Checked once on two short
-    sequences: the second one's hidden states packed behind the first must equal its own."""
+    """Why the decoder can not take packed sequences (packed_completion_hidden), or None. An sdpa model is first
+    switched to attention per sequence (fastrl.packed_attention); a family whose layers handle the mask themselves
+    (and so fail on it) goes back to sdpa with transformers' dense [S, S] mask. Either way the pack is then checked
+    (_packed_mismatch), and its answer decides."""
     inner = base_model(model)
+    if packed_attention.install(inner):
+        problem = _packed_mismatch(inner)
+        if problem is None:
+            return None
+        packed_attention.uninstall(inner)
+        if _packed_mismatch(inner) is None:
+            log.info("padding_free: %s packs with sdpa's dense [S, S] mask: attention per sequence fails (%s)",
+                     type(inner).__name__, problem)
+            return None
+    return _packed_mismatch(inner)
+
+
+def _packed_mismatch(inner: PreTrainedModel) -> str | None:
+    """Checked once on two short sequences: the second one's hidden states packed behind the first must equal its
+    own, else a model whose attention ignores the sequences' boundaries would silently attend across them."""
     device = next(inner.parameters()).device
     ids = torch.arange(7, device=device) % inner.config.vocab_size  # [7]: sequences of 3 and 4 tokens
     pos = torch.tensor([0, 1, 2, 0, 1, 2, 3], device=device)
@@ -207,10 +226,10 @@ def packed_attention_problem(model: torch.nn.Module) -> str | None:
     inner.eval()  # no dropout
     try:
         with torch.no_grad():
-            packed = packed_completion_hidden(inner, SimpleNamespace(input_ids=ids, position_ids=pos,
-                                                                     predict_index=torch.arange(3, 7)))
-            alone = packed_completion_hidden(inner, SimpleNamespace(input_ids=ids[3:], position_ids=pos[3:],
-                                                                    predict_index=torch.arange(4)))
+            packed = packed_completion_hidden(inner, SimpleNamespace(
+                input_ids=ids, position_ids=pos, cu_seqlens=torch.tensor([0, 3, 7]), predict_index=torch.arange(3, 7)))
+            alone = packed_completion_hidden(inner, SimpleNamespace(
+                input_ids=ids[3:], position_ids=pos[3:], cu_seqlens=torch.tensor([0, 4]), predict_index=torch.arange(4)))
     except Exception as e:  # noqa: BLE001 - a decoder that can not run a packed row at all is the same answer
         return f"its decoder fails on a packed row ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     finally:

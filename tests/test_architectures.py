@@ -76,9 +76,10 @@ def test_transform_is_read_from_the_config(model_type, field, tok):
 
 
 def test_family_whose_attention_can_not_pack_trains_padded(tok, tmp_path, caplog):
-    """OPT's attention ignores packed sequences' boundaries: by default (padding_free=None) the trainer takes the
+    """BioGPT's decoder ignores packed sequences' boundaries (with attention per sequence too: its learned positions
+    do not read the position ids): by default (padding_free=None) the trainer takes the
     padded path, with one log line naming the class and why, and trains; padding_free=True is refused by name."""
-    model = fam.build("opt", tok)
+    model = fam.build("biogpt", tok)
     args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=3,
                 max_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, bf16=False,
                 gradient_checkpointing=False)
@@ -87,11 +88,11 @@ def test_family_whose_attention_can_not_pack_trains_padded(tok, tmp_path, caplog
         trainer = GRPOTrainer(model, fam.checksum_reward, GRPOConfig(**args), train_dataset=data, processing_class=tok)
     assert trainer.args.padding_free is False
     assert [r.getMessage() for r in caplog.records if r.name == "fastrl.policy"] == [
-        "padding_free: OPTForCausalLM trains on padded batches: its attention (attn_implementation='sdpa') mixes "
+        "padding_free: BioGptForCausalLM trains on padded batches: its attention (attn_implementation='sdpa') mixes "
         "packed sequences"]
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
-    with pytest.raises(ValueError, match="padding_free=True: OPTForCausalLM can not run packed sequences"):
+    with pytest.raises(ValueError, match="padding_free=True: BioGptForCausalLM can not run packed sequences"):
         GRPOTrainer(model, fam.checksum_reward, GRPOConfig(**args, padding_free=True), train_dataset=data,
                     processing_class=tok)
 

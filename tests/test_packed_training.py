@@ -3,8 +3,8 @@ decoder + fused loss, loss and every parameter's gradient, for all six loss type
 sampling × beta; token-budget micro-batches giving the same step however the sequences are grouped; and the
 trainer's step with padding_free on and off.
 
-Tolerance (fp32): the packed decoder runs the same per-token arithmetic on a [1, S] row with a block-diagonal
-mask instead of [B, P+T] with a padding mask, so GEMMs see other shapes and sums run in another order:
+Tolerance (fp32): the packed decoder runs the same per-token arithmetic on a [1, S] row, attention per sequence
+(fastrl.packed_attention), instead of [B, P+T] with a padding mask, so GEMMs see other shapes and sums run in another order:
 rtol 1e-4 and atol 1e-6 on the loss and the gradients (measured differences ~1e-6 relative)."""
 import pytest
 import torch
@@ -171,11 +171,13 @@ def test_trainer_step_padded_packed_and_token_budget_agree(model_dir, tmp_path, 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_packed_attention_check(tmp_path, monkeypatch, caplog, arch):
     """The once-per-model check packs sdpa Llama and Qwen2 under True and None (the default). A model whose attention
-    would mix packed sequences (simulated: transformers' packed-sequence detection switched off) trains padded
+    would mix packed sequences (simulated: a packed mask function that drops the sequences' boundaries) trains padded
     under None, with one log line naming its class and why, and is refused by name under True or when a setting
     needs packing."""
-    import transformers.masking_utils as masking_utils
     from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from fastrl import packed_attention
 
     from fastrl.policy import use_padding_free
     from fastrl.tasks.tiny_model import build_tiny_model
@@ -183,13 +185,13 @@ def test_packed_attention_check(tmp_path, monkeypatch, caplog, arch):
     model = AutoModelForCausalLM.from_pretrained(build_tiny_model(str(tmp_path / arch), arch=arch),
                                                  attn_implementation="sdpa")
     assert use_padding_free(model, None) and use_padding_free(model, True) and not use_padding_free(model, False)
-    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, packed_attention.NAME, lambda **kwargs: None)
     name = type(model).__name__
     with caplog.at_level("INFO", logger="fastrl.policy"):
         assert use_padding_free(model, None) is False
     assert [r.getMessage() for r in caplog.records] == [
-        f"padding_free: {name} trains on padded batches: its attention (attn_implementation='sdpa') mixes packed "
-        "sequences"]
+        f"padding_free: {name} trains on padded batches: its attention "
+        "(attn_implementation='fastrl_packed_sdpa') mixes packed sequences"]
     with pytest.raises(ValueError, match=f"padding_free=True: {name} can not run packed sequences"):
         use_padding_free(model, True)
     with pytest.raises(ValueError, match=f"max_tokens_per_micro_batch: {name} can not run packed"):

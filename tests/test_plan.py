@@ -168,31 +168,25 @@ def test_optimizer_states_follow_the_parameter_dtype():
 
 
 def test_padding_free_counts_the_valid_tokens():
-    """Packed: S = b·(P̄ + T̄) tokens and N = b·T̄ rows, not b·(P + T) and b·T; the sdpa mask spans the packed
-    row S; with a token budget S is the budget, whatever the micro-batch's sequence count."""
+    """Packed: S = b·(P̄ + T̄) tokens and N = b·T̄ rows, not b·(P + T) and b·T, and no attention mask (sdpa per
+    sequence); with a token budget S is the budget, whatever the micro-batch's sequence count."""
     run = {**RUN, "gradient_checkpointing": False}  # activations set the policy phase's peak
     packed = {**run, "padding_free": True}
     quarter = predict(QWEN_05B, packed, mean_lengths=(64, 256))
     assert (quarter.run.micro_tokens, quarter.run.micro_rows) == (8 * 320, 8 * 256)
     padded = predict(QWEN_05B, {**run, "padding_free": False})
     assert (padded.run.micro_tokens, padded.run.micro_rows, padded.run.attention_row) == (8 * 1280, 8 * 1024, 1280)
-    assert quarter.run.attention_row == 8 * 320
+    assert quarter.run.attention_row == 0
     assert _policy_activations(quarter) < _policy_activations(padded) / 3
-    worst = predict(QWEN_05B, packed)  # no mean lengths: every sequence full, the mask spans 8 × 1280 keys
+    worst = predict(QWEN_05B, packed)  # no mean lengths: every sequence full, the padded tokens without a mask
     assert worst.run.micro_tokens == padded.run.micro_tokens
-    assert _policy_activations(worst) > _policy_activations(padded)
+    assert _policy_activations(worst) < _policy_activations(padded)
     budget = {**packed, "max_tokens_per_micro_batch": 4096, "gradient_accumulation_steps": 4}
     for b in (8, 16):  # a window of 32 or 64 sequences regrouped into micro-batches of 4096 tokens
         plan = predict(QWEN_05B, {**budget, "per_device_train_batch_size": b}, mean_lengths=(64, 256))
         assert plan.run.micro_tokens == 4096 and plan.run.micro_rows == 3277  # ⌈4096 · 256 / 320⌉
     small_window = predict(QWEN_05B, {**budget, "gradient_accumulation_steps": 1}, mean_lengths=(64, 256))
     assert small_window.run.micro_tokens == 8 * 320  # the window's 8 sequences hold fewer tokens than the budget
-
-
-def test_padding_free_on_cuda_assumes_varlen_attention():
-    packed = {**RUN, "padding_free": True}
-    plan = predict(QWEN_05B, packed, "cuda", 80 * GiB, mean_lengths=(64, 256))
-    assert plan.run.attention_row == 0 and any("flash_attention_2" in n for n in plan.notes)
 
 
 def test_bad_mean_lengths_are_named(tmp_path, capsys):

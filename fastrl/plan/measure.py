@@ -99,7 +99,7 @@ def _build(model_config: dict, run: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastrl.config import GRPOConfig
-    from fastrl.policy import frozen_reference, prepare_for_training
+    from fastrl.policy import frozen_reference, prepare_for_training, use_padding_free
 
     fields = {k: v for k, v in model_config.items() if k not in ("model_type", "dtype")}
     config = LlamaConfig(**fields, attn_implementation="sdpa")
@@ -112,6 +112,7 @@ def _build(model_config: dict, run: dict):
 
         peft_config = LoraConfig(**run["peft"])
     model = prepare_for_training(model, args, torch.device("cpu"), peft_config)
+    args.padding_free = use_padding_free(model, args.padding_free)  # as the trainer: sdpa per packed sequence
     ref = frozen_reference(model) if args.beta > 0 and peft_config is None else None
     return model, ref, args
 
@@ -156,7 +157,7 @@ def _completion_hidden(model, batch, args):
     """batch: a RolloutBatch (padded, -> [b, T, H]) or a PackedBatch (padding_free, -> [N, H])."""
     from fastrl.policy import completion_hidden, packed_completion_hidden
 
-    if args.padding_free is not False:  # None: the trainer packs a Llama (fastrl.policy.use_padding_free)
+    if args.padding_free:
         return packed_completion_hidden(model, batch)
     ids, attention = batch.input_ids()
     return completion_hidden(model, ids, attention, batch.prompt_ids.shape[1])
@@ -214,7 +215,7 @@ def _run_steps(model_config: dict, run: dict, steps: int, marks=lambda phase: No
 
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     batch = random_rollout(*case_lengths(run), model_config["vocab_size"], seed=1)
-    batch = PackedBatch.from_rollout(batch) if args.padding_free is not False else batch
+    batch = PackedBatch.from_rollout(batch) if args.padding_free else batch
     for _ in range(steps):
         _step(model, ref, opt, args, batch, marks)
 

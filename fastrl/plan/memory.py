@@ -11,7 +11,7 @@ attention (listed with `torch.autograd.graph.saved_tensors_hooks`, torch 2.13 / 
     q/k/v input      normed [H] once, if q, k or v trains (under bf16 autocast: one bf16 copy per trained linear)
     attention        q, k, v (k, v repeated to all heads), output: 4·Hq; log-sum-exp [heads] fp32;
                      the attention mask, a fresh fp32 copy in every layer: [b, 1, P+T, P+T] padded (P+T per
-                     token), [1, 1, S, S] packed (sdpa's block-diagonal mask: S per token, quadratic in S)
+                     token); none packed (sdpa per sequence with is_causal: fastrl.packed_attention)
     MLP norm         x [H], rsqrt [1], x·rsqrt [H] (if the norm trains), normed [H] if gate or up trains
     MLP              gate, up, silu(gate): 3·I; their product [I] if down trains
     LoRA             the adapter's A output [r] per adapted linear (A and B train, the base does not)

@@ -84,8 +84,6 @@ def predict_shapes(model: ModelShape, run: RunShape, device: str, device_memory:
                          "(vLLM takes vllm_gpu_memory_utilization × total)")
     if device == "cpu":  # offloading to host memory moves nothing on a CPU run
         run = run.replace(offload_activations=False)
-    if device == "cuda" and run.padding_free:  # packed on CUDA: flash_attention_2's varlen path (policy.py)
-        run = run.replace(varlen_attention=True)
     resident, host = resident_parts(model, run, device, device_memory)
     phases = [generation_phase(model, run, device, device_memory, resident)]
     if run.use_vllm:
@@ -262,9 +260,6 @@ def notes(model, run, device, device_memory) -> list[str]:
         out.append(f"padding_free: a micro-batch is {run.micro_tokens} tokens ({run.micro_rows} completion rows)"
                    + ("" if run.mean_completion_len is not None else
                       ", every sequence at its maximum length (--mean-lengths gives the expected means)"))
-    if run.padding_free and device == "cuda":
-        out.append("padding_free on CUDA assumes flash_attention_2 (pip install flash-attn): with sdpa the "
-                   f"packed row's block-diagonal mask adds {fmt(run.micro_tokens ** 2 * 4)} per layer")
     return out
 
 

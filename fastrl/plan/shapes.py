@@ -143,7 +143,6 @@ class RunShape:
     window: int = 1  # sequences per optimizer step and process (micro_batch × gradient_accumulation_steps)
     mean_prompt_len: float | None = None  # P̄, expected (padding_free only); None: P, every prompt full length
     mean_completion_len: float | None = None  # T̄, likewise; None: T
-    varlen_attention: bool = False  # packed sequences kept apart by flash_attention_2's cu_seqlens: no mask
     world_size: int = 1  # processes in the launch (nproc per node × nodes); the shape is one rank's
     fsdp: bool = False  # FSDP2 full sharding across the world_size ranks (else each rank holds a replica)
     bucket_bytes: int = 25 << 20  # replicas' gradient all-reduce bucket (GRPOConfig.gradient_bucket_bytes)
@@ -172,11 +171,9 @@ class RunShape:
 
     @property
     def attention_row(self) -> int:
-        """Keys each query's attention mask row spans: P + T padded ([b, 1, P+T, P+T]); packed, the whole row S
-        (sdpa's block-diagonal mask [1, 1, S, S]), or none with varlen attention."""
-        if not self.padding_free:
-            return self.prompt_len + self.completion_len
-        return 0 if self.varlen_attention else self.micro_tokens
+        """Keys each query's attention mask row spans: P + T padded ([b, 1, P+T, P+T]); none packed (sdpa per
+        sequence with is_causal, fastrl.packed_attention, or flash_attention_2's varlen cu_seqlens)."""
+        return 0 if self.padding_free else self.prompt_len + self.completion_len
 
     @property
     def _mean_prompt(self) -> float:
