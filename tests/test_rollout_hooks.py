@@ -59,23 +59,25 @@ def env_reward(completions, env_reward, episode, **kwargs):
     return env_reward
 
 
-@pytest.mark.parametrize("loss_type,padding_free", [("dapo", False), ("grpo", True), ("bnpo", False),
-                                                    ("dr_grpo", True)])
-def test_rollout_func_matches_trl(model_dir, tmp_path, loss_type, padding_free):
+@pytest.mark.parametrize("loss_type,padding_free,num_iterations", [("dapo", False, 1), ("grpo", True, 1),
+                                                                   ("bnpo", False, 2), ("dr_grpo", True, 1)])
+def test_rollout_func_matches_trl(model_dir, tmp_path, loss_type, padding_free, num_iterations):
+    """num_iterations=2: the batch trains twice (2 steps) but its tokens count once in num_tokens, as in TRL."""
     trl = pytest.importorskip("trl")
     ds = Dataset.from_list(tiny.addition_rows(B // G))
     seen_trl, seen_ours = [], []
-    theirs = trl.GRPOTrainer(model_dir, env_reward, config(trl.GRPOConfig, tmp_path / "t", loss_type=loss_type),
+    fields = dict(loss_type=loss_type, num_iterations=num_iterations, max_steps=num_iterations)
+    theirs = trl.GRPOTrainer(model_dir, env_reward, config(trl.GRPOConfig, tmp_path / "t", **fields),
                              train_dataset=ds, rollout_func=scripted_rollout_func(seen_trl))
     theirs.train()
-    ours = GRPOTrainer(model_dir, env_reward, config(GRPOConfig, tmp_path / "o", loss_type=loss_type,
-                                                     padding_free=padding_free),
+    ours = GRPOTrainer(model_dir, env_reward, config(GRPOConfig, tmp_path / "o", padding_free=padding_free, **fields),
                        train_dataset=ds, rollout_func=scripted_rollout_func(seen_ours))
     ours.train()
-    assert seen_ours == seen_trl and len(seen_ours[0]) == B  # each prompt G times in a row
+    assert seen_ours == seen_trl and len(seen_ours) == 1 and len(seen_ours[0]) == B  # each prompt G times in a row
     trl_log, our_log = theirs.state.log_history[0], ours.state.log_history[0]
     for key in COMPARED:
         assert our_log[key] == pytest.approx(trl_log[key], rel=1e-4, abs=1e-6), key
+    assert ours.state.num_input_tokens_seen == theirs.state.num_input_tokens_seen == our_log["num_tokens"]
 
 
 def test_rollout_func_errors(model_dir, tmp_path):
