@@ -509,9 +509,10 @@ def test_sampled_turns_after_tool_results_match_the_trainers_logprobs(tool_model
 def test_tools_with_two_processes_match_one(tool_model_dir, tmp_path):
     """tools under torchrun, 2 CPU ranks (gloo, FSDP2: the sampler's forwards are collectives) against one process
     with the same global batch (tests/rollout_hooks_worker.py, sampled turns and scripted tool calls): the same
-    completions token for token and the same metrics (tolerances of tests/test_distributed.py). In step 1 rank 0's
-    rows stop after their first turn while rank 1's call the tool: rank 0 takes part in rank 1's turns with
-    stand-in rows (counted), where a per-process loop as TRL's would leave rank 1 waiting."""
+    completions token for token and the same metrics, evaluation's included (tolerances of
+    tests/test_distributed.py). In step 1 rank 0's rows stop after their first turn while rank 1's call the tool,
+    in step 2 the other way round, and rank 0 holds no row of the evaluation: a rank takes part in the other's
+    turns with stand-in rows (counted), where a per-process loop as TRL's would leave the other waiting."""
     import os
     import sys
 
@@ -523,16 +524,19 @@ def test_tools_with_two_processes_match_one(tool_model_dir, tmp_path):
     launch([sys.executable, worker, str(tool_model_dir), str(one), "8"],
            torchrun + [worker, str(tool_model_dir), str(two), "4", "fsdp=full_shard"], timeout=900)
     metrics_one, metrics_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
-    assert [m["step"] for m in metrics_one] == [m["step"] for m in metrics_two] == [1, 2]
+    assert [m["step"] for m in metrics_one] == [m["step"] for m in metrics_two] == [1, 2, 2]  # 2: train, eval
     for a, b in zip(metrics_one, metrics_two):
         assert set(a) == set(b)
-        for key in set(a) - set(VOLATILE) - {k for k in a if k.startswith("time/")}:
+        timings = {k for k in a if k in VOLATILE or k.startswith("time/") or k.endswith(("_runtime", "_per_second"))}
+        for key in set(a) - timings:
             assert a[key] == b[key] or abs(a[key] - b[key]) <= 1e-6 + 1e-5 * abs(a[key]), (a["step"], key)
     rows_one, rows_two = read_jsonl(one / "completions.jsonl"), read_jsonl(two / "completions.jsonl")
     assert len(rows_one) == 16 and [(r["step"], r["prompt"], r["completion"]) for r in rows_one] == \
         [(r["step"], r["prompt"], r["completion"]) for r in rows_two]
     assert metrics_one[0]["tools/call_frequency"] == 0.5 and metrics_one[0]["reward_std"] > 0
+    assert metrics_one[2]["eval_tools/call_frequency"] == 1.0
     assert json.loads((two / "standins-rank0.json").read_text()) > 0 and not (one / "standins-rank0.json").exists()
+    assert json.loads((two / "standins-rank1.json").read_text()) > 0
 
 
 def test_example_runs(tmp_path):
