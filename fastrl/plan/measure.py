@@ -74,6 +74,11 @@ TRAINER_CASES = {
     "trainer_lora_beta": (TINY_BENCH, {"per_device_train_batch_size": 8, "num_generations": 8, "beta": 0.04,
                                        "max_prompt_length": 12, "max_completion_length": 128,
                                        "peft": LORA_ALL}),
+    # token-budget micro-batches: every sequence is 12 + 128 = 140 tokens, so a budget of 560 packs 4 per micro-batch
+    "trainer_packed_budget": (TINY_BENCH, {"per_device_train_batch_size": 8, "num_generations": 8, "beta": 0.04,
+                                           "max_prompt_length": 12, "max_completion_length": 128,
+                                           "gradient_checkpointing": False, "padding_free": True,
+                                           "max_tokens_per_micro_batch": 560}),
 }
 
 
@@ -245,7 +250,7 @@ def child(name: str) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def _train(model_path: str, run: dict, steps: int, output_dir: str = "/tmp/fastrl_plan_measure") -> None:
+def _train(model_path: str, run: dict, steps: int, output_dir: str) -> None:
     from fastrl import GRPOConfig, GRPOTrainer
     from fastrl.tasks import get_task
 
@@ -277,12 +282,12 @@ def trainer_child(name: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="fastrl_plan_") as tmp:
         warm = build_tiny_model(os.path.join(tmp, "warm"))
         path = build_tiny_model(os.path.join(tmp, "bench"), **tiny)
-        _train(warm, {**run, "max_completion_length": 8}, steps=1)
+        _train(warm, {**run, "max_completion_length": 8}, steps=1, output_dir=os.path.join(tmp, "warm-out"))
         gc.collect()
         reset_peak_rss()
         baseline = status_kib("VmRSS") * 1024
         t0 = time.perf_counter()
-        _train(path, run, steps=2)
+        _train(path, run, steps=2, output_dir=os.path.join(tmp, "out"))  # its own folder: runs may overlap
         return {"case": name, "baseline": baseline, "peak": status_kib("VmHWM") * 1024 - baseline, "phases": {},
                 "seconds": time.perf_counter() - t0}
 
@@ -303,7 +308,8 @@ def predicted(name: str):
     from fastrl.plan.predict import predict
 
     model_config, run = case_inputs(name)
-    return predict(model_config, run, device="cpu", mean_lengths=mean_lengths(run))
+    # GRPOTrainer cases: every sequence at its maximum length (see TRAINER_CASES), the plan's default
+    return predict(model_config, run, device="cpu", mean_lengths=None if name in TRAINER_CASES else mean_lengths(run))
 
 
 STEP_PHASES = ("logprob passes (reference/old)", "policy forward+backward", "optimizer step")
@@ -326,7 +332,8 @@ def compare(name: str, timeout: float = 300) -> dict:
             "vocab": model_config["vocab_size"], "micro_batch": run["per_device_train_batch_size"],
             "prompt_len": run["max_prompt_length"], "completion_len": run["max_completion_length"],
             "checkpointing": run["gradient_checkpointing"], "bf16": run["bf16"], "beta": run["beta"],
-            "padding_free": run["padding_free"], "micro_batch_tokens": plan.run.micro_tokens,
+            "padding_free": run["padding_free"], "max_tokens_per_micro_batch": run.get("max_tokens_per_micro_batch") or "",
+            "micro_batch_tokens": plan.run.micro_tokens,
             "lora": json.dumps(run.get("peft")) if run.get("peft") else "",
             "compared": compared, "predicted_mib": _mib(peak), "measured_mib": _mib(m["peak"]),
             "error_pct": round(100 * (peak - m["peak"]) / m["peak"], 1), "plan_peak_phase": plan.peak_phase.name,
