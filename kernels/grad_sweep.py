@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from .forward_sweep import ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, rows_per_tile, softcap_derivative
+from .forward_sweep import (ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, rows_per_tile, softcap_derivative,
+                           chunk_shape, whole_rows_fit)
 from .params import LogitTransform
 
 
 def logit_grad_(log_p: torch.Tensor, p: torch.Tensor, targets, g_logp, g_entropy, entropy,
-                log_sum=None) -> torch.Tensor:
+                log_sum=None, target_grad=None) -> torch.Tensor:
     """In place on p: returns dL/dz [n, V] (log_p is clobbered when the entropy term is present).
+
+    target_grad [n]: what is added at each row's target column, g_logp by default (a vocabulary chunk passes 0
+    for rows whose target lies in another chunk, and targets clamped into the chunk).
 
     log_sum None: p = softmax(z), log_p = log p. log_sum s [n] given: p holds e = exp(z − m) and log_p
     holds z − m (m the row max, s = log Σ exp(z − m)); the true p = e·exp(−s) and log p = (z − m) − s, with
@@ -32,7 +36,8 @@ def logit_grad_(log_p: torch.Tensor, p: torch.Tensor, targets, g_logp, g_entropy
     p.mul_(-g_p[:, None])
     if g_entropy is not None:
         p.add_(log_p)
-    p.scatter_add_(1, targets[:, None].long(), g_logp[:, None])  # + g at the target
+    at_target = g_logp if target_grad is None else target_grad
+    p.scatter_add_(1, targets[:, None].long(), at_target[:, None])  # + g at the target
     return p
 
 
@@ -68,13 +73,18 @@ def grad_sweep(hidden, weight, targets, bias, logits: LogitTransform, lse, g_log
     lse [2, N]: the row max m and s = log Σ exp(z − m) from the forward sweep. Each tile forms z − m (exact near
     the max) and e = exp(z − m); p = e·exp(−s) is never formed, exp(−s) scales the per-row coefficients."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
+    g_logp = g_logp.float() * logits.grad_scale
+    g_entropy = None if g_entropy is None else g_entropy.float() * logits.grad_scale
     # fp32 without an entropy gradient or softcap (GRPO's three-phase path, logprobs whose entropy is only
     # logged): p in one buffer and no dz pass, as in grpo_single_pass (dh and dW straight from p: lean_tile_grads)
     lean = hidden.dtype == torch.float32 and g_entropy is None and logits.softcap is None
+    if not whole_rows_fit(n_rows, vocab, ONE_BUFFER_TILE_ELEMENTS if lean else TILE_ELEMENTS):
+        dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad)
+        chunked_grad_sweep(hidden, weight, targets, bias, logits, lse, g_logp, g_entropy, entropy,
+                           chunk_shape(n_rows, vocab), dh, dw, db)
+        return dh, dw, logits.bias_grad_(db)
     dh, dw, db = allocate_grads(hidden, weight, need_hidden_grad, need_weight_grad, need_bias_grad,
                                 zero_weight=not lean or n_rows == 0)
-    g_logp = g_logp.float() * logits.grad_scale
-    g_entropy = None if g_entropy is None else g_entropy.float() * logits.grad_scale
     rows = rows_per_tile(n_rows, vocab, ONE_BUFFER_TILE_ELEMENTS if lean else TILE_ELEMENTS)
     z_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
     p_buf = None if lean else torch.empty_like(z_buf)
@@ -126,3 +136,37 @@ def lean_tile_grads(p, h, weight, targets, gs, grad_hidden, grad_weight, grad_bi
     if grad_bias is not None:
         grad_bias.addmv_(p.T, gp, alpha=-1.0)  # [V, n] @ [n] -> [V]
         grad_bias.index_add_(0, targets, gs)
+
+
+def chunked_grad_sweep(hidden, weight, targets, bias, t: LogitTransform, lse, g_logp, g_entropy, entropy, shape,
+                       dh, dw, db) -> None:
+    """grad_sweep over [rows, cols] tiles (shape from chunk_shape), g_logp / g_entropy already times
+    grad_scale. Each tile's dz is logit_grad_'s, with the target term only where the target is in the chunk; the
+    GEMMs run in fp32 (16-bit h and W chunks upcast, as logits_tile does): dh [n, H] += dz @ W_c over the chunks,
+    dW_c [C, H] += dzᵀ @ h and db_c += Σ dz over the row blocks (dW, db zeroed by the caller)."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    rows, cols = shape
+    z_buf, e_buf = (torch.empty(rows, cols, dtype=torch.float32, device=hidden.device) for _ in range(2))
+    cap_buf = None if t.softcap is None else torch.empty_like(z_buf)
+    for a in range(0, n_rows, rows):
+        b = min(a + rows, n_rows)
+        h32, y = hidden[a:b].float(), targets[a:b].long()  # [n, H], [n]
+        g_ent, ent = (None, None) if g_entropy is None else (g_entropy[a:b], entropy[a:b])
+        for c in range(0, vocab, cols):
+            d = min(c + cols, vocab)
+            z = logits_tile(hidden[a:b], weight[c:d], None if bias is None else bias[c:d], t, z_buf[: b - a, : d - c])
+            cap = None if cap_buf is None else softcap_derivative(z, t, cap_buf[: b - a, : d - c])
+            z.sub_(lse[0, a:b, None])  # z − m
+            ex = torch.exp(z, out=e_buf[: b - a, : d - c])  # exp(z − m) = p·exp(s)
+            in_chunk = (y >= c) & (y < d)
+            dz = logit_grad_(z, ex, (y - c).clamp_(0, d - c - 1), g_logp[a:b], g_ent, ent, log_sum=lse[1, a:b],
+                             target_grad=torch.where(in_chunk, g_logp[a:b], 0.0))
+            if cap is not None:
+                dz.mul_(cap)
+            w_c = weight[c:d].float()  # [C, H]
+            if dh is not None:
+                dh[a:b].addmm_(dz, w_c, beta=0.0 if c == 0 else 1.0)  # [n, C] @ [C, H]
+            if dw is not None:
+                dw[c:d].addmm_(dz.T, h32)  # [C, n] @ [n, H]
+            if db is not None:
+                db[c:d].add_(dz.sum(dim=0))

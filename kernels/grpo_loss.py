@@ -12,7 +12,7 @@ import torch
 from .advantages import normalized_advantages
 from .backend import phases, resolve_backend
 from .checks import validate_grpo_inputs
-from .grpo_single_pass import grpo_single_pass
+from .grpo_single_pass import grpo_single_pass, single_pass_fits
 
 
 def _three_phase(impl, hidden, weight, targets, bias, inputs, advantages, mask, cu_seqlens, needs):
@@ -37,7 +37,7 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
         rows, ids = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         p = inputs.params
-        if backend == "torch" and p.token_local:
+        if backend == "torch" and p.token_local and single_pass_fits(rows, weight, p.logits):
             loss, metrics, *grads = grpo_single_pass(rows, weight, ids, bias, mask, advantages, inputs.old_logprobs,
                                                      inputs.ref_logprobs, inputs.is_ratio, p, *needs,
                                                      cu_seqlens=cu_seqlens)

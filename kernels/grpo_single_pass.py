@@ -17,10 +17,29 @@ from __future__ import annotations
 import torch
 
 from .forward_sweep import (_TINY, ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, row_entropy_,
-                            rows_per_tile, softcap_derivative, softmax_tile)
+                            rows_per_tile, softcap_derivative, softmax_tile, whole_rows_fit,
+                            chunk_shape)
 from .grad_sweep import accumulate_grads, allocate_grads, lean_tile_grads, logit_grad_
 from .grpo_epilogue import Sequences, finish_metrics, flag_sums, objective_terms, row_is_ratio, token_weights
 from .params import GRPOLossParams, LogitTransform
+
+
+def single_pass_fits(hidden, weight, t: LogitTransform) -> bool:
+    """Whether the single pass's whole-vocabulary tiles are tall enough for its GEMMs (forward_sweep.GEMM_ROWS);
+    at a large vocabulary (Qwen2.5's 151936) the three phases over vocabulary chunks are faster despite the
+    second logits GEMM (bench/bench_sweep_tiles.py)."""
+    lean = hidden.dtype == torch.float32 and t.softcap is None
+    return whole_rows_fit(hidden.shape[0], weight.shape[0], ONE_BUFFER_TILE_ELEMENTS if lean else TILE_ELEMENTS)
+
+
+def loss_tile_elements(n_rows: int, vocab: int, fp32: bool) -> int:
+    """fp32 logits-tile elements the torch path's fused loss holds at once (no softcap): the single pass's
+    whole-vocabulary tiles (one buffer in fp32, two for 16-bit inputs), else the chunked sweeps' two buffers."""
+    elements = ONE_BUFFER_TILE_ELEMENTS if fp32 else TILE_ELEMENTS
+    if whole_rows_fit(n_rows, vocab, elements):
+        return rows_per_tile(n_rows, vocab, elements) * vocab * (1 if fp32 else 2)
+    rows, cols = chunk_shape(n_rows, vocab)
+    return 2 * rows * cols
 
 
 def _row_inputs(mask, advantages, old_logp, ref_logp, is_ratio, seqs: Sequences, p: GRPOLossParams):

@@ -28,6 +28,17 @@ def poison_empty(monkeypatch):
         monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
 
 
+@pytest.fixture
+def vocabulary_chunks(monkeypatch):
+    """The torch sweeps on row blocks × vocabulary chunks (forward_sweep.chunk_shape) at test sizes: tiles of at
+    most 32 rows × 256 columns, several of each. At real sizes whole_rows_fit chooses them (V 151936)."""
+    from fastrl.kernels import forward_sweep, grad_sweep, grpo_single_pass
+    for module in (forward_sweep, grad_sweep, grpo_single_pass):
+        monkeypatch.setattr(module, "whole_rows_fit", lambda *_: False)
+    monkeypatch.setattr(forward_sweep, "BLOCK_ROWS", 32)
+    monkeypatch.setattr(forward_sweep, "TILE_ELEMENTS", 1 << 12)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device; unverified on these CPU-only machines")
     if not torch.cuda.is_available():

@@ -148,6 +148,31 @@ def test_low_precision(loss_type, level, extra, dtype):
     check_against_reference(batch, dtype, f"{loss_type}/{level} seed={seed}", **kw)
 
 
+CHUNK_CASES = [pytest.param(t, level, OPTION_SETS[o], id=f"{t}-{level}-{o}") for t in LOSS_TYPES
+               for level in ("token", "sequence") for o in ("beta", "entropy-quantile", "entropy-bonus", "is_ratio-seq")
+               if not (t == "vespo" and o == "is_ratio-seq")]  # refused by name (test_fp32_every_loss_type_and_option)
+
+
+@pytest.mark.parametrize("loss_type,level,options", CHUNK_CASES)
+def test_vocabulary_chunks_every_loss_type(loss_type, level, options, vocabulary_chunks):
+    """The three phases on row blocks × vocabulary chunks (taken at V 151936 instead of the single pass)."""
+    B, T, H, V = 6, 13, 40, 523  # 78 rows: blocks of 32 rows × chunks of 256, 256 and 11 columns
+    seed = torch.seed() % 2**31
+    batch = make_batch(B, T, H, V, torch.float32, seed, bias=True)
+    kw = _kwargs(batch, loss_type, level, options, B, T)
+    check_against_reference(batch, torch.float32, f"chunks {loss_type}/{level}/{options} seed={seed}", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_vocabulary_chunks_low_precision(dtype, vocabulary_chunks):
+    B, T, H, V = 8, 24, 64, 3001
+    seed = torch.seed() % 2**31
+    batch = make_batch(B, T, H, V, dtype, seed)
+    keep_ratios_off_clip_edges(batch, "token", margin=0.05)
+    kw = _kwargs(batch, "dapo", "token", {"beta": 0.04, "entropy_coef": 0.1}, B, T)
+    check_against_reference(batch, dtype, f"chunks dapo seed={seed}", **kw)
+
+
 def test_real_size_spans_many_tiles():
     B, T, H, V = 4, 96, 128, 32768  # 384 rows × 32768: six row tiles, V far from any block multiple is below
     seed = torch.seed() % 2**31

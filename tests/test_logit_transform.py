@@ -22,6 +22,7 @@ TRANSFORMS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = [pytest.param("torch", (70, 48, 1031), id="torch-N70-H48-V1031"),
+         pytest.param("torch-chunks", (70, 48, 1031), id="torch-chunks-N70-H48-V1031"),
          pytest.param("triton", (37, 48, 300), id="triton-N37-H48-V300")]
 TAU = 0.8
 
@@ -32,11 +33,20 @@ def _rounding_bound(h, w, b, t: LogitTransform, g_logp, g_ent):
     return logit_rounding_bound(h, w, b, 1.0 / t.grad_scale, g_logp, g_ent)
 
 
+def _chunks_if_asked(backend, request) -> str:
+    """"torch-chunks": the torch path on row blocks × vocabulary chunks (conftest.vocabulary_chunks)."""
+    if backend == "torch-chunks":
+        request.getfixturevalue("vocabulary_chunks")
+        return "torch"
+    return backend
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("name", TRANSFORMS)
 @pytest.mark.parametrize("backend,shape", CASES)
-def test_logprobs_and_grads_match_reference(backend, shape, name, dtype):
+def test_logprobs_and_grads_match_reference(backend, shape, name, dtype, request):
     n, hs, v = shape
+    backend = _chunks_if_asked(backend, request)
     seed = torch.seed() % 2**31
     h, w, y, b = make_linear_inputs(n, hs, v, dtype, seed, bias=True)
     t = TRANSFORMS[name]
@@ -70,8 +80,11 @@ def test_softcap_bounds_the_logits_and_matches_tanh():
 @pytest.mark.parametrize("level", ["token", "sequence"])  # torch: single pass / three phases
 @pytest.mark.parametrize("name", TRANSFORMS)
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
-                                           ("triton", torch.float32)], ids=["torch-fp32", "torch-bf16", "triton-fp32"])
-def test_grpo_loss_and_grads_match_reference(backend, dtype, name, level):
+                                           ("torch-chunks", torch.float32), ("torch-chunks", torch.bfloat16),
+                                           ("triton", torch.float32)],
+                         ids=["torch-fp32", "torch-bf16", "torch-chunks-fp32", "torch-chunks-bf16", "triton-fp32"])
+def test_grpo_loss_and_grads_match_reference(backend, dtype, name, level, request):
+    backend = _chunks_if_asked(backend, request)
     B, T, H, V = (4, 9, 32, 211) if backend == "triton" else (6, 13, 40, 523)
     seed = torch.seed() % 2**31
     t = TRANSFORMS[name]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastrl.kernels import fused_linear_logprobs
-from fastrl.kernels.forward_sweep import rows_per_tile
+from fastrl.kernels.forward_sweep import ONE_BUFFER_TILE_ELEMENTS, chunk_shape, rows_per_tile, whole_rows_fit
 from fastrl.kernels.reference import reference_logprobs
 from kernel_cases import assert_no_worse_than, logit_rounding_bound, make_linear_inputs
 
@@ -16,6 +16,7 @@ TORCH_SHAPES = [(37, 48, 300), (130, 64, 2053), (257, 96, 40000)]  # the last sp
 TRITON_SHAPES = [(37, 48, 300)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = [pytest.param("torch", s, id=f"torch-N{s[0]}-H{s[1]}-V{s[2]}") for s in TORCH_SHAPES] + \
+        [pytest.param("torch-chunks", (130, 64, 2053), id="torch-chunks-N130-H64-V2053")] + \
         [pytest.param("triton", s, id=f"triton-N{s[0]}-H{s[1]}-V{s[2]}") for s in TRITON_SHAPES]
 
 
@@ -27,8 +28,11 @@ def _grads(logp, entropy, g_logp, g_ent, params):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("backend,shape", CASES)
-def test_matches_reference(backend, shape, with_bias, dtype):
+def test_matches_reference(backend, shape, with_bias, dtype, request):
     n, hs, v = shape
+    if backend == "torch-chunks":  # row blocks × vocabulary chunks, as at V 151936
+        request.getfixturevalue("vocabulary_chunks")
+        backend = "torch"
     seed = torch.seed() % 2**31
     # Sharply peaked rows stress the log-sum-exp; in fp16/bf16 their logits (~100) round in steps of 0.06-0.5,
     # which swamps every other error source in both paths, so they are an fp32 case.
@@ -67,6 +71,15 @@ def test_row_tile_does_not_grow_with_n():
     assert rows_per_tile(10**6, 32768) == rows_per_tile(4096, 32768) == 64  # 64 × 32768 = 2^21 logits
     assert rows_per_tile(10**6, 151936) == 16  # the floor: 16 rows
     assert rows_per_tile(5, 32768) == 5
+
+
+def test_tiles_are_tall_at_a_large_vocabulary():
+    """Whole-vocabulary rows while 256 of them fit, else ≤ 1024-row blocks × vocabulary chunks of the same budget."""
+    assert whole_rows_fit(4096, 32768, ONE_BUFFER_TILE_ELEMENTS)  # 256 rows × 32768
+    assert whole_rows_fit(40, 151936, ONE_BUFFER_TILE_ELEMENTS)  # every row in one tile
+    assert not whole_rows_fit(100, 151936, ONE_BUFFER_TILE_ELEMENTS)  # 48-row tiles at Qwen2.5's head
+    assert chunk_shape(4096, 151936) == (1024, 2048) and chunk_shape(300, 151936) == (300, 6912)
+    assert chunk_shape(10, 1000) == (10, 1000)
 
 
 def test_unused_entropy_costs_no_entropy_gradient_work(monkeypatch):

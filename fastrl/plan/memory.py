@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastrl.kernels.forward_sweep import ONE_BUFFER_TILE_ELEMENTS, rows_per_tile
+from fastrl.kernels.grpo_single_pass import loss_tile_elements
 from fastrl.plan.shapes import ModelShape, RunShape
 
 FP32 = 4
@@ -105,16 +105,15 @@ def layer_backward_transient(model: ModelShape, run: RunShape, tokens: int) -> i
 def fused_loss_bytes(model: ModelShape, run: RunShape, n_rows: int, tokens: int) -> dict[str, dict[str, int]]:
     """The fused loss's working set at its two high points (grpo_single_pass + FusedLinearGRPOLoss):
 
-    forward:  the rows copy [N, H], dh [N, H] fp32, dW [V, H] fp32 (if the head trains) and the tiles: with fp32
-              inputs one buffer of rows · V fp32 (2^23 logits at most), with 16-bit inputs two of 2^21
+    forward:  the rows copy [N, H], dh [N, H] fp32, dW [V, H] fp32 (if the head trains) and the logits tiles
+              (kernels/grpo_single_pass.loss_tile_elements: whole-vocabulary rows or vocabulary chunks)
     backward: the gradients stored by forward are scaled in place (nothing new), but with 16-bit weights they are
               cast back to 16 bits
     """
     v, h = model.vocab, model.hidden
     head = v * h if run.lora is None else 0
     a = BF16 if (_autocast(model, run) or model.weight_bytes == BF16) else FP32
-    rows = rows_per_tile(n_rows, v, ONE_BUFFER_TILE_ELEMENTS) if a == FP32 else 2 * rows_per_tile(n_rows, v)
-    tiles = rows * v * FP32
+    tiles = loss_tile_elements(n_rows, v, fp32=a == FP32) * FP32
     forward = {"loss: rows [N,H] + dh [N,H] fp32": n_rows * h * (a + FP32), "loss: dW [V,H] fp32": head * FP32,
                "loss: logit tiles fp32": tiles}
     backward = {"loss: dh [N,H] fp32": n_rows * h * FP32, "loss: dW [V,H] fp32": head * FP32}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastrl.kernels.forward_sweep import rows_per_tile
+from fastrl.kernels.forward_sweep import sweep_tile_elements
 from fastrl.plan.memory import (BF16, CUDA_CONTEXT_BYTES, FP32, Phase, checkpointed_bytes_per_token, fused_loss_bytes,
                                 grad_timeline, kv_cache_bytes, materializing_loss_bytes, per_rank, root_params,
                                 trainable_params)
@@ -197,7 +197,7 @@ def logprob_phase(model, run, device, resident) -> Phase:
     phase.parts["forward working set (one layer)"] = tokens * (3 * model.intermediate + 4 * model.hidden
                                                                + run.attention_row) * a
     phase.parts["hidden states [S,H]"] = tokens * model.hidden * FP32
-    phase.parts["logprob tiles 2×[rows,V] fp32"] = 2 * rows_per_tile(n_rows, model.vocab) * model.vocab * FP32
+    phase.parts["logprob tiles fp32"] = sweep_tile_elements(n_rows, model.vocab) * FP32
     phase.parts.update(fsdp_gathered(model, run, layers=1))
     return phase
 
