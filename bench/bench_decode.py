@@ -1,4 +1,5 @@
-"""fastrl's sampling loop with fp32 weights against the same loop on a bf16 copy of them -> a results CSV.
+"""fastrl's sampling loop with fp32 weights against the same loop on a bf16 copy of them, and with its CPU linear
+layers in the plain x @ Wᵀ order instead of W @ xᵀ (fastrl/generation/skinny_linear.py) -> a results CSV.
 
     PYTHONPATH=. .venv/bin/python bench/bench_decode.py [--size qwen2.5-0.5b] [--tokens 16] [--reps 3]
                                                         [--out bench/results/decode.csv]
@@ -47,14 +48,17 @@ def run(size: str, tokens: int, reps: int, out: str) -> None:
     from fastrl.bench.e2e import build_model, real_size_cases
     from fastrl.bench.measure import quantiles
     from fastrl.bench.results import row, run_facts, write_csv
+    from fastrl.generation import skinny_linear
     from fastrl.generation.base import SamplingConfig
     from fastrl.generation.streams import stream_keys
 
     case = next(c for c in real_size_cases() if c.size.startswith(size))
     path = build_model(case)
     fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    variants = {"fp32 weights": fp32, "bf16 weights": AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16).eval()}
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    # name -> (model, skinny_linear.MAX_ROWS): 0 turns the W @ xᵀ order off
+    variants = {"fp32 weights": (fp32, skinny_linear.MAX_ROWS), "fp32 weights, x @ W^T": (fp32, 0),
+                "bf16 weights": (bf16, skinny_linear.MAX_ROWS)}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 90, (B, PROMPT), generator=g)
     mask = torch.ones_like(ids)
@@ -63,7 +67,8 @@ def run(size: str, tokens: int, reps: int, out: str) -> None:
     samples = {name: {"wall": [], "cpu": []} for name in variants}
     gaps = {}
     for _ in range(reps):
-        for name, model in variants.items():
+        for name, (model, max_rows) in variants.items():
+            skinny_linear.MAX_ROWS = max_rows
             toks, logps, wall, cpu = timed_sample(model, ids, mask, sampling, keys)
             samples[name]["wall"].append(wall / tokens)
             samples[name]["cpu"].append(cpu / tokens)

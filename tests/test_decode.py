@@ -104,3 +104,40 @@ def test_generator_rollout_cuts_at_eos_with_the_samplers_logprobs():
             expected = teacher_forced_logprobs(model.eval(), prompt, torch.ones_like(prompt), torch.tensor([ids]),
                                                cfg)[0]
         torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0, msg=f"seed {seed}, row {i}")
+
+
+@pytest.mark.parametrize("lead", [(2,), (8,), (3, 1), (4, 16), (256,)], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_skinny_linear_equals_f_linear(lead, with_bias):
+    """W @ xᵀ on 2..256 rows (fastrl/generation/skinny_linear.py) against F.linear, fp32 rounding apart."""
+    from fastrl.generation.skinny_linear import SkinnyLinear
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = torch.randn(*lead, 37, generator=g), torch.randn(61, 37, generator=g), torch.randn(61, generator=g)
+    expected = torch.nn.functional.linear(x, w, b if with_bias else None)
+    with torch.no_grad(), SkinnyLinear():
+        got = torch.nn.functional.linear(x, w, b if with_bias else None)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+
+
+def test_skinny_linear_keeps_the_plain_order_where_it_does_not_pay(monkeypatch):
+    """One row, more than MAX_ROWS rows, 16-bit inputs and autograd keep F.linear; the sampling loop on a CPU
+    takes the W @ xᵀ order for its few-row steps."""
+    from fastrl.generation import skinny_linear
+    calls = []
+    real = skinny_linear._skinny_linear
+    monkeypatch.setattr(skinny_linear, "_skinny_linear", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    w = torch.randn(5, 3)
+    with torch.no_grad(), skinny_linear.SkinnyLinear():
+        for x in (torch.randn(1, 3), torch.randn(257, 3), torch.randn(4, 3).bfloat16()):
+            torch.nn.functional.linear(x, w.to(x.dtype))
+    with skinny_linear.SkinnyLinear():
+        torch.nn.functional.linear(torch.randn(4, 3, requires_grad=True), w)
+    assert calls == [None] * 4
+    calls.clear()
+    tok = build_tokenizer()
+    model = build_model(tok, seed=1).eval()
+    ids, mask = left_pad([tok.encode("12+3="), tok.encode("7=")], tok.pad_token_id, "cpu")
+    sample(model, ids, mask, SamplingConfig(max_completion_length=3), [tok.eos_token_id], tok.pad_token_id)
+    assert calls and all(c is not None for c in calls)

@@ -10,6 +10,7 @@ minus their log-sum-exp. Per step it holds a few [B, V] fp32 tensors, never [B, 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -21,6 +22,7 @@ from fastrl.distributed import all_ranks
 
 from .base import SamplingConfig
 from .extra_kwargs import transformers_generation_config
+from .skinny_linear import SkinnyLinear
 from .streams import uniforms
 
 
@@ -121,21 +123,23 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     step_ids, mask = input_ids, attention_mask
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
     tokens_out, logps_out = [], []
-    for position in range(max_new_tokens):
-        scores = processors(seen, step(step_ids, mask, position_ids).float())  # [B, V]
-        tokens, logps = draw(scores, u=None if stream_keys is None else uniforms(stream_keys, position))
-        tokens = torch.where(done, pad_token_id, tokens)
-        tokens_out.append(tokens)
-        logps_out.append(logps.masked_fill(done, 0.0))
-        done |= torch.isin(tokens, eos)
-        if all_ranks(bool(done.all())):  # a sharded model's forward is collective: ranks stop together
-            break
-        step_ids = tokens.unsqueeze(-1)  # [B, 1]
-        seen = torch.cat([seen, step_ids], dim=-1)
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)
-        position_ids = position_ids[:, -1:] + 1
-        if cache is None:  # the whole sequence again
-            step_ids, position_ids = seen, (mask.cumsum(-1) - 1).clamp_(min=0)
+    # CPU: the loop's linear layers take a few rows each, where W @ xᵀ beats x @ Wᵀ (skinny_linear)
+    with SkinnyLinear() if input_ids.device.type == "cpu" else contextlib.nullcontext():
+        for position in range(max_new_tokens):
+            scores = processors(seen, step(step_ids, mask, position_ids).float())  # [B, V]
+            tokens, logps = draw(scores, u=None if stream_keys is None else uniforms(stream_keys, position))
+            tokens = torch.where(done, pad_token_id, tokens)
+            tokens_out.append(tokens)
+            logps_out.append(logps.masked_fill(done, 0.0))
+            done |= torch.isin(tokens, eos)
+            if all_ranks(bool(done.all())):  # a sharded model's forward is collective: ranks stop together
+                break
+            step_ids = tokens.unsqueeze(-1)  # [B, 1]
+            seen = torch.cat([seen, step_ids], dim=-1)
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+            if cache is None:  # the whole sequence again
+                step_ids, position_ids = seen, (mask.cumsum(-1) - 1).clamp_(min=0)
     if not tokens_out:
         empty = input_ids.new_zeros(batch, 0)
         return empty, empty.float()
