@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 demo: $(STAMP)
 	$(PY) -m fastrl.cli train examples/demo.yaml
