@@ -75,11 +75,11 @@ def run(size: str, tokens: int, reps: int, out: str) -> None:
             gaps[name] = logprob_gap(fp32, ids, toks, logps)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     facts = run_facts(f"python bench/bench_decode.py --size {size} --tokens {tokens} --reps {reps}")
-    rows = []
+    rows, machine = [], f"2-core CPU, 1-minute load average {os.getloadavg()[0]:.1f} at the end"
     for name in variants:
         config = {"commit": commit, "size": case.size, "batch": B, "prompt_tokens": PROMPT, "new_tokens": tokens,
-                  "reps": reps, "threads": torch.get_num_threads(), "machine": "2-core CPU shared with other "
-                  "(niced) jobs", "logprob_gap_mean": gaps[name][0], "logprob_gap_max": gaps[name][1]}
+                  "reps": reps, "threads": torch.get_num_threads(), "machine": machine,
+                  "logprob_gap_mean": gaps[name][0], "logprob_gap_max": gaps[name][1]}
         base = dict(operation="decode_step", provider=name, mode="sample", x_name="B", x_value=B, config=config,
                     run=facts)
         rows.append(row(metric="step_time", unit="s", values=quantiles(samples[name]["wall"]), **base))

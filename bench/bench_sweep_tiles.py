@@ -100,7 +100,7 @@ def run(reps: int, out: str) -> None:
             base_cpu = quantiles(times["vocabulary-chunk tiles"]["cpu"])[1]
             for name in variants:
                 config = {"commit": commit, "shape": shape, "N": n, "H": h, "V": v, "dtype": "float32",
-                          "reps": reps, "threads": torch.get_num_threads(), "machine": "2-core CPU, shared"}
+                          "reps": reps, "threads": torch.get_num_threads(), "machine": f"2-core CPU, 1-minute load average {os.getloadavg()[0]:.1f}"}
                 kw = dict(operation=op_name, provider=name, mode="fwd" if op is reference_pass else "fwd+bwd",
                           x_name="V", x_value=v, config=config, run=facts)
                 rows.append(row(metric="time", unit="s", values=quantiles(times[name]["wall"]), **kw))
