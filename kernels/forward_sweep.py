@@ -149,6 +149,11 @@ def forward_sweep(hidden, weight, targets, bias, logits: LogitTransform, with_en
     return lse, logp, entropy
 
 
+def fp32_chunk(weight, bias, c: int, d: int):
+    """Rows c:d of the head as fp32 (weight [d − c, H], bias [d − c] | None): a view when already fp32."""
+    return weight[c:d].float(), None if bias is None else bias[c:d].float()
+
+
 def chunked_forward_sweep(hidden, weight, targets, bias, t: LogitTransform, shape, lse, logp, entropy) -> None:
     """forward_sweep over [rows, cols] tiles (shape from chunk_shape), writing lse, logp, entropy.
 
@@ -161,12 +166,12 @@ def chunked_forward_sweep(hidden, weight, targets, bias, t: LogitTransform, shap
     e_buf = torch.empty_like(z_buf) if entropy is not None else None
     for a in range(0, n_rows, rows):
         b = min(a + rows, n_rows)
-        y = targets[a:b].long()  # [n]
+        h32, y = hidden[a:b].float(), targets[a:b].long()  # [n, H] upcast once per block, [n]
         z_y = torch.empty(b - a, dtype=torch.float32, device=hidden.device)  # the targets' logits
         m = big_s = big_t = None
         for c in range(0, vocab, cols):
             d = min(c + cols, vocab)
-            z = logits_tile(hidden[a:b], weight[c:d], None if bias is None else bias[c:d], t, z_buf[: b - a, : d - c])
+            z = logits_tile(h32, *fp32_chunk(weight, bias, c, d), t, z_buf[: b - a, : d - c])
             hit = ((y >= c) & (y < d)).nonzero().squeeze(1)  # rows whose target is in this chunk
             z_y[hit] = z[hit, y[hit] - c]
             m_new = z.amax(dim=1) if m is None else torch.maximum(m, z.amax(dim=1))  # [n]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .forward_sweep import (ONE_BUFFER_TILE_ELEMENTS, TILE_ELEMENTS, logits_tile, rows_per_tile, softcap_derivative,
-                           chunk_shape, whole_rows_fit)
+                           chunk_shape, fp32_chunk, whole_rows_fit)
 from .params import LogitTransform
 
 
@@ -154,7 +154,8 @@ def chunked_grad_sweep(hidden, weight, targets, bias, t: LogitTransform, lse, g_
         g_ent, ent = (None, None) if g_entropy is None else (g_entropy[a:b], entropy[a:b])
         for c in range(0, vocab, cols):
             d = min(c + cols, vocab)
-            z = logits_tile(hidden[a:b], weight[c:d], None if bias is None else bias[c:d], t, z_buf[: b - a, : d - c])
+            w_c, b_c = fp32_chunk(weight, bias, c, d)  # [C, H], [C]: upcast once for the three GEMMs
+            z = logits_tile(h32, w_c, b_c, t, z_buf[: b - a, : d - c])
             cap = None if cap_buf is None else softcap_derivative(z, t, cap_buf[: b - a, : d - c])
             z.sub_(lse[0, a:b, None])  # z − m
             ex = torch.exp(z, out=e_buf[: b - a, : d - c])  # exp(z − m) = p·exp(s)
@@ -163,7 +164,6 @@ def chunked_grad_sweep(hidden, weight, targets, bias, t: LogitTransform, lse, g_
                              target_grad=torch.where(in_chunk, g_logp[a:b], 0.0))
             if cap is not None:
                 dz.mul_(cap)
-            w_c = weight[c:d].float()  # [C, H]
             if dh is not None:
                 dh[a:b].addmm_(dz, w_c, beta=0.0 if c == 0 else 1.0)  # [n, C] @ [C, H]
             if dw is not None:
