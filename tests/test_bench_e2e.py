@@ -146,18 +146,39 @@ def test_the_same_job_trains_with_vllm_generation(tmp_path):
     assert out["peak_mib"] >= 0 and out["rss_built_mib"] > 0
 
 
-def test_quick_times_and_measures_memory_in_one_process_per_trainer(monkeypatch, tmp_path):
+def fake_jobs(monkeypatch, tmp_path) -> list:
     calls = []
 
     def fake_job(job, env_extra=None, timeout=None):
-        calls.append((job["trainer"], job.get("memory"), env_extra))
+        calls.append((job["trainer"], job.get("memory", False), env_extra))
         return {"step_s": [10.0, 1.0, 2.0], "phases": phases([10.0, 1.0, 2.0]), "tokens": [8, 8, 8],
-                "train_runtime_s": 14.0, "peak_mib": 50.0, "rss_built_mib": 700.0}
+                "train_runtime_s": 14.0, "peak_mib": 50.0 if job.get("memory") else None, "rss_built_mib": 700.0}
 
     monkeypatch.setattr("fastrl.bench.jobs.run_job", fake_job)
     monkeypatch.setattr(e2e, "build_model", lambda case, root=None: str(tmp_path))
+    return calls
+
+
+def test_quick_times_without_the_memory_setting(monkeypatch, tmp_path):
+    """The allocator setting of the memory process slows allocation-heavy steps, so --quick times in processes of
+    their own too, and the timing rows say no setting."""
+    calls = fake_jobs(monkeypatch, tmp_path)
     rows = e2e.run_e2e_suite(RUN, quick=True, cases=[e2e.tiny_case()], trainers=("fastrl", "trl"), progress=False)
-    assert calls == [("fastrl", True, e2e.MEMORY_ENV), ("trl", True, e2e.MEMORY_ENV)]
+    assert calls == [("fastrl", False, None), ("fastrl", True, e2e.MEMORY_ENV),
+                     ("trl", False, None), ("trl", True, e2e.MEMORY_ENV)]
     got = {(r["provider"], r["metric"]): r for r in rows}
     assert got[("trl", "memory")]["p50"] == 50.0 and got[("trl", "steps_per_s")]["p50"] == pytest.approx(1 / 1.5)
-    assert '"MALLOC_MMAP_THRESHOLD_"' in got[("fastrl", "step_time")]["config"]  # timed under the memory setting
+    assert '"MALLOC_MMAP_THRESHOLD_"' not in got[("fastrl", "step_time")]["config"]
+
+
+def test_one_process_and_time_only_runs(monkeypatch, tmp_path):
+    calls = fake_jobs(monkeypatch, tmp_path)
+    rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], trainers=("trl",), progress=False, one_process=True)
+    assert calls == [("trl", True, e2e.MEMORY_ENV)]
+    got = {(r["provider"], r["metric"]): r for r in rows}
+    assert got[("trl", "memory")]["p50"] == 50.0
+    assert '"MALLOC_MMAP_THRESHOLD_"' in got[("trl", "step_time")]["config"]  # timed under the memory setting
+    calls.clear()
+    rows = e2e.run_e2e_suite(RUN, cases=[e2e.tiny_case()], trainers=("trl",), progress=False, memory=False)
+    assert calls == [("trl", False, None)]
+    assert "memory" not in {r["metric"] for r in rows} and ("step_time" in {r["metric"] for r in rows})

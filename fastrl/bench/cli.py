@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=None,
                         help="comma-separated kernel providers (default: all; see fastrl.bench.providers)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-memory", action="store_true", help="kernels: time only, no memory processes")
+    parser.add_argument("--no-memory", action="store_true", help="time only, no memory processes (kernels and e2e)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--match", default=None,
                         help="only cases whose id (kernels: grpo_loss-full-fp32-B4-T256-H256-V65536) or size (e2e: "
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainers", default=None, help="e2e: comma-separated trainers (default: all of "
                                                          "fastrl, fastrl-vllm, trl)")
     parser.add_argument("--one-process", action="store_true",
-                        help="e2e: time and memory from one process per trainer (timed with the memory setting on)")
+                        help="e2e: time and memory from one process per trainer, timed with the memory setting on, "
+                             "which slows allocation-heavy trainers (TRL's tiny step 1.9x): for long runs only")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="e2e: steps per run instead of each case's own (1: one step, timed whole, warm-up in it)")
     parser.add_argument("--tag", default=None, help="write <suite>-<tag>.csv (and its plots) instead of <suite>.csv")
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 cases = [replace(c, max_steps=args.max_steps) for c in cases]
             trainers = tuple(args.trainers.split(",")) if args.trainers else TRAINERS
             rows = run_e2e_suite(run_info, quick=args.quick, device=device, progress=not args.no_progress,
-                                 cases=cases, trainers=trainers, one_process=args.one_process or None)
+                                 cases=cases, trainers=trainers, one_process=args.one_process,
+                                 memory=not args.no_memory)
         path = write_csv(rows, os.path.join(args.out, f"{suite}{suffix}.csv"))
         plots = write_plots(rows_from(path), args.out, f"{suite}{suffix}")
         if suite == "e2e":

@@ -19,8 +19,12 @@ What is measured, per (trainer, size):
   reference model, tokenizer, data) is built, so it covers generation, activations, gradients, optimizer state.
   For fastrl-vllm the built trainer already holds the vLLM engine (its weights and KV cache): `rss_built_mib` in
   the row's config is the RSS at that point, for every trainer, so the engine's resident cost can be read off too.
-- `--quick`: one process per trainer gives both (timed with the memory setting on, as its rows' config says):
-  a process costs seconds of imports, and vLLM's engine start ~25 s, on 2 cores.
+- timing and memory are kept in separate processes because the memory setting slows allocation-heavy steps:
+  every freed buffer of 64 KiB or more goes back to the kernel and the next one is faulted in afresh. Measured on
+  the tiny-v32k case (AMD EPYC, 2 cores): TRL's step took 877 ms with the setting (e0e78fb, `--quick` then ran one
+  process per trainer) and 464 ms without (ce09492), fastrl's 424 and 340 ms, so one-process timings overstated
+  fastrl's lead (2.07x against 1.36x). `--one-process` still offers both from one process where a process costs
+  minutes (rows say `env` in their config); `--no-memory` runs the timing processes alone.
 """
 from __future__ import annotations
 
@@ -70,7 +74,9 @@ class E2ECase:
 QWEN05B = dict(vocab_size=151936, hidden_size=896, num_layers=24, head_dim=64, arch="qwen2", num_key_value_heads=2,
                intermediate_size=4864, per_device_train_batch_size=8, num_generations=8, max_completion_length=128,
                max_steps=2, learning_rate=1e-6)
-# Qwen2.5-1.5B's (28 x 1536, 12 heads / 2 KV of 128, MLP 8960): one step, timed whole
+# Qwen2.5-1.5B's (28 x 1536, 12 heads / 2 KV of 128, MLP 8960): one step, timed whole; LoRA only, because full
+# fine-tuning does not fit a 24 GiB machine in either trainer: 1.54e9 fp32 parameters are 6.2 GB each for the policy,
+# the reference copy and the gradients, plus 12.3 GB of AdamW moments, 30.8 GB before any activation
 QWEN15B = {**QWEN05B, "hidden_size": 1536, "num_layers": 28, "head_dim": 128, "intermediate_size": 8960,
            "max_steps": 1}
 
@@ -78,7 +84,7 @@ QWEN15B = {**QWEN05B, "hidden_size": 1536, "num_layers": 28, "head_dim": 128, "i
 def real_size_cases() -> list[E2ECase]:
     """The real-architecture cases (`fastrl bench --suite e2e --match qwen2.5`), full fine-tuning and LoRA r=8."""
     return [E2ECase("qwen2.5-0.5b-full", **QWEN05B), E2ECase("qwen2.5-0.5b-lora8", **QWEN05B, lora_r=8),
-            E2ECase("qwen2.5-1.5b-full", **QWEN15B)]
+            E2ECase("qwen2.5-1.5b-lora8", **QWEN15B, lora_r=8)]
 
 
 def e2e_cases(quick: bool) -> list[E2ECase]:
@@ -224,9 +230,10 @@ def run_e2e_job(job: dict) -> dict:
 
 def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases: list[E2ECase] | None = None,
                   trainers: tuple[str, ...] = TRAINERS, progress: bool = True, model_root: str | None = None,
-                  timeout_s: float = 3600.0, one_process: bool | None = None) -> list[dict]:
-    """Rows for every (case, trainer), trainers alternating within a case. one_process (default: quick): time and
-    memory from one process per trainer, timed with the memory setting on (said in the rows' config)."""
+                  timeout_s: float = 3600.0, one_process: bool = False, memory: bool = True) -> list[dict]:
+    """Rows for every (case, trainer), trainers alternating within a case. one_process: time and memory from one
+    process per trainer, timed with the memory setting on (said in the rows' config); memory=False: timing
+    processes only."""
     from tqdm.auto import tqdm
 
     from .measure import quantiles
@@ -235,8 +242,7 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
     from .results import row
 
     cases = cases if cases is not None else e2e_cases(quick)
-    one_process = quick if one_process is None else one_process
-    procs = 1 if one_process else 2
+    procs = 1 if one_process or not memory else 2
     rows: list[dict] = []
     bar = tqdm(total=len(cases) * len(trainers) * procs, desc="e2e", unit="proc", disable=not progress,
                dynamic_ncols=True)
@@ -284,6 +290,8 @@ def run_e2e_suite(run: dict, *, quick: bool = False, device: str = "cpu", cases:
                     q = quantiles([1e3 * p[category] for p in timed_phases])
                     rows.append(row(provider=trainer, metric=f"phase/{category}", unit="ms", values=q, config=info,
                                     **base))
+                if not memory:
+                    continue
                 try:
                     if one_process:
                         mem = timed
