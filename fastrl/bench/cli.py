@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainers", default=None, help="e2e: comma-separated trainers (default: all of "
                                                          "fastrl, fastrl-vllm, trl)")
     parser.add_argument("--one-process", action="store_true",
-                        help="e2e: time and memory from one process per trainer, timed with the memory setting on, "
-                             "which slows allocation-heavy trainers (TRL's tiny step 1.9x): for long runs only")
+                        help="e2e: time and memory from one process per trainer, timed with the memory setting on "
+                             "(which slows allocation): for runs where a process costs minutes")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="e2e: steps per run instead of each case's own (1: one step, timed whole, warm-up in it)")
     parser.add_argument("--tag", default=None, help="write <suite>-<tag>.csv (and its plots) instead of <suite>.csv")

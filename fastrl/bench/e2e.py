@@ -19,12 +19,11 @@ What is measured, per (trainer, size):
   reference model, tokenizer, data) is built, so it covers generation, activations, gradients, optimizer state.
   For fastrl-vllm the built trainer already holds the vLLM engine (its weights and KV cache): `rss_built_mib` in
   the row's config is the RSS at that point, for every trainer, so the engine's resident cost can be read off too.
-- timing and memory are kept in separate processes because the memory setting slows allocation-heavy steps:
-  every freed buffer of 64 KiB or more goes back to the kernel and the next one is faulted in afresh. Measured on
-  the tiny-v32k case (AMD EPYC, 2 cores): TRL's step took 877 ms with the setting (e0e78fb, `--quick` then ran one
-  process per trainer) and 464 ms without (ce09492), fastrl's 424 and 340 ms, so one-process timings overstated
-  fastrl's lead (2.07x against 1.36x). `--one-process` still offers both from one process where a process costs
-  minutes (rows say `env` in their config); `--no-memory` runs the timing processes alone.
+- timing and memory are kept in separate processes, also under `--quick`: the memory setting returns every freed
+  buffer of 64 KiB or more to the kernel, so the next one is faulted in afresh, a cost a user's run does not pay
+  (the quick tiny-v32k case took fastrl 424 ms and TRL 877 ms per step under it at e0e78fb, 262 and 718 ms without
+  it at 1543faf). `--one-process` still gives both from one process where a process costs minutes (its rows say
+  `env` in their config); `--no-memory` runs the timing processes alone.
 """
 from __future__ import annotations
 
@@ -88,9 +87,12 @@ def real_size_cases() -> list[E2ECase]:
 
 
 def e2e_cases(quick: bool) -> list[E2ECase]:
+    # --quick runs the full suite's tiny case alone, 7 timed steps (it used to time 2: runs of 4 steps timed TRL at
+    # 718 ms per step where runs of 8 timed it at 464 ms, 1543faf and ce09492)
+    tiny = E2ECase("tiny-v32k", vocab_size=32768, max_steps=8)
     if quick:
-        return [E2ECase("tiny-v32k", vocab_size=32768, max_steps=4)]  # 4 reward calls: 3 gaps, the first dropped
-    return [E2ECase("tiny-v32k", vocab_size=32768, max_steps=8),
+        return [tiny]
+    return [tiny,
             E2ECase("small-v32k", vocab_size=32768, hidden_size=256, num_layers=4, head_dim=64, max_steps=8,
                     per_device_train_batch_size=16, max_completion_length=32),
             E2ECase("small-v152k", vocab_size=151936, hidden_size=256, num_layers=4, head_dim=64, max_steps=8,
