@@ -22,8 +22,10 @@ What is measured, per (trainer, size):
 - timing and memory are kept in separate processes, also under `--quick`: the memory setting returns every freed
   buffer of 64 KiB or more to the kernel, so the next one is faulted in afresh, a cost a user's run does not pay
   (the quick tiny-v32k case took fastrl 424 ms and TRL 877 ms per step under it at e0e78fb, 262 and 718 ms without
-  it at 1543faf). `--one-process` still gives both from one process where a process costs minutes (its rows say
-  `env` in their config); `--no-memory` runs the timing processes alone.
+  it at 1543faf; at Qwen2.5-0.5B TRL 177 s and fastrl 116 s under it at e0e78fb, 126 s and 99 s without it at
+  592426b, 1.53x becoming 1.28x). `--one-process` still gives both from one process where a process costs minutes
+  (its rows say `env` in their config; compare their times with each other only); `--no-memory` runs the timing
+  processes alone.
 """
 from __future__ import annotations
 
