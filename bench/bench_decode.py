@@ -8,18 +8,20 @@ layers in the plain x @ Wᵀ order instead of W @ xᵀ (fastrl/generation/skinny
 Issue 17's question for CPU generation: does sampling from bf16 weights (half the bytes read per token) beat fp32
 on a CPU without bf16 instructions (AVX2 here), and how far are its logprobs from the fp32 policy's (what an
 importance-sampling correction would have to absorb)? One process, both variants interleaved `reps` times:
-`fastrl.generation.decode.sample` on B prompts of 16 tokens (B = 8 by default; --batch 8,32,64 asks how the cost of a
-decode step grows with the rows sampled together, i.e. with a larger generation batch), `tokens` new tokens each,
-the same per-row random streams for every variant. Times: wall and CPU seconds per decode step (CPU time: the work done, less changed by other
-jobs on a shared machine). Gap: the bf16 sampler's logprobs of its tokens against the fp32 model's log_softmax of
-the same tokens (mean and max |difference| over the sampled tokens). Each row records the commit it measured.
+`fastrl.generation.decode.sample` on B prompts of 16 tokens (B = 8 by default; --batch 8,32,64 asks how the cost of
+a decode step grows with the rows sampled together, i.e. with a larger generation batch), `tokens` new tokens each,
+the same per-row random streams for every variant. Times: wall and CPU seconds per decode step (CPU time: the work
+done, less changed by other jobs on a shared machine). Gap: the bf16 sampler's logprobs of its tokens against the
+fp32 model's log_softmax of the same tokens (mean and max |difference| over the sampled tokens). Each row records
+the commit it measured.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import time
+
+from _bench_env import load_note
 
 PROMPT = 16
 VARIANTS = {"fp32": "fp32 weights", "fp32-xWt": "fp32 weights, x @ W^T", "bf16": "bf16 weights"}
@@ -69,12 +71,11 @@ def run(size: str, tokens: int, reps: int, batches: list[int], chosen: list[str]
             times["wall"].append(wall / tokens)
             times["cpu"].append(cpu / tokens)
             gaps[key, b] = logprob_gap(fp32, ids, toks, logps)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     facts = run_facts(f"python bench/bench_decode.py --size {size} --tokens {tokens} --reps {reps} "
                       f"--batch {','.join(map(str, batches))} --variants {','.join(chosen)}")
-    rows, machine = [], f"2-core CPU, 1-minute load average {os.getloadavg()[0]:.1f} at the end"
+    rows, machine = [], load_note()
     for (key, b), times in samples.items():
-        config = {"commit": commit, "size": case.size, "batch": b, "prompt_tokens": PROMPT, "new_tokens": tokens,
+        config = {"size": case.size, "batch": b, "prompt_tokens": PROMPT, "new_tokens": tokens,
                   "reps": reps, "threads": torch.get_num_threads(), "machine": machine,
                   "logprob_gap_mean": gaps[key, b][0], "logprob_gap_max": gaps[key, b][1]}
         base = dict(operation="decode_step", provider=VARIANTS[key], mode="sample", x_name="B", x_value=b,

@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import time
+
+from _bench_env import load_note
 
 BATCH, TOKENS = 8, 16 + 128
 VARIANTS = {  # name -> (autocast dtype or None, gradient checkpointing)
@@ -76,13 +77,12 @@ def run(layers: int, reps: int, out: str) -> None:
             wall, cpu = timed_step(model, ids, dtype, ckpt)
             samples[name]["wall"].append(wall)
             samples[name]["cpu"].append(cpu)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     facts = run_facts(f"python bench/bench_decoder_step.py --layers {layers} --reps {reps}")
-    machine = f"2-core CPU, 1-minute load average {os.getloadavg()[0]:.1f} at the end"
+    machine = load_note()
     base_wall = quantiles(samples["fp32"]["wall"])[1]
     rows = []
     for name, times in samples.items():
-        config = {"commit": commit, "shape": "qwen2.5-0.5b decoder", "layers": layers, "batch": BATCH,
+        config = {"shape": "qwen2.5-0.5b decoder", "layers": layers, "batch": BATCH,
                   "tokens": TOKENS, "reps": reps, "threads": torch.get_num_threads(), "machine": machine}
         base = dict(operation="decoder_fwd_bwd", provider=name, mode="train", x_name="layers", x_value=layers,
                     config=config, run=facts)

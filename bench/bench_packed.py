@@ -164,7 +164,6 @@ def run(case_name: str, quick: bool, out: str) -> None:
     from fastrl.bench.results import row, run_facts, write_csv
 
     case = CASES[case_name]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     facts = run_facts("python bench/bench_packed.py" + (" --quick" if quick else "")
                       + ("" if case_name == "small" else f" --case {case_name}"))
     steps, rows = (min(2, case.steps) if quick else case.steps), []
@@ -178,7 +177,7 @@ def run(case_name: str, quick: bool, out: str) -> None:
             if done.returncode:
                 raise RuntimeError(f"{provider} V={vocab} failed:\n{done.stderr[-3000:]}")
             res = json.loads(done.stdout.strip().splitlines()[-1])
-            config = {"commit": commit, "model": case.model, "batch": B,
+            config = {"model": case.model, "batch": B,
                       "max_completion_length": case.max_completion, "completion_lengths": res["completion_lengths"],
                       "prompt_lengths": res["prompt_lengths"], "timed_steps": steps, "threads": 1,
                       "loss_type": "dapo", "beta": 0.0,

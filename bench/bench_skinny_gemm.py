@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import time
+
+from _bench_env import load_note
 
 V, H = 151936, 896
 
@@ -67,13 +68,12 @@ def run(rows_list: list[int], reps: int, out: str) -> None:
                 got = call().double()  # [n, V], or [V, n] for W @ xᵀ
                 got = got.T if name == "W @ x^T" else got
                 errors[name, n] = float((got - exact).norm() / exact.norm())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     facts = run_facts(f"python bench/bench_skinny_gemm.py --rows {','.join(map(str, rows_list))} --reps {reps}")
-    machine = f"2-core CPU, 1-minute load average {os.getloadavg()[0]:.1f} at the end"
+    machine = load_note()
     rows = []
     for (name, n), times in samples.items():
         q = quantiles(times)
-        config = {"commit": commit, "V": V, "H": H, "reps": reps, "threads": torch.get_num_threads(),
+        config = {"V": V, "H": H, "reps": reps, "threads": torch.get_num_threads(),
                   "machine": machine, "weight_bytes": nbytes[name, n], "rel_error": errors.get((name, n))}
         base = dict(operation="head_product", provider=name, mode="forward", x_name="rows", x_value=n,
                     config=config, run=facts)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import time
+
+from _bench_env import load_note
 
 SHAPES = [  # (name, N rows, H, V)
     ("qwen2.5-0.5b head", 1024, 896, 151936),
@@ -83,7 +84,6 @@ def run(reps: int, out: str) -> None:
 
     variants = {"vocabulary-chunk tiles": (forward_sweep.GEMM_ROWS, False), "whole-row tiles": (0, False),
                 "PyTorch logits": (forward_sweep.GEMM_ROWS, True)}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     facts = run_facts(f"python bench/bench_sweep_tiles.py --reps {reps}")
     rows, default_rows = [], forward_sweep.GEMM_ROWS
     for shape, n, h, v in SHAPES:
@@ -99,8 +99,8 @@ def run(reps: int, out: str) -> None:
             forward_sweep.GEMM_ROWS = default_rows
             base_cpu = quantiles(times["vocabulary-chunk tiles"]["cpu"])[1]
             for name in variants:
-                config = {"commit": commit, "shape": shape, "N": n, "H": h, "V": v, "dtype": "float32",
-                          "reps": reps, "threads": torch.get_num_threads(), "machine": f"2-core CPU, 1-minute load average {os.getloadavg()[0]:.1f}"}
+                config = {"shape": shape, "N": n, "H": h, "V": v, "dtype": "float32",
+                          "reps": reps, "threads": torch.get_num_threads(), "machine": load_note()}
                 kw = dict(operation=op_name, provider=name, mode="fwd" if op is reference_pass else "fwd+bwd",
                           x_name="V", x_value=v, config=config, run=facts)
                 rows.append(row(metric="time", unit="s", values=quantiles(times[name]["wall"]), **kw))
